@@ -1,0 +1,227 @@
+"""Artifacts on disk: atomic writes, and pruned models that reload in one call.
+
+A pruned model directory holds::
+
+    ukmp.json          format marker, version, adapter, plan digest, tied-weight aliases, parameter counts
+    plan.json          the PruningPlan (kept unit indices per group, original numbering)
+    config.json        the *dense* Blip2Config (the plan says how it was cut)
+    model.safetensors  the pruned state dict (tied tensors stored once)
+    processor files    when a processor was given (tokenizer, image processor)
+
+``load_pruned`` builds the dense structure on the meta device (no memory), applies the plan to shapes only, then
+assigns the safetensors tensors: no pickle is involved anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+PRUNED_FORMAT = "ukmp.pruned_model"
+PRUNED_VERSION = 1
+MARKER = "ukmp.json"
+
+
+# ---------------------------------------------------------------------------------------------------- atomic writes
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class AtomicDir:
+    """Write a directory under a temporary sibling name, then swap it in; on error nothing is left behind."""
+
+    def __init__(self, final: str | os.PathLike):
+        self.final = Path(final)
+        self.tmp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+    def __enter__(self) -> Path:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if self.final.exists():
+            old = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- state dicts
+def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict with each shared tensor stored once, plus {alias: canonical} for the dropped names."""
+    sd = model.state_dict()
+    canonical: dict[tuple, str] = {}
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for k, v in sd.items():
+        key = (v.device.type, v.data_ptr(), tuple(v.shape), v.dtype) if v.numel() else (k,)
+        if key in canonical:
+            aliases[k] = canonical[key]
+        else:
+            canonical[key] = k
+            out[k] = v
+    return out, aliases
+
+
+def _set_tensor(model: nn.Module, name: str, value: nn.Parameter) -> None:
+    mod_path, attr = name.rsplit(".", 1)
+    setattr(model.get_submodule(mod_path), attr, value)
+
+
+def is_pruned_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- save / load
+def save_pruned(
+    model: nn.Module, plan, out_dir: str | os.PathLike, processor=None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write a pruned model directory atomically (see module docstring). Returns the final path."""
+    from ukmp.models.blip2 import Blip2T5Adapter, count_parameters
+
+    adapter = Blip2T5Adapter(model.config)
+    groups = adapter.groups()
+    plan.validate(groups)
+    counts = adapter.unit_counts(model)
+    for g in groups:
+        if counts[g.id] != len(plan.kept(g)):
+            raise ValueError(f"save_pruned: group {g.id!r} has {counts[g.id]} units but the plan keeps "
+                             f"{len(plan.kept(g))}; pass the plan that was applied to this model")
+    tensors, aliases = dedup_state_dict(model)
+    marker = {
+        "format": PRUNED_FORMAT,
+        "version": PRUNED_VERSION,
+        "adapter": adapter.name,
+        "plan_digest": plan.digest(),
+        "aliases": aliases,
+        "parameters": count_parameters(model),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        **(extra or {}),
+    }
+    out = Path(out_dir)
+    with AtomicDir(out) as tmp:
+        cfg = model.config.to_dict()
+        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "plan.json", plan.to_dict())
+        atomic_save_tensors(tmp / "model.safetensors", tensors, metadata={"format": "pt", "ukmp": PRUNED_FORMAT})
+        if processor is not None:
+            processor.save_pretrained(str(tmp))
+        atomic_write_json(tmp / MARKER, marker)  # last: its presence marks a complete directory
+    return out
+
+
+def read_marker(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path) / MARKER
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: not a ukmp pruned model directory ({MARKER} missing)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid JSON ({e.msg})") from None
+    if d.get("format") != PRUNED_FORMAT:
+        raise ValueError(f"{p}: field 'format' must be {PRUNED_FORMAT!r}")
+    if d.get("version") != PRUNED_VERSION:
+        raise ValueError(f"{p}: unsupported version {d.get('version')!r}")
+    return d
+
+
+def read_plan(path: str | os.PathLike):
+    from ukmp.plan import PruningPlan
+
+    return PruningPlan.load(Path(path) / "plan.json")
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Rebuild a stock ``Blip2ForConditionalGeneration`` with the pruned shapes and load its weights."""
+    from ukmp.models.blip2 import Blip2T5Adapter
+    from ukmp.models.build import build_model, load_config, parse_dtype
+
+    path = Path(path)
+    marker = read_marker(path)
+    plan = read_plan(path)
+    if plan.digest() != marker.get("plan_digest"):
+        raise ValueError(f"{path / 'plan.json'}: plan digest does not match {MARKER} (files from different runs?)")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file missing")
+    config = load_config(path)
+    model = build_model(config, device="meta", attn_implementation=attn_implementation, seed=None)
+    Blip2T5Adapter(config).apply_(model, plan)
+    sd = load_file(str(weights), device=str(device))
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    aliases = marker.get("aliases", {})
+    bad_missing = [k for k in missing if k not in aliases]
+    if bad_missing or unexpected:
+        raise ValueError(f"{weights}: state dict does not match the plan's shapes "
+                         f"(missing {bad_missing[:3]}, unexpected {list(unexpected)[:3]})")
+    for alias, canon in aliases.items():
+        _set_tensor(model, alias, model.get_parameter(canon) if canon in dict(model.named_parameters())
+                    else model.get_buffer(canon))
+    leftovers = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if leftovers:
+        raise ValueError(f"{weights}: tensors not restored: {leftovers[:3]}")
+    if dtype is not None:
+        cast_(model, parse_dtype(dtype))
+    return model.to(device).eval()
+
+
+def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters to ``dtype`` except the modules transformers keeps in fp32 (T5 ``wo``, Q-Former)."""
+    keep: set[str] = set()
+    for m in model.modules():
+        keep |= set(getattr(m, "_keep_in_fp32_modules", None) or [])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                continue
+            parts = name.split(".")
+            target = torch.float32 if (dtype in (torch.float16, torch.bfloat16) and keep & set(parts)) else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+    return model

@@ -1,0 +1,199 @@
+"""Building and loading BLIP-2 FlanT5 models and their processors.
+
+* :func:`load_model` — a hub id (``Salesforce/blip2-flan-t5-xl``) or a local ``save_pretrained`` directory, in a
+  chosen dtype/device; or a shipped config name (``blip2-flan-t5-xl``, ``mid``, ``tiny``) or a config JSON file,
+  built offline with random weights or on the meta device (structure only).
+* :func:`build_tokenizer` / :func:`build_processor` — an offline T5 tokenizer (Unigram trained on the fly, no
+  sentencepiece) and a ``Blip2Processor`` for tests, the demo and the testbed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+
+log = logging.getLogger(__name__)
+
+SHIPPED_CONFIGS = {
+    "blip2-flan-t5-xl": "blip2-flan-t5-xl.json",
+    "mid": "blip2-t5-mid.json",
+    "tiny": "blip2-t5-tiny.json",
+}
+HUB_DEFAULT = "Salesforce/blip2-flan-t5-xl"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown value {dtype!r} (choose from {sorted(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def shipped_config_path(name: str) -> Path:
+    if name not in SHIPPED_CONFIGS:
+        raise ValueError(f"config: unknown shipped config {name!r} (choose from {sorted(SHIPPED_CONFIGS)})")
+    return Path(str(resources.files("ukmp.models") / "configs" / SHIPPED_CONFIGS[name]))
+
+
+def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
+    """A ``Blip2Config`` from a shipped name, a JSON file, or a directory holding ``config.json``."""
+    s = str(source)
+    if s in SHIPPED_CONFIGS:
+        path = shipped_config_path(s)
+    else:
+        path = Path(s)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: model config not found")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    d.update(overrides)
+    return Blip2Config.from_dict(d)
+
+
+def build_model(
+    config: Blip2Config,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype | None = None,
+    seed: int | None = 0,
+    attn_implementation: str = "sdpa",
+) -> Blip2ForConditionalGeneration:
+    """A model with random weights (``device='meta'``: structure only, instant, no memory)."""
+    dt = parse_dtype(dtype)
+    if seed is not None:
+        torch.manual_seed(seed)
+    config._attn_implementation = attn_implementation
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dt)
+    try:
+        with torch.device(device):
+            model = Blip2ForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(prev)
+    untie_lm_head_(model)
+    return model.eval()
+
+
+def untie_lm_head_(model: Blip2ForConditionalGeneration) -> None:
+    """FlanT5 (T5 v1.1) has an ``lm_head`` separate from the token embeddings, but transformers 5 ties every T5
+    ``lm_head`` when a model is built from a config. ``scale_decoder_outputs == False`` is transformers' own marker
+    of a v1.1 checkpoint; for those give ``lm_head`` its own copy so that shapes, parameter counts and training match
+    the real model."""
+    lm = model.language_model
+    if getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
+        return
+    lm.lm_head.weight = torch.nn.Parameter(lm.shared.weight.detach().clone())
+    for owner, key in ((model, "language_model.lm_head.weight"), (lm, "lm_head.weight")):
+        tied = getattr(owner, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):
+            tied.pop(key, None)
+
+
+def is_local_model_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    attn_implementation: str = "sdpa",
+    random_weights_device: str | None = None,
+) -> Blip2ForConditionalGeneration:
+    """Load a dense BLIP-2 FlanT5.
+
+    ``name_or_path``: a directory written by ``save_pretrained`` (weights must be safetensors), a hub id such as
+    ``Salesforce/blip2-flan-t5-xl`` (honours ``HF_HUB_OFFLINE``), a shipped config name, or a config ``.json`` file.
+    Config-only sources give random weights (``random_weights_device='meta'`` for structure only).
+    """
+    s = str(name_or_path)
+    if s in SHIPPED_CONFIGS or s.endswith(".json"):
+        cfg = load_config(s)
+        return build_model(cfg, device=random_weights_device or device, dtype=dtype,
+                           attn_implementation=attn_implementation)
+    if Path(s).exists() and not is_local_model_dir(s):
+        raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
+    from ukmp.io import is_pruned_dir
+
+    if is_pruned_dir(s):
+        raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
+    )
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+_BASE_CORPUS = (
+    "a photo of a cat sitting on a red couch", "a dog running across the green grass in a park",
+    "two people riding bicycles down a city street", "a plate of food with broccoli and rice",
+    "a man holding an umbrella in the rain", "a blue circle next to a yellow triangle",
+    "what color is the shape? red", "what shape is in the image? circle", "is there a square? yes",
+    "question: how many animals are there? short answer: two", "a train on the tracks near a station",
+    "a bowl of fruit on a wooden table", "a child playing with a ball on the beach",
+    "the sky is blue and the water is calm", "a black and white photo of a old building",
+)
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 160):
+    """A T5 tokenizer whose Unigram vocabulary is trained now, offline (no sentencepiece needed).
+
+    Ids 0/1/2 are ``<pad>``/``</s>``/``<unk>`` as in T5; deterministic for a given corpus and size.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5Tokenizer
+
+    texts = list(corpus) if corpus is not None else list(_BASE_CORPUS)
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False,
+    )
+    tok.train_from_iterator(texts * 4, trainer=trainer)
+    vocab = json.loads(tok.to_str())["model"]["vocab"]
+    return T5Tokenizer(vocab=[(p, float(s)) for p, s in vocab], extra_ids=0)
+
+
+def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2Processor:
+    """A ``Blip2Processor`` (CLIP mean/std, bicubic resize) that prepends ``num_query_tokens`` image tokens."""
+    image_processor = BlipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+
+
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None, **text_overrides):
+    """(model, processor) for tests and the demo: the shipped tiny config, its vocabulary fitted to a fresh
+    tokenizer (``image_token_index`` = the processor's ``<image>`` id)."""
+    tokenizer = build_tokenizer(corpus)
+    cfg = load_config("tiny")
+    processor = build_processor(tokenizer, cfg.num_query_tokens, cfg.vision_config.image_size)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    cfg.image_token_index = int(image_id)
+    for k, v in text_overrides.items():
+        setattr(cfg.text_config, k, v)
+    if cfg.text_config.vocab_size <= image_id:
+        raise ValueError(f"tiny config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
+    model = build_model(cfg, seed=seed, attn_implementation=attn_implementation)
+    return model, processor

@@ -1,0 +1,149 @@
+"""PruningPlan: a versioned, JSON-serialisable map from group id to the kept unit indices.
+
+Indices always refer to the *original* (dense) numbering of a group's units, so a plan can be applied to a fresh
+dense model, replayed, diffed and reloaded. Groups absent from ``keep`` are kept whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ukmp.groups import PrunableGroup, groups_by_id
+
+PLAN_FORMAT = "ukmp.pruning_plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied; the message is one line naming the group or field."""
+
+
+@dataclass
+class PruningPlan:
+    keep: dict[str, list[int]]
+    units: dict[str, int] = field(default_factory=dict)  # dense unit count per listed group (consistency check)
+    meta: dict[str, Any] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def keep_all(cls, groups: list[PrunableGroup], **meta: Any) -> "PruningPlan":
+        return cls(
+            keep={g.id: list(range(g.n_units)) for g in groups},
+            units={g.id: g.n_units for g in groups},
+            meta=dict(meta),
+        )
+
+    @classmethod
+    def from_masks(cls, groups: list[PrunableGroup], masks: dict[str, Any], **meta: Any) -> "PruningPlan":
+        """Build from boolean keep-masks (tensors or lists) indexed by group id."""
+        by_id = groups_by_id(groups)
+        keep = {}
+        for gid, m in masks.items():
+            if gid not in by_id:
+                raise PlanError(f"plan: unknown group {gid!r}")
+            keep[gid] = [i for i, k in enumerate(list(m)) if bool(k)]
+        return cls(keep=keep, units={gid: by_id[gid].n_units for gid in keep}, meta=dict(meta))
+
+    # ------------------------------------------------------------------ queries
+    def kept(self, group: PrunableGroup) -> list[int]:
+        return list(self.keep.get(group.id, range(group.n_units)))
+
+    def is_pruned(self, group: PrunableGroup) -> bool:
+        return len(self.kept(group)) < group.n_units
+
+    def removed(self, group: PrunableGroup) -> list[int]:
+        k = set(self.kept(group))
+        return [i for i in range(group.n_units) if i not in k]
+
+    def removed_params(self, groups: list[PrunableGroup]) -> int:
+        return sum(len(self.removed(g)) * g.params_per_unit for g in groups if g.id in self.keep)
+
+    def digest(self) -> str:
+        """Stable hash of the structural content (not of ``meta``)."""
+        blob = json.dumps({"keep": self.keep, "units": self.units}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, groups: list[PrunableGroup]) -> None:
+        """Raise :class:`PlanError` (one line, naming the group/index) unless the plan fits ``groups``."""
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"plan: unsupported version {self.version!r} (expected {PLAN_VERSION})")
+        by_id = groups_by_id(groups)
+        for gid, idx in self.keep.items():
+            if gid not in by_id:
+                raise PlanError(f"plan: unknown group {gid!r}")
+            g = by_id[gid]
+            if gid in self.units and int(self.units[gid]) != g.n_units:
+                raise PlanError(
+                    f"plan: group {gid!r} has {self.units[gid]} units in the plan but {g.n_units} in the model"
+                )
+            if not isinstance(idx, (list, tuple)):
+                raise PlanError(f"plan: group {gid!r}: kept indices must be a list")
+            if len(idx) == 0:
+                raise PlanError(f"plan: group {gid!r} keeps nothing (at least one unit must remain)")
+            seen: set[int] = set()
+            for i in idx:
+                if isinstance(i, bool) or not isinstance(i, int):
+                    raise PlanError(f"plan: group {gid!r}: index {i!r} is not an integer")
+                if not 0 <= i < g.n_units:
+                    raise PlanError(f"plan: group {gid!r}: index {i} out of range [0, {g.n_units})")
+                if i in seen:
+                    raise PlanError(f"plan: group {gid!r}: duplicate index {i}")
+                seen.add(i)
+
+    def normalized(self) -> "PruningPlan":
+        """Same plan with sorted indices (slicing keeps units in original order)."""
+        return PruningPlan(
+            keep={k: sorted(v) for k, v in self.keep.items()}, units=dict(self.units), meta=dict(self.meta),
+            version=self.version,
+        )
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": self.version,
+            "units": dict(self.units),
+            "keep": {k: list(v) for k, v in self.keep.items()},
+            "meta": self.meta,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "plan") -> "PruningPlan":
+        if not isinstance(d, dict):
+            raise PlanError(f"{source}: top level must be a JSON object")
+        if d.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source}: field 'format' must be {PLAN_FORMAT!r}, got {d.get('format')!r}")
+        for key in ("version", "keep"):
+            if key not in d:
+                raise PlanError(f"{source}: missing field {key!r}")
+        if not isinstance(d["keep"], dict):
+            raise PlanError(f"{source}: field 'keep' must be an object of group id -> index list")
+        return cls(
+            keep={str(k): list(v) if isinstance(v, (list, tuple)) else v for k, v in d["keep"].items()},
+            units={str(k): int(v) for k, v in d.get("units", {}).items()},
+            meta=dict(d.get("meta", {})),
+            version=d["version"],
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        from ukmp.io import atomic_write_text
+
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"{p}: plan file not found")
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        return cls.from_dict(d, source=str(p))
