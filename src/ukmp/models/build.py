@@ -17,7 +17,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+
+try:  # transformers >= 5 ships a PIL backend; the default one needs torchvision, which this project avoids
+    from transformers import BlipImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover
+    from transformers import BlipImageProcessor as _ImageProcessor
 
 log = logging.getLogger(__name__)
 
@@ -87,23 +92,26 @@ def build_model(
             model = Blip2ForConditionalGeneration(config)
     finally:
         torch.set_default_dtype(prev)
-    untie_lm_head_(model)
+    if untie_lm_head_(model) and device != "meta":
+        with torch.no_grad():  # T5's own init for an untied lm_head; random builds then look like real FlanT5
+            model.language_model.lm_head.weight.normal_(0.0, config.text_config.initializer_factor)
     return model.eval()
 
 
-def untie_lm_head_(model: Blip2ForConditionalGeneration) -> None:
+def untie_lm_head_(model: Blip2ForConditionalGeneration) -> bool:
     """FlanT5 (T5 v1.1) has an ``lm_head`` separate from the token embeddings, but transformers 5 ties every T5
     ``lm_head`` when a model is built from a config. ``scale_decoder_outputs == False`` is transformers' own marker
     of a v1.1 checkpoint; for those give ``lm_head`` its own copy so that shapes, parameter counts and training match
     the real model."""
     lm = model.language_model
     if getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
-        return
+        return False
     lm.lm_head.weight = torch.nn.Parameter(lm.shared.weight.detach().clone())
     for owner, key in ((model, "language_model.lm_head.weight"), (lm, "lm_head.weight")):
         tied = getattr(owner, "all_tied_weights_keys", None)
         if isinstance(tied, dict):
             tied.pop(key, None)
+    return True
 
 
 def is_local_model_dir(path: str | os.PathLike) -> bool:
@@ -139,6 +147,7 @@ def load_model(
     model = Blip2ForConditionalGeneration.from_pretrained(
         s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
     )
+    untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()
 
 
@@ -175,7 +184,7 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 160):
 
 def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2Processor:
     """A ``Blip2Processor`` (CLIP mean/std, bicubic resize) that prepends ``num_query_tokens`` image tokens."""
-    image_processor = BlipImageProcessor(
+    image_processor = _ImageProcessor(
         size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
         do_convert_rgb=True,

@@ -1,0 +1,265 @@
+"""First-order Taylor importance with token selection (UKMP_METHOD.md §2.2-§2.3).
+
+Pure parts:
+
+* :func:`select_tokens` — the positions the model fits poorly: top-1 confidence ``c_i <= tau`` with
+  ``tau = max(T, min_i c_i)`` per sample, so at least one valid position is always selected.
+* :func:`selected_loss` — per sample, the mean cross-entropy over its selected positions; the batch loss is the
+  **sum** of those per-sample means, so one backward of a batch of B equals B batch-1 backwards added up.
+* :func:`unit_reduce` — per-weight saliency -> one score per unit: the mean over every weight the unit owns
+  (sum over the unit's weight slices / their number of weights; biases are ignored).
+
+Stateful shell: :class:`TaylorScorer` keeps fp32 accumulators of the gradients of every Linear weight touched by the
+groups, reads ``.grad`` after each backward and clears it (so a bf16 model never sums gradients in bf16).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ukmp.groups import PrunableGroup
+
+IGNORE_INDEX = -100
+TaylorOrder = Literal["first", "second", "mix"]
+LossReduction = Literal["per_sample_mean", "token_mean"]
+
+
+# ---------------------------------------------------------------------------------------------- token selection
+def token_confidence(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 softmax probability per position, ``[B, L, V] -> [B, L]`` (fp32, no grad)."""
+    with torch.no_grad():
+        return torch.softmax(logits.detach().float(), dim=-1).amax(dim=-1)
+
+
+def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if logits.dim() != 3:
+        raise ValueError(f"logits: expected shape [B, L, V], got {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
+
+
+def select_tokens(logits: torch.Tensor, labels: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Boolean mask ``[B, L]`` of the selected target positions.
+
+    ``threshold=None`` (or >= 1) selects every valid position (``labels != -100``). Otherwise a valid position ``i``
+    of sample ``b`` is selected when ``c_i <= max(threshold, min_j c_j)`` (``j`` over the valid positions of ``b``).
+    A sample without valid positions selects nothing.
+    """
+    _check_shapes(logits, labels)
+    valid = labels != IGNORE_INDEX
+    if threshold is None or threshold >= 1.0:
+        return valid
+    if threshold < 0:
+        raise ValueError(f"threshold: must be >= 0 (or None), got {threshold}")
+    conf = token_confidence(logits)
+    inf = torch.full_like(conf, float("inf"))
+    min_conf = torch.where(valid, conf, inf).amin(dim=1, keepdim=True)  # [B, 1]
+    tau = torch.clamp(min_conf, min=float(threshold))
+    return valid & (conf <= tau)
+
+
+def selected_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float | None = 0.4,
+    reduction: LossReduction = "per_sample_mean",
+) -> tuple[torch.Tensor, int, int]:
+    """Cross-entropy over the selected positions: ``(loss, n_selected, n_valid)``.
+
+    ``reduction="per_sample_mean"`` (the reference at batch size 1, made batch-additive): the sum over samples of
+    each sample's mean CE over its selected positions (samples with none contribute 0).
+    ``reduction="token_mean"``: one mean over all selected positions of the batch (not batch-additive).
+    ``threshold=None`` disables selection (plain mean CE over all valid positions of each sample).
+    The CE is computed in fp32 whatever the logits' dtype.
+    """
+    mask = select_tokens(logits, labels, threshold)
+    n_valid = int((labels != IGNORE_INDEX).sum())
+    n_sel = int(mask.sum())
+    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
+    ce = F.cross_entropy(logits.float().transpose(1, 2), safe_labels, reduction="none")  # [B, L]
+    ce = ce * mask
+    if reduction == "per_sample_mean":
+        per_sample = ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        loss = per_sample.sum()
+    elif reduction == "token_mean":
+        loss = ce.sum() / max(n_sel, 1)
+    else:
+        raise ValueError(f"reduction: unknown value {reduction!r} (choose 'per_sample_mean' or 'token_mean')")
+    return loss, n_sel, n_valid
+
+
+# ---------------------------------------------------------------------------------------------- unit reduction
+def unit_weight_count(group: PrunableGroup, weight_shapes: dict[str, torch.Size]) -> int:
+    """Number of weights (biases excluded) one unit of ``group`` owns."""
+    n = 0
+    for s in group.slices:
+        if s.param != "weight":
+            continue
+        if s.name not in weight_shapes:
+            raise ValueError(f"group {group.id!r}: no weight shape for {s.name!r}")
+        n += s.unit_size * weight_shapes[s.name][1 - s.dim]
+    return n
+
+
+def unit_reduce(per_weight_score: dict[str, torch.Tensor], group: PrunableGroup) -> torch.Tensor:
+    """``[n_units]``: mean per-weight score over the weights each unit owns (§2.3 step 4).
+
+    ``per_weight_score`` maps ``"<module>.weight"`` to a tensor of that weight's shape. For each weight slice the
+    score is summed over the non-pruned dimension, gathered with :meth:`ParamSlice.indices` and summed over the
+    unit's rows/columns; the total is divided by the unit's weight count. Bias slices are ignored.
+    """
+    units = torch.arange(group.n_units)
+    total: torch.Tensor | None = None
+    shapes: dict[str, torch.Size] = {}
+    for s in group.slices:
+        if s.param != "weight":
+            continue
+        if s.name not in per_weight_score:
+            raise ValueError(f"group {group.id!r}: no per-weight score for {s.name!r}")
+        t = per_weight_score[s.name]
+        if t.dim() != 2:
+            raise ValueError(f"{s.name}: per-weight score must be 2-D, got shape {tuple(t.shape)}")
+        shapes[s.name] = t.shape
+        line = t.float().sum(dim=1 - s.dim)  # one value per row (dim 0) or column (dim 1)
+        idx = s.indices(units.to(line.device))
+        if int(idx.max()) >= line.numel():
+            raise ValueError(f"group {group.id!r}: {s.name} has {line.numel()} entries along dim {s.dim}, "
+                             f"fewer than the group needs")
+        part = line.index_select(0, idx).view(group.n_units, s.unit_size).sum(dim=1)
+        total = part if total is None else total + part.to(total.device)
+    if total is None:
+        raise ValueError(f"group {group.id!r}: has no weight slices to score")
+    return total / unit_weight_count(group, shapes)
+
+
+# ---------------------------------------------------------------------------------------------- per-weight saliency
+def taylor_saliency(
+    weight: torch.Tensor,
+    grad_sum: torch.Tensor,
+    sq_sum: torch.Tensor | None,
+    n_batches: int,
+    order: TaylorOrder,
+) -> torch.Tensor:
+    """Per-weight |S| in fp32.
+
+    * ``first``: ``|W * G|`` with ``G`` the **sum** of the accumulated gradients (the reference's non-zeroed .grad).
+    * ``second``: ``|W * F * W|`` with ``F = sq_sum / n_batches``, the mean of squared per-batch gradients (an
+      empirical Fisher diagonal; per-sample only when each batch holds one sample). No 1/2 factor, as LLM-Pruner.
+    * ``mix``: ``|W * Gm - 0.5 * W * F * W|`` with ``Gm = G / n_batches`` so both terms share one scale.
+    """
+    w = weight.detach().float()
+    if order == "first":
+        return (w * grad_sum).abs()
+    if sq_sum is None or n_batches < 1:
+        raise ValueError(f"order: {order!r} needs at least one accumulated batch of squared gradients")
+    fisher = sq_sum / n_batches
+    second = w * fisher * w
+    if order == "second":
+        return second.abs()
+    if order == "mix":
+        return (w * (grad_sum / n_batches) - 0.5 * second).abs()
+    raise ValueError(f"order: unknown value {order!r} (choose 'first', 'second' or 'mix')")
+
+
+# ---------------------------------------------------------------------------------------------- stateful scorer
+class TaylorScorer:
+    """Accumulates fp32 gradients of the groups' Linear weights over many backward passes.
+
+    Usage::
+
+        scorer = TaylorScorer(model, groups)
+        for batch in loader:
+            loss, _, _ = selected_loss(model(**batch).logits, batch["labels"], 0.4)
+            scorer.backward(loss)          # loss.backward(); then collect() reads and clears .grad
+        scores = scorer.scores()           # {group id: Tensor[n_units]}
+        scorer.close()                     # restores requires_grad flags
+
+    The scored weights get ``requires_grad=True``; with ``freeze_others`` every other parameter is frozen while the
+    scorer is open (their gradients are not needed and would only cost memory). Gradients of the scored weights do
+    not depend on which other parameters require grad. For ``order="second"/"mix"`` each :meth:`collect` adds the
+    square of that batch's gradient; this is the per-sample empirical Fisher only when batches hold one sample.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        groups: list[PrunableGroup],
+        order: TaylorOrder = "first",
+        freeze_others: bool = True,
+    ):
+        if order not in ("first", "second", "mix"):
+            raise ValueError(f"order: unknown value {order!r} (choose 'first', 'second' or 'mix')")
+        self.model = model
+        self.groups = list(groups)
+        self.order: TaylorOrder = order
+        self.params: dict[str, nn.Parameter] = {}
+        for g in self.groups:
+            for s in g.slices:
+                if s.param == "weight" and s.name not in self.params:
+                    try:
+                        self.params[s.name] = model.get_parameter(s.name)
+                    except AttributeError:
+                        raise ValueError(f"group {g.id!r}: model has no parameter {s.name!r}") from None
+        self._saved_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        tracked = {id(p) for p in self.params.values()}
+        for p in model.parameters():
+            if id(p) in tracked:
+                p.requires_grad_(True)
+            elif freeze_others:
+                p.requires_grad_(False)
+        self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        self.sq_sum = (
+            {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+            if order != "first" else None
+        )
+        self.n_batches = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """``loss.backward()`` followed by :meth:`collect`."""
+        loss.backward()
+        self.collect()
+
+    @torch.no_grad()
+    def collect(self) -> None:
+        """Add the current ``.grad`` of every scored weight to the fp32 accumulators and clear it."""
+        for n, p in self.params.items():
+            if p.grad is None:  # the weight took no part in this loss: a zero gradient
+                continue
+            g = p.grad.float()
+            self.grad_sum[n].add_(g)
+            if self.sq_sum is not None:
+                self.sq_sum[n].add_(g * g)
+            p.grad = None
+        self.n_batches += 1
+
+    def per_weight_scores(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": |S|}`` in fp32 for the configured order."""
+        if self.n_batches == 0:
+            raise ValueError("TaylorScorer: no batch collected yet (call backward/collect first)")
+        return {
+            n: taylor_saliency(p, self.grad_sum[n], None if self.sq_sum is None else self.sq_sum[n],
+                               self.n_batches, self.order)
+            for n, p in self.params.items()
+        }
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """``{group id: Tensor[n_units]}`` (fp32, on CPU): the mean |S| per weight of each unit."""
+        per_weight = self.per_weight_scores()
+        return {g.id: unit_reduce(per_weight, g).cpu() for g in self.groups}
+
+    def close(self) -> None:
+        """Restore every parameter's ``requires_grad`` and drop leftover gradients of the scored weights."""
+        for p, flag in self._saved_flags.values():
+            p.requires_grad_(flag)
+        for p in self.params.values():
+            p.grad = None
+
+    def __enter__(self) -> "TaylorScorer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,92 @@
+"""Structure report of a (dense or pruned) BLIP-2: unit counts per group kind and parameter budgets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ukmp.models.blip2 import GROUP_KINDS, Blip2T5Adapter, count_parameters, parameter_breakdown
+
+
+def _structure_model(source: str):
+    """Build ``source`` on the meta device (no weights are read); pruned directories get their plan applied."""
+    from ukmp.io import is_pruned_dir, read_plan
+    from ukmp.models.build import SHIPPED_CONFIGS, build_model, load_config
+
+    if source in SHIPPED_CONFIGS or source.endswith(".json") or Path(source).is_dir():
+        config = load_config(source)
+    else:  # a hub id: only the config is fetched (or read from the local cache when offline)
+        from transformers import Blip2Config
+
+        config = Blip2Config.from_pretrained(source)
+    model = build_model(config, device="meta", seed=None)
+    plan = None
+    if Path(source).is_dir() and is_pruned_dir(source):
+        plan = read_plan(source)
+        Blip2T5Adapter(config).apply_(model, plan)
+    return model, plan
+
+
+def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
+    source = str(source)
+    model, plan = _structure_model(source)
+    adapter = Blip2T5Adapter(model.config)
+    groups = adapter.groups()
+    current = adapter.unit_counts(model)
+    kinds: dict[str, dict[str, Any]] = {}
+    for kind in GROUP_KINDS:
+        gs = [g for g in groups if g.kind == kind]
+        if not gs:
+            continue
+        kinds[kind] = {
+            "unit_type": gs[0].unit_type,
+            "modality": gs[0].modality,
+            "layers": len(gs),
+            "units_per_layer": gs[0].n_units,
+            "units_total": sum(g.n_units for g in gs),
+            "units_kept": sum(current[g.id] for g in gs),
+            "params_per_unit": gs[0].params_per_unit,
+            "prunable_params": sum(g.total_params for g in gs),
+        }
+    dense_total = sum(g.total_params for g in groups)
+    total = count_parameters(model)
+    removed = plan.removed_params(groups) if plan is not None else 0
+    return {
+        "model": source,
+        "pruned": plan is not None,
+        "group_kinds": kinds,
+        "parameters": {
+            "total": total,
+            "prunable": dense_total - removed,
+            "prunable_dense": dense_total,
+            "not_prunable": total - (dense_total - removed),
+            "by_modality": parameter_breakdown(model),
+            "removed": removed,
+            "dense_total": total + removed,
+            "ratio_removed": removed / (total + removed),
+        },
+    }
+
+
+def format_inspect(report: dict[str, Any]) -> str:
+    lines = [f"model: {report['model']}{'  (pruned)' if report['pruned'] else ''}", ""]
+    lines.append(f"{'group kind':<16}{'type':<10}{'layers':>7}{'units/layer':>13}{'kept/total':>18}"
+                 f"{'params/unit':>13}{'prunable':>16}")
+    for kind, k in report["group_kinds"].items():
+        lines.append(
+            f"{kind:<16}{k['unit_type']:<10}{k['layers']:>7}{k['units_per_layer']:>13}"
+            f"{str(k['units_kept']) + '/' + str(k['units_total']):>18}{k['params_per_unit']:>13,}"
+            f"{k['prunable_params']:>16,}"
+        )
+    p = report["parameters"]
+    lines += [
+        "",
+        f"total parameters      {p['total']:>16,}",
+        f"prunable parameters   {p['prunable']:>16,}   (dense {p['prunable_dense']:,})",
+        f"never pruned          {p['not_prunable']:>16,}   (Q-Former, embeddings, projection, norms, lm_head)",
+        "by modality           " + ", ".join(f"{m} {v:,}" for m, v in p["by_modality"].items()),
+    ]
+    if report["pruned"]:
+        lines.append(f"removed               {p['removed']:>16,}   ({100 * p['ratio_removed']:.2f}% of the dense model)")
+    return "\n".join(lines)

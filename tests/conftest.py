@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny random BLIP-2 models, random plans and inputs. Everything offline, on CPU."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from ukmp.models.build import build_tiny  # noqa: E402
+from ukmp.testing import make_inputs, random_plan  # noqa: E402,F401
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tiny():
+    model, processor = build_tiny(seed=0)
+    return model, processor
