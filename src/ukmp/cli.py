@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-from typing import Callable
 
 DESCRIPTION = """\
 ukmp prunes whole attention heads and MLP channels of BLIP-2 (ViT + Q-Former + FlanT5) and recovers what pruning
@@ -16,7 +15,10 @@ lost. Pruned models are plain transformers models that reload in one call (ukmp.
 Typical use:
   ukmp inspect blip2-flan-t5-xl            structure and parameter budget of the full-size model (offline)
   ukmp inspect outputs/demo/pruned         the same for a pruned model directory
-  ukmp demo                                prune a tiny random model, save, reload and generate (CPU, seconds)
+  ukmp demo                                the whole pipeline on a tiny model and sample data (CPU, minutes)
+  ukmp run configs/ukmp_0.5.yaml           prune -> eval -> finetune -> eval, as scripts/structured_blip2/ukmp_0.5.py
+  ukmp prune configs/ukmp_0.5.yaml prune.ratio=0.3
+  ukmp plan --scores outputs/ukmp_0.5/prune/scores.safetensors --ratio 0.3 --out plan_0.3.json
 """
 
 
@@ -28,11 +30,108 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from ukmp.demo import run_demo
+def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
+    """CONFIG files (``*.yaml``/``*.yml``) and ``key=value`` overrides, in any order."""
+    configs, overrides = [], []
+    for it in items:
+        (overrides if "=" in it and not it.endswith((".yaml", ".yml")) else configs).append(it)
+    return configs, overrides
 
-    summary = run_demo(args.out, ratio=args.ratio, seed=args.seed)
-    print(json.dumps(summary, indent=1))
+
+def _load_cfg(args: argparse.Namespace):
+    from ukmp.config import load_config
+
+    configs, overrides = _split_config_args(args.config)
+    return load_config(configs, overrides)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from ukmp.pipeline import run
+
+    cfg = _load_cfg(args)
+    out = run(cfg, force=tuple(args.force or ()), only=tuple(args.only or ()))
+    print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ukmp.prune.stage import run_prune_stage
+    from ukmp.stages import run_stage
+
+    cfg = _load_cfg(args)
+    from dataclasses import asdict
+
+    root = Path(cfg.output_dir) / cfg.name
+    rec = run_stage("prune", root / "prune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed], [],
+                    lambda out: run_prune_stage(cfg, out), force=args.force_stage)
+    print(json.dumps({"prune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from ukmp.prune.stage import replan
+
+    plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
+                  units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)
+    plan.save(args.out)
+    m = plan.meta
+    print(json.dumps({"plan": args.out, "target_ratio": m.get("target_ratio"), "achieved_ratio": m.get("achieved_ratio"),
+                      "removed_params": m.get("removed_params"), "digest": plan.digest()}, indent=1))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ukmp.eval.stage import run_eval_stage
+
+    cfg = _load_cfg(args)
+    tasks = args.tasks.split(",") if args.tasks else cfg.eval.after_finetune
+    model_dir = None if args.model == "dense" else Path(args.model)
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / (
+        "eval_dense" if model_dir is None else f"eval_{model_dir.name}")
+    out.mkdir(parents=True, exist_ok=True)
+    run_eval_stage(cfg, model_dir, tasks, out)
+    print((out / "metrics.json").read_text())
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ukmp.recover.stage import run_finetune_stage
+    from ukmp.stages import run_stage
+
+    cfg = _load_cfg(args)
+    root = Path(cfg.output_dir) / cfg.name
+    pruned = Path(args.pruned) if args.pruned else root / "prune" / "model"
+    from dataclasses import asdict
+
+    rec = run_stage("finetune", root / "finetune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune),
+                                                    cfg.seed, str(pruned)], [],
+                    lambda out: run_finetune_stage(cfg, pruned, out, work=root / "finetune.work"),
+                    force=args.force_stage)
+    print(json.dumps({"finetune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from ukmp.pipeline import run
+    from ukmp.config import load_config
+
+    if args.structure_only:
+        from ukmp.demo import run_demo
+
+        print(json.dumps(run_demo(args.out, ratio=args.ratio, seed=args.seed), indent=1))
+        return 0
+    from importlib import resources
+
+    demo_yaml = str(resources.files("ukmp") / "configs" / "demo.yaml")
+    cfg = load_config([demo_yaml], [f"output_dir={args.out}", f"prune.ratio={args.ratio}", f"model.seed={args.seed}"])
+    out = run(cfg)
+    print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
     return 0
 
 
@@ -50,16 +149,70 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_inspect)
 
-    s = sub.add_parser("demo", help="the embedded default job on a tiny random model (CPU, offline)",
-                       description="Build the tiny BLIP-2, prune it, save, reload in one call, and generate.")
-    s.add_argument("--out", default="outputs/demo", help="output directory (default: outputs/demo)")
-    s.add_argument("--ratio", type=float, default=0.5, help="fraction of prunable units to remove (default 0.5)")
+    def config_args(sp):
+        sp.add_argument("config", nargs="*", metavar="CONFIG|key=value",
+                        help="YAML config files (later ones win; each may list 'defaults:') and dotted overrides, "
+                             "e.g. prune.ratio=0.3 finetune.enabled=false")
+
+    s = sub.add_parser("run", help="prune -> eval -> finetune -> eval in one resumable process",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run the whole pipeline. Each stage writes outputs/<name>/<stage>/ and is skipped "
+                                   "when its artifacts exist with the same config hash, so a crashed run resumes.\n\n"
+                                   "Config keys and defaults:\n  " + "\n  ".join(_config_keys()))
+    config_args(s)
+    s.add_argument("--force", action="append", choices=STAGE_NAMES, help="re-run this stage even if up to date")
+    s.add_argument("--only", action="append", choices=STAGE_NAMES, help="run only these optional stages")
+    s.set_defaults(func=_cmd_run)
+
+    s = sub.add_parser("prune", help="score units on calibration data and prune (scores, plan, pruned model)",
+                       description="The prune stage alone: writes scores.safetensors, plan.json, model/, "
+                                   "summary.json and kept_width.png under outputs/<name>/prune/.")
+    config_args(s)
+    s.add_argument("--force-stage", action="store_true", help="re-run even if up to date")
+    s.set_defaults(func=_cmd_prune)
+
+    s = sub.add_parser("plan", help="re-allocate from cached scores at another ratio (no model needed)")
+    s.add_argument("--scores", required=True, help="scores.safetensors written by the prune stage")
+    s.add_argument("--ratio", type=float, required=True, help="fraction of all model parameters to remove")
+    s.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
+    s.add_argument("--normalization", choices=["mean_iterative", "mean_once", "none", "minmax", "standardize"])
+    s.add_argument("--scope", choices=["global", "local"])
+    s.add_argument("--units-per-step", type=int)
+    s.add_argument("--fine-units-per-step", type=int)
+    s.set_defaults(func=_cmd_plan)
+
+    s = sub.add_parser("eval", help="evaluate a dense or pruned model on zero-shot tasks")
+    config_args(s)
+    s.add_argument("--model", default="dense", help="a pruned model directory, or 'dense' (model.source)")
+    s.add_argument("--tasks", help="comma-separated: okvqa,gqa,vqav2,nocaps,coco_caption,flickr30k")
+    s.add_argument("--out", help="output directory (default outputs/<name>/eval_<model dir name>)")
+    s.set_defaults(func=_cmd_eval)
+
+    s = sub.add_parser("finetune", help="recover a pruned model (WR-LoRA + progressive distillation)")
+    config_args(s)
+    s.add_argument("--pruned", help="pruned model directory (default outputs/<name>/prune/model)")
+    s.add_argument("--force-stage", action="store_true", help="re-run even if up to date")
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and sample data (CPU, minutes)",
+                       description="prune -> eval -> finetune -> eval on a tiny random BLIP-2 and generated sample "
+                                   "data in the real datasets' formats; writes outputs/demo/results.json.")
+    s.add_argument("--out", default="outputs", help="output root (default: outputs; the run is <out>/demo)")
+    s.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters to remove (default 0.5)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--structure-only", action="store_true",
+                   help="only prune with a random plan, save, reload and generate (seconds)")
     s.set_defaults(func=_cmd_demo)
     return p
 
 
-COMMANDS: dict[str, Callable] = {}
+STAGE_NAMES = ["eval_dense", "prune", "eval_pruned", "finetune", "eval_finetuned"]
+
+
+def _config_keys() -> list[str]:
+    from ukmp.config import describe
+
+    return describe()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""UKMP at ratio 0.5: prune -> eval -> finetune -> eval, resumable (the reference's ukmp_0.5.py, in one process).
+
+Extra arguments are config overrides, e.g. `python scripts/structured_blip2/ukmp_0.5.py model.device=cuda:1`.
+"""
+
+import sys
+from pathlib import Path
+
+from ukmp.cli import main
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ukmp_0.5.yaml"
+
+if __name__ == "__main__":
+    raise SystemExit(main(["run", str(CONFIG), *sys.argv[1:]]))

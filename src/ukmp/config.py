@@ -1,0 +1,202 @@
+"""Typed run configuration: dataclass schemas, YAML chains with ``defaults:``, ``key=value`` overrides.
+
+Unknown keys fail with a one-line error naming the key and the file. A config file may start with
+``defaults: [base.yaml, ...]`` (paths relative to the file); later files and then command-line overrides win.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A bad config value or key; the message is one line naming it."""
+
+
+@dataclass
+class ModelConfig:
+    source: str = "tiny"  # hub id, local dir, config .json, or shipped: tiny | mid | blip2-flan-t5-xl
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    seed: int = 0  # weights seed for config-only sources
+
+
+@dataclass
+class DataConfig:
+    calibration: str = "sample:cc595k"  # dataset YAML, or sample:<name> for the generated sample data
+    finetune: str = "sample:cc595k"
+    image_size: int = 0  # 0: the model's image size
+    max_text_tokens: int = 32
+    augment: bool = True  # RandomResizedCrop(0.5, 1) + horizontal flip, as the reference does for calibration
+
+
+@dataclass
+class PruneConfig:
+    method: str = "ukmp"  # ukmp | random | magnitude (baselines register more)
+    ratio: float = 0.5  # fraction of ALL model parameters to remove
+    num_samples: int = 1000
+    batch_size: int = 8
+    threshold: float = 0.4  # token-selection T; 1.0 selects every token
+    taylor: str = "first"  # first | first_no_threshold | second | mix
+    entropy: str = "cosine"  # cosine | arccos | none
+    normalization: str = "mean_iterative"  # mean_iterative | mean_once | none | minmax | standardize
+    scope: str = "global"  # global | local
+    units_per_step: int = 1000
+    fine_units_per_step: int = 100
+    max_group_prune_ratio: float = 0.9
+    entropy_exclude_padding: bool = False
+
+
+@dataclass
+class FinetuneConfig:
+    enabled: bool = True
+    adapter: str = "wr_lora"  # wr_lora | lora
+    r: int = 8
+    r_recall: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    schedule: str = "progressive"  # progressive | mse_kl_task_all | kl_task | task | no_progressive
+    sample_scale: float = 1.0  # multiplies Table A's sample counts (small runs)
+    batch_size: int = 20
+    grad_accum: int = 1
+    lr: float = 2e-5
+    warmup_steps: int = 50
+    lr_schedule: str = "constant"  # constant | cosine
+    weight_decay: float = 0.05
+    mixed_precision: str = "no"  # no | bf16
+    checkpoint_every: int = 500
+    max_steps_per_stage: int = 0  # 0: no cap
+
+
+@dataclass
+class EvalConfig:
+    after_prune: list[str] = field(default_factory=lambda: ["okvqa", "gqa"])
+    after_finetune: list[str] = field(default_factory=lambda: ["okvqa", "gqa", "nocaps", "flickr30k", "vqav2"])
+    dense: bool = False
+    datasets: dict[str, str] = field(default_factory=dict)  # task -> dataset YAML (default: sample:<task>)
+    batch_size: int = 16
+    max_samples: int = 0  # 0: all
+    num_beams: int = 5
+    retrieval_model: str = "auto"  # auto: Salesforce/blip2-itm-vit-g (a tiny random one for source=tiny)
+
+
+@dataclass
+class RunConfig:
+    name: str = "demo"
+    output_dir: str = "outputs"
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path, Any]]:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'defaults'")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        node = OmegaConf.load(path)
+    except (OmegaConfBaseException, ValueError) as e:  # yaml errors subclass ValueError in some versions
+        raise ConfigError(f"{path}: cannot parse YAML ({str(e).splitlines()[0]})") from None
+    except Exception as e:  # noqa: BLE001 - yaml.YAMLError
+        raise ConfigError(f"{path}: cannot parse YAML ({str(e).splitlines()[0]})") from None
+    chain: list[tuple[Path, Any]] = []
+    defaults = node.pop("defaults", []) if OmegaConf.is_dict(node) else []
+    for d in defaults or []:
+        chain += _read_yaml_chain(path.parent / str(d), seen + (path,))
+    chain.append((path, node))
+    return chain
+
+
+def load_config(paths: list[str | Path] | str | Path | None = None, overrides: list[str] | None = None,
+                schema: type = RunConfig):
+    """Merge YAML files (each with optional ``defaults:``) and ``a.b=value`` overrides onto ``schema``."""
+    if paths is None:
+        paths = []
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    merged = OmegaConf.structured(schema)
+    for p in paths:
+        for src, node in _read_yaml_chain(Path(p)):
+            try:
+                merged = OmegaConf.merge(merged, node)
+            except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
+                key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
+                raise ConfigError(f"{src}: bad key or value {key!r} ({str(e).splitlines()[0]})") from None
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r}: expected key=value")
+        key, value = ov.split("=", 1)
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([f"{key}={value}"]))
+        except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
+            raise ConfigError(f"override {key!r}: {str(e).splitlines()[0]}") from None
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16"),
+    ("model", "attn_implementation"): ("sdpa", "eager"),
+    ("prune", "taylor"): ("first", "first_no_threshold", "second", "mix"),
+    ("prune", "entropy"): ("cosine", "arccos", "none"),
+    ("prune", "normalization"): ("mean_iterative", "mean_once", "none", "minmax", "standardize"),
+    ("prune", "scope"): ("global", "local"),
+    ("finetune", "adapter"): ("wr_lora", "lora"),
+    ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
+    ("finetune", "lr_schedule"): ("constant", "cosine"),
+    ("finetune", "mixed_precision"): ("no", "bf16"),
+}
+
+
+def validate(cfg: RunConfig) -> None:
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
+    if not 0.0 <= cfg.prune.ratio < 1.0:
+        raise ConfigError(f"prune.ratio: must be in [0, 1), got {cfg.prune.ratio}")
+    if not 0.0 < cfg.prune.threshold <= 1.0:
+        raise ConfigError(f"prune.threshold: must be in (0, 1], got {cfg.prune.threshold}")
+    for section, key in (("prune", "num_samples"), ("prune", "batch_size"), ("finetune", "batch_size"),
+                         ("eval", "batch_size"), ("finetune", "r")):
+        if getattr(getattr(cfg, section), key) < 1:
+            raise ConfigError(f"{section}.{key}: must be >= 1")
+
+
+def section_hash(*parts: Any) -> str:
+    """Stable hash of config sections (dataclasses or plain data) for stage skipping."""
+    def plain(x):
+        return asdict(x) if is_dataclass(x) else x
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def describe(schema: type = RunConfig, prefix: str = "") -> list[str]:
+    """``key = default`` lines for ``--help``."""
+    lines = []
+    inst = schema()
+    for f in fields(schema):
+        v = getattr(inst, f.name)
+        if is_dataclass(v):
+            lines += describe(type(v), prefix + f.name + ".")
+        else:
+            lines.append(f"{prefix}{f.name} = {v!r}")
+    return lines

@@ -1,0 +1,137 @@
+"""Model-ready batches for calibration and recovery: image transforms and the prefix-LM caption split.
+
+* :class:`ImageTransform` — the reference's ``blip2_image_train`` (RandomResizedCrop scale (0.5, 1), bicubic,
+  horizontal flip, CLIP mean/std) and ``blip_image_eval`` (bicubic square resize), written with PIL and numpy.
+* :func:`prefix_split` — a caption cleaned by ``blip_caption`` is split at a random word k in [1, floor(n/2)];
+  the prefix is the encoder text (after the query tokens), the rest is the target.
+* :class:`PrefixLMCollator` — records -> {pixel_values, input_ids, attention_mask, labels, decoder_attention_mask};
+  every random choice is a function of (seed, sample index, epoch), so a batch can be rebuilt exactly on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ukmp.eval.text import blip_caption
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    size: int
+    train: bool = False
+    scale: tuple[float, float] = (0.5, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
+        """RandomResizedCrop's box: 10 tries of (area fraction, log-uniform aspect), else a centre crop."""
+        area = width * height
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_r))
+            w = int(round(math.sqrt(target * aspect)))
+            h = int(round(math.sqrt(target / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = rng.randint(0, height - h)
+                left = rng.randint(0, width - w)
+                return left, top, left + w, top + h
+        in_ratio = width / height
+        if in_ratio < self.ratio[0]:
+            w, h = width, int(round(width / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            h, w = height, int(round(height * self.ratio[1]))
+        else:
+            w, h = width, height
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        image = image.convert("RGB")
+        if self.train:
+            rng = rng or random.Random(0)
+            box = self.crop_box(image.width, image.height, rng)
+            image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+            if rng.random() < 0.5:
+                image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        else:
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+        arr = np.asarray(image, dtype=np.float32) / 255.0
+        arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def prefix_split(caption: str, rng: random.Random) -> tuple[str, str]:
+    """Split a cleaned caption at a random word index k in [1, max(1, n // 2)]: (prefix, suffix)."""
+    words = caption.split()
+    if not words:
+        return "", ""
+    k = rng.randint(1, max(1, len(words) // 2))
+    return " ".join(words[:k]), " ".join(words[k:])
+
+
+def sample_rng(seed: int, index: int, epoch: int = 0, stream: int = 0) -> random.Random:
+    """A generator owned by one sample in one epoch (so batches are reproducible in any order)."""
+    return random.Random((seed * 1_000_003 + index) * 7919 + epoch * 104729 + stream)
+
+
+class PrefixLMCollator:
+    """Build prefix-LM batches from a dataset with ``records[i].caption`` and ``open_image(i)``."""
+
+    def __init__(self, dataset, processor, image_size: int, max_text_tokens: int = 32, augment: bool = True,
+                 seed: int = 42, num_query_tokens: int | None = None):
+        self.dataset = dataset
+        self.tokenizer = processor.tokenizer
+        self.image_token = getattr(processor, "image_token", None)
+        self.num_query_tokens = num_query_tokens if num_query_tokens is not None else processor.num_query_tokens
+        self.transform = ImageTransform(image_size, train=augment)
+        self.max_text_tokens = max_text_tokens
+        self.seed = seed
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(str(self.image_token))
+
+    def texts(self, index: int, epoch: int = 0) -> tuple[str, str]:
+        caption = blip_caption(self.dataset.records[index].caption)
+        return prefix_split(caption, sample_rng(self.seed, index, epoch, stream=1))
+
+    def _tokens(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_text_tokens)
+        return list(ids["input_ids"])
+
+    def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
+        pix, enc, dec = [], [], []
+        for i in indices:
+            rng = sample_rng(self.seed, int(i), epoch, stream=0)
+            pix.append(self.transform(self.dataset.open_image(int(i)), rng))
+            prefix, suffix = self.texts(int(i), epoch)
+            enc.append([self.image_token_id] * self.num_query_tokens + self._tokens(prefix))
+            dec.append(self._tokens(suffix))
+        pad = self.tokenizer.pad_token_id
+        le, ld = max(map(len, enc)), max(map(len, dec))
+        input_ids = torch.full((len(enc), le), pad, dtype=torch.long)
+        attention = torch.zeros((len(enc), le), dtype=torch.long)
+        labels = torch.full((len(dec), ld), -100, dtype=torch.long)
+        dec_mask = torch.zeros((len(dec), ld), dtype=torch.long)
+        for r, (e, d) in enumerate(zip(enc, dec)):
+            input_ids[r, : len(e)] = torch.tensor(e)
+            attention[r, : len(e)] = 1
+            labels[r, : len(d)] = torch.tensor(d)
+            dec_mask[r, : len(d)] = 1
+        return {"pixel_values": torch.stack(pix), "input_ids": input_ids, "attention_mask": attention,
+                "labels": labels, "decoder_attention_mask": dec_mask}
+
+
+def index_batches(n: int, batch_size: int, seed: int | None = None, epoch: int = 0) -> list[list[int]]:
+    """Sample indices 0..n-1 (shuffled with (seed, epoch) when a seed is given) cut into batches."""
+    order = list(range(n))
+    if seed is not None:
+        random.Random(seed * 31 + epoch).shuffle(order)
+    return [order[i: i + batch_size] for i in range(0, n, batch_size)]

@@ -1,0 +1,112 @@
+"""The evaluation stage: run the requested zero-shot tasks on a dense or pruned model and save everything.
+
+Tasks (UKMP_METHOD.md §4): ``okvqa``, ``vqav2`` (VQA accuracy), ``gqa`` (exact match), ``nocaps``,
+``coco_caption`` (CIDEr, SPICE if available, BLEU-4, METEOR, ROUGE-L) and ``flickr30k`` (TR/IR@1/5/10 with the
+stage-1 image-text model, the evaluated ViT transplanted into it). Dataset YAMLs come from ``eval.datasets``
+(task -> YAML) or default to the generated sample data.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ukmp.config import RunConfig
+from ukmp.io import atomic_write_json
+from ukmp.runtime import SAMPLE_PREFIX, load_dense, resolve_dataset, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str  # vqa | gqa | caption | retrieval
+    sample: str  # sample dataset name
+    image_scale: float = 1.0  # image size relative to the model's (NoCaps and retrieval: 364 / 224)
+
+
+RESOLUTION_364 = 364 / 224
+TASKS = {
+    "okvqa": Task("okvqa", "vqa", "okvqa"),
+    "vqav2": Task("vqav2", "vqa", "vqav2"),
+    "gqa": Task("gqa", "gqa", "gqa"),
+    "nocaps": Task("nocaps", "caption", "nocaps", RESOLUTION_364),
+    "coco_caption": Task("coco_caption", "caption", "coco_karpathy"),
+    "flickr30k": Task("flickr30k", "retrieval", "flickr30k", RESOLUTION_364),
+}
+
+
+def task_image_size(model, task: Task) -> int:
+    vc = model.config.vision_config
+    if task.image_scale == 1.0:
+        return vc.image_size
+    size = vc.image_size * task.image_scale
+    return max(vc.patch_size, int(round(size / vc.patch_size)) * vc.patch_size)
+
+
+def _dataset(cfg: RunConfig, task: Task):
+    from ukmp.data.loaders import load_dataset
+
+    spec = cfg.eval.datasets.get(task.name, SAMPLE_PREFIX + task.sample)
+    overrides = {"max_samples": cfg.eval.max_samples} if cfg.eval.max_samples else {}
+    return load_dataset(resolve_dataset(spec, cfg.output_dir), **overrides)
+
+
+def _retrieval_model(cfg: RunConfig, model):
+    from ukmp.eval.retrieval import build_tiny_retrieval, load_retrieval_model
+
+    if cfg.eval.retrieval_model == "auto" and cfg.model.source == "tiny":
+        return build_tiny_retrieval(model.config, seed=cfg.model.seed)
+    source = "Salesforce/blip2-itm-vit-g" if cfg.eval.retrieval_model == "auto" else cfg.eval.retrieval_model
+    return load_retrieval_model(source, dtype=cfg.model.dtype, device=next(model.parameters()).device)
+
+
+def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> dict[str, Any]:
+    from ukmp.eval import evaluators
+    from ukmp.eval.retrieval import evaluate_retrieval, transplant_vision_
+
+    ds = _dataset(cfg, task)
+    size = task_image_size(model, task)
+    common = dict(image_size=size, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+    if task.kind in ("vqa", "gqa"):
+        metrics, preds = evaluators.evaluate_vqa(model, processor, ds, kind=task.kind, **common)
+    elif task.kind == "caption":
+        metrics, preds = evaluators.evaluate_caption(model, processor, ds, **common)
+    else:
+        retrieval, text_tokenizer = _retrieval_model(cfg, model)
+        transplant_vision_(retrieval, model)
+        metrics, preds = evaluate_retrieval(retrieval, text_tokenizer, ds, image_size=size,
+                                            batch_size=cfg.eval.batch_size)
+    atomic_write_json(out / task.name / "predictions.json", preds)
+    atomic_write_json(out / task.name / "metrics.json", metrics)
+    return metrics
+
+
+def run_eval_stage(cfg: RunConfig, model_dir: Path | None, tasks: list[str], out: Path) -> dict[str, Any]:
+    """Evaluate the pruned model in ``model_dir`` (or the dense model when ``None``) on ``tasks``."""
+    from ukmp.io import load_pruned
+    from ukmp.runtime import load_processor
+
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise ValueError(f"eval tasks: unknown {unknown} (choose from {', '.join(TASKS)})")
+    device = resolve_device(cfg.model.device)
+    if model_dir is None:
+        model, processor = load_dense(cfg.model, device)
+    else:
+        model = load_pruned(model_dir, device=device, dtype=cfg.model.dtype,
+                            attn_implementation=cfg.model.attn_implementation)
+        processor = load_processor(model_dir)
+    results: dict[str, Any] = {}
+    for name in tasks:
+        t0 = time.perf_counter()
+        metrics = evaluate_task(cfg, model, processor, TASKS[name], out)
+        metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2)}
+        results[name] = metrics
+        log.info("eval %s: %s", name, {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
+    atomic_write_json(out / "metrics.json", results)
+    return {"tasks": tasks}

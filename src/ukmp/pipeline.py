@@ -1,0 +1,164 @@
+"""One in-process pipeline: [dense eval] -> prune -> eval -> finetune -> eval, resumable stage by stage.
+
+Layout under ``<output_dir>/<name>/``::
+
+    config.yaml            the resolved config of the last invocation
+    eval_dense/            (eval.dense) metrics.json + per-task predictions
+    prune/                 scores.safetensors, plan.json, summary.json, kept_width.png, model/ (pruned, reloadable)
+    eval_pruned/           metrics.json + <task>/predictions.json
+    finetune/              model/ (merged, reloadable), loss_curve.png, train_log.json
+    eval_finetuned/        metrics.json + per-task predictions
+    results.json  results.md  manifest.json
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ukmp.config import RunConfig
+from ukmp.io import atomic_write_json, atomic_write_text
+from ukmp.runtime import resolve_device
+from ukmp.stages import StageRecord, run_stage
+
+log = logging.getLogger(__name__)
+
+STAGES = ("eval_dense", "prune", "eval_pruned", "finetune", "eval_finetuned")
+
+
+def git_commit(start: Path | None = None) -> str | None:
+    """The checked-out commit, read from .git without running git."""
+    here = (start or Path(__file__)).resolve()
+    for d in [here, *here.parents]:
+        head = d / ".git" / "HEAD"
+        if head.is_file():
+            ref = head.read_text().strip()
+            if ref.startswith("ref: "):
+                f = d / ".git" / ref[5:]
+                if f.is_file():
+                    return f.read_text().strip()
+                packed = d / ".git" / "packed-refs"
+                if packed.is_file():
+                    for line in packed.read_text().splitlines():
+                        if line.endswith(ref[5:]):
+                            return line.split()[0]
+                return None
+            return ref
+    return None
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("ukmp", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: one row per task metric, one column per model state (dense / pruned / recovered)."""
+    states = [s for s in ("dense", "pruned", "recovered") if s in results]
+    rows: dict[tuple[str, str], dict[str, float]] = {}
+    for state in states:
+        for task, metrics in results[state].items():
+            for metric, value in metrics.items():
+                if isinstance(value, (int, float)) and metric not in ("n", "count", "seconds"):
+                    rows.setdefault((task, metric), {})[state] = float(value)
+    lines = ["| task | metric | " + " | ".join(states) + " |", "|---|---|" + "---:|" * len(states)]
+    for (task, metric), vals in rows.items():
+        cells = [f"{vals[s]:.2f}" if s in vals else "–" for s in states]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
+    from ukmp.eval.stage import run_eval_stage
+    from ukmp.prune.stage import run_prune_stage
+    from ukmp.recover.stage import run_finetune_stage
+
+    root = Path(cfg.output_dir) / cfg.name
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    torch.manual_seed(cfg.seed)
+    records: dict[str, StageRecord] = {}
+
+    def want(stage: str) -> bool:
+        return not only or stage in only
+
+    def eval_stage(name: str, model_dir: Path | None, tasks: list[str], upstream: list[StageRecord]):
+        return run_stage(
+            name, root / name, [asdict(cfg.model), asdict(cfg.eval), tasks], upstream,
+            lambda out: run_eval_stage(cfg, model_dir, tasks, out), force=name in force,
+        )
+
+    if cfg.eval.dense and want("eval_dense"):
+        records["eval_dense"] = eval_stage("eval_dense", None, cfg.eval.after_finetune, [])
+    records["prune"] = run_stage(
+        "prune", root / "prune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed], [],
+        lambda out: run_prune_stage(cfg, out), force="prune" in force,
+    )
+    pruned_dir = root / "prune" / "model"
+    if cfg.eval.after_prune and want("eval_pruned"):
+        records["eval_pruned"] = eval_stage("eval_pruned", pruned_dir, cfg.eval.after_prune, [records["prune"]])
+    if cfg.finetune.enabled and want("finetune"):
+        records["finetune"] = run_stage(
+            "finetune", root / "finetune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune), cfg.seed],
+            [records["prune"]], lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"),
+            force="finetune" in force,
+        )
+        if cfg.eval.after_finetune and want("eval_finetuned"):
+            records["eval_finetuned"] = eval_stage("eval_finetuned", root / "finetune" / "model",
+                                                   cfg.eval.after_finetune, [records["finetune"]])
+    return write_results(cfg, root, records)
+
+
+def write_results(cfg: RunConfig, root: Path, records: dict[str, StageRecord]) -> dict[str, Any]:
+    import json
+
+    def metrics_of(stage: str) -> dict[str, Any] | None:
+        f = root / stage / "metrics.json"
+        return json.loads(f.read_text()) if stage in records and f.is_file() else None
+
+    results: dict[str, Any] = {}
+    for state, stage in (("dense", "eval_dense"), ("pruned", "eval_pruned"), ("recovered", "eval_finetuned")):
+        m = metrics_of(stage)
+        if m is not None:
+            results[state] = m
+    prune_summary = json.loads((root / "prune" / "summary.json").read_text())
+    out = {
+        "name": cfg.name,
+        "method": cfg.prune.method,
+        "target_ratio": cfg.prune.ratio,
+        "achieved_ratio": prune_summary.get("achieved_ratio"),
+        "parameters": prune_summary.get("parameters"),
+        "metrics": results,
+        "stages": {k: {"run_id": r.run_id, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
+                   for k, r in records.items()},
+    }
+    atomic_write_json(root / "results.json", out)
+    table = results_table(results)
+    header = (f"# {cfg.name}: {cfg.prune.method} at ratio {cfg.prune.ratio} "
+              f"(achieved {prune_summary.get('achieved_ratio', float('nan')):.4f})\n\n")
+    atomic_write_text(root / "results.md", header + table)
+    manifest = {
+        "versions": package_versions(),
+        "git_commit": git_commit(),
+        "seeds": {"run": cfg.seed, "model": cfg.model.seed},
+        "plan_digest": prune_summary.get("plan_digest"),
+        "calibration_sample_ids": prune_summary.get("calibration_sample_ids"),
+        "torch_device": str(resolve_device(cfg.model.device)),
+        "stages": {k: str(r.path) for k, r in records.items()},
+    }
+    atomic_write_json(root / "manifest.json", manifest)
+    log.info("results: %s", root / "results.md")
+    return out

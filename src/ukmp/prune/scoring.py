@@ -1,0 +1,142 @@
+"""Calibration passes and the pruning-method registry.
+
+A method turns a model plus calibration batches into per-unit scores (higher = more important) and may override
+the allocation (scope, normalisation). UKMP is two passes: angle-entropy histograms (forward only, language units)
+and selected-token first-order Taylor (forward + backward), combined as I = T x H for language units.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ukmp.config import PruneConfig
+from ukmp.groups import PrunableGroup
+
+log = logging.getLogger(__name__)
+
+Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches
+
+
+@dataclass
+class ScoreResult:
+    scores: dict[str, torch.Tensor]  # what the allocator ranks
+    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. {"taylor": ..., "entropy": ...}
+    stats: dict[str, float | int] = field(default_factory=dict)
+    allocation: dict[str, object] = field(default_factory=dict)  # AllocationConfig overrides
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in batch.items():
+        v = v.to(device)
+        out[k] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _progress(it: Iterable, desc: str, total: int | None) -> Iterator:
+    return iter(tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True))
+
+
+def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], angle: bool = False,
+                 exclude_padding: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
+    """Per-unit angle entropy of the language groups (forward passes only, streaming histograms)."""
+    from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
+
+    language = [g for g in groups if g.modality == "language"]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist:
+        with torch.no_grad():
+            for batch in _progress(batches, "entropy pass", total):
+                b = _to(batch, device, dtype)
+                if exclude_padding:
+                    with hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")):
+                        model(**b)
+                else:
+                    model(**b)
+        neuron = hist.entropy()
+    return unit_entropies(neuron, language)
+
+
+def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
+                order: str = "first", total: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per-unit Taylor scores with the selected-token loss; gradients summed over samples in fp32."""
+    from ukmp.importance.taylor import TaylorScorer, selected_loss
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n_sel = n_valid = 0
+    with TaylorScorer(model, groups, order=order) as scorer:
+        for batch in _progress(batches, "taylor pass", total):
+            b = _to(batch, device, dtype)
+            logits = model(**b).logits.float()
+            loss, sel, valid = selected_loss(logits, b["labels"], threshold)
+            scorer.backward(loss)
+            n_sel += int(sel)
+            n_valid += int(valid)
+        scores = scorer.scores()
+    return scores, {"tokens_selected": n_sel, "tokens_total": n_valid}
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+def score_ukmp(model, groups, batches: Batches, pc: PruneConfig, n_batches: int) -> ScoreResult:
+    from ukmp.prune.allocate import combine
+
+    entropy = None
+    if pc.entropy != "none":
+        entropy = entropy_pass(model, groups, batches(0), angle=pc.entropy == "arccos",
+                               exclude_padding=pc.entropy_exclude_padding, total=n_batches)
+    threshold = 1.0 if pc.taylor == "first_no_threshold" else pc.threshold
+    order = "first" if pc.taylor == "first_no_threshold" else pc.taylor
+    taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches)
+    combined = combine(taylor, entropy, groups, mode="product" if entropy is not None else "taylor_only")
+    parts = {"taylor": taylor, "combined": combined}
+    if entropy is not None:
+        parts["entropy"] = entropy
+    return ScoreResult(combined, parts, stats)
+
+
+def score_random(model, groups, batches: Batches, pc: PruneConfig, n_batches: int) -> ScoreResult:
+    g = torch.Generator().manual_seed(pc.num_samples * 7 + 13)
+    scores = {gr.id: torch.rand(gr.n_units, generator=g, dtype=torch.float64).float() for gr in groups}
+    return ScoreResult(scores, {"random": scores}, {}, {"normalization": "none"})
+
+
+def score_magnitude(model, groups, batches: Batches, pc: PruneConfig, n_batches: int) -> ScoreResult:
+    """Mean |w| per weight of each unit (data-free); ranked per modality-normalised like UKMP unless overridden."""
+    from ukmp.importance.taylor import unit_reduce
+
+    per_weight = {}
+    for gr in groups:
+        for s in gr.slices:
+            if s.param == "weight" and s.name not in per_weight:
+                per_weight[s.name] = model.get_parameter(s.name).detach().float().abs()
+    scores = {gr.id: unit_reduce(per_weight, gr).cpu() for gr in groups}
+    return ScoreResult(scores, {"magnitude": scores})
+
+
+METHODS: dict[str, Callable[..., ScoreResult]] = {}
+DATA_FREE: set[str] = set()
+
+
+def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool = False) -> None:
+    if not name or name in METHODS:
+        raise ValueError(f"prune.method: {name!r} is empty or already registered")
+    METHODS[name] = fn
+    if data_free:
+        DATA_FREE.add(name)
+
+
+register_method("ukmp", score_ukmp)
+register_method("random", score_random, data_free=True)
+register_method("magnitude", score_magnitude, data_free=True)
+
+
+def get_method(name: str) -> Callable[..., ScoreResult]:
+    if name not in METHODS:
+        raise ValueError(f"prune.method: unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+    return METHODS[name]

@@ -1,0 +1,196 @@
+"""The prune stage: calibration passes -> scores -> allocation -> physical pruning -> artifacts.
+
+Artifacts: ``scores.safetensors`` (ranked scores and every part, per group, with the model config and allocation
+settings in its metadata so ``ukmp plan`` can re-allocate without a model), ``plan.json``, ``model/`` (pruned,
+reloadable), ``summary.json`` and ``kept_width.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ukmp.config import PruneConfig, RunConfig
+from ukmp.groups import PrunableGroup
+from ukmp.io import atomic_save_tensors, atomic_write_json, save_pruned
+from ukmp.models import adapter_for
+from ukmp.models.blip2 import GROUP_KINDS, count_parameters, parameter_breakdown
+from ukmp.plan import PruningPlan
+from ukmp.prune.allocate import AllocationConfig, allocate
+from ukmp.prune.scoring import DATA_FREE, ScoreResult, get_method
+from ukmp.runtime import load_dense, resolve_dataset, resolve_device
+
+log = logging.getLogger(__name__)
+SCORES_FORMAT = "ukmp.scores"
+
+
+def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) -> AllocationConfig:
+    d = dict(target_ratio=pc.ratio, scope=pc.scope, normalization=pc.normalization,
+             units_per_step=pc.units_per_step, fine_units_per_step=pc.fine_units_per_step,
+             max_group_prune_ratio=pc.max_group_prune_ratio)
+    d.update(overrides or {})
+    return AllocationConfig.from_dict(d)
+
+
+def calibration_batches(cfg: RunConfig, processor, model):
+    """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
+    from ukmp.data.batches import PrefixLMCollator
+    from ukmp.data.loaders import load_dataset
+
+    ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
+    if len(ds) == 0:
+        raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
+    order = list(range(len(ds)))
+    random.Random(cfg.seed).shuffle(order)
+    n = min(cfg.prune.num_samples, len(ds))
+    if n < cfg.prune.num_samples:
+        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, len(ds))
+    chosen = order[:n]
+    size = cfg.data.image_size or model.config.vision_config.image_size
+    collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
+                               num_query_tokens=model.config.num_query_tokens)
+    bs = cfg.prune.batch_size
+    chunks = [chosen[i: i + bs] for i in range(0, n, bs)]
+
+    def batches(epoch: int):
+        for c in chunks:
+            yield collate(c, epoch)
+
+    ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
+    return batches, len(chunks), ids
+
+
+def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg: AllocationConfig,
+                method: str) -> None:
+    tensors = {f"scores/{k}": v.float().cpu().clone() for k, v in result.scores.items()}
+    for part, d in result.parts.items():
+        tensors.update({f"{part}/{k}": v.float().cpu().clone() for k, v in d.items()})
+    meta = {"format": SCORES_FORMAT, "version": "1", "method": method, "total_params": str(total_params),
+            "allocation": json.dumps(acfg.to_dict()), "model_config": json.dumps(config.to_dict(), default=str),
+            "stats": json.dumps(result.stats)}
+    atomic_save_tensors(path, tensors, metadata=meta)
+
+
+def load_scores(path: str | Path):
+    """(scores, parts, groups, total_params, allocation dict, metadata) from ``scores.safetensors``."""
+    from transformers import Blip2Config
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scores file not found")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != SCORES_FORMAT:
+            raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r}")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    config = Blip2Config.from_dict(json.loads(meta["model_config"]))
+    groups = adapter_for(config).groups()
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        part, gid = k.split("/", 1)
+        parts.setdefault(part, {})[gid] = v
+    scores = parts.pop("scores")
+    return scores, parts, groups, int(meta["total_params"]), json.loads(meta["allocation"]), meta
+
+
+def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPlan:
+    """Re-allocate from cached scores at another ratio (no model, no data)."""
+    scores, _parts, groups, total, alloc, meta = load_scores(scores_path)
+    alloc.update({k: v for k, v in overrides.items() if v is not None})
+    alloc["target_ratio"] = ratio
+    plan = allocate(scores, groups, total, AllocationConfig.from_dict(alloc))
+    plan.meta["method"] = meta.get("method")
+    plan.meta["scores_file"] = str(scores_path)
+    return plan
+
+
+def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
+    out = {}
+    for kind in GROUP_KINDS:
+        gs = [g for g in groups if g.kind == kind]
+        if gs:
+            before = sum(g.total_params for g in gs)
+            removed = sum(len(plan.removed(g)) * g.params_per_unit for g in gs) if plan else 0
+            out[kind] = {"units_before": sum(g.n_units for g in gs),
+                         "units_after": sum(len(plan.kept(g)) if plan else g.n_units for g in gs),
+                         "params_before": before, "params_after": before - removed}
+    return out
+
+
+def plot_kept_width(groups: list[PrunableGroup], plan: PruningPlan, path: Path, title: str = "") -> None:
+    """Heat map: fraction of units kept per layer (columns) and group kind (rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    kinds = [k for k in GROUP_KINDS if any(g.kind == k for g in groups)]
+    n_layers = max(g.layer for g in groups) + 1
+    grid = np.full((len(kinds), n_layers), np.nan)
+    for g in groups:
+        grid[kinds.index(g.kind), g.layer] = len(plan.kept(g)) / g.n_units
+    fig, ax = plt.subplots(figsize=(max(6, 0.3 * n_layers + 2), 0.5 * len(kinds) + 1.5))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlabel("layer")
+    if n_layers <= 48:
+        ax.set_xticks(range(n_layers))
+    ax.set_title(title or "kept width (fraction of units)")
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    device = resolve_device(cfg.model.device)
+    model, processor = load_dense(cfg.model, device)
+    adapter = adapter_for(model)
+    groups = adapter.groups()
+    total = count_parameters(model)
+    before = parameter_breakdown(model)
+    method = get_method(cfg.prune.method)
+    if cfg.prune.method in DATA_FREE:
+        batches, n_batches, ids = (lambda epoch: iter(())), 0, []
+    else:
+        batches, n_batches, ids = calibration_batches(cfg, processor, model)
+    result = method(model, groups, batches, cfg.prune, n_batches)
+    acfg = allocation_config(cfg.prune, result.allocation)
+    plan = allocate(result.scores, groups, total, acfg)
+    plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
+    save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
+    model.zero_grad(set_to_none=True)
+    adapter.apply_(model, plan)
+    after = parameter_breakdown(model)
+    save_pruned(model, plan, out / "model", processor=processor)
+    plan.save(out / "plan.json")
+    plot_kept_width(groups, plan, out / "kept_width.png",
+                    f"{cfg.prune.method}: kept width at ratio {cfg.prune.ratio}")
+    summary = {
+        "method": cfg.prune.method,
+        "target_ratio": cfg.prune.ratio,
+        "achieved_ratio": (total - count_parameters(model)) / total,
+        "plan_digest": plan.digest(),
+        "parameters": {"total_before": total, "total_after": count_parameters(model),
+                       "by_modality_before": before, "by_modality_after": after,
+                       "by_group_kind": kind_breakdown(groups, plan)},
+        "calibration": {"samples": len(ids), "batches": n_batches, **result.stats},
+        "calibration_sample_ids": ids,
+        "allocation": acfg.to_dict(),
+        "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config",)},
+        "prune_config": {f.name: getattr(cfg.prune, f.name) for f in fields(cfg.prune)},
+    }
+    atomic_write_json(out / "summary.json", summary)
+    log.info("prune: removed %.2f%% of %s parameters (target %.2f%%)", 100 * summary["achieved_ratio"],
+             f"{total:,}", 100 * cfg.prune.ratio)
+    return {"achieved_ratio": summary["achieved_ratio"], "plan_digest": plan.digest()}

@@ -1,0 +1,71 @@
+"""What the stages share: resolving devices, dense models with their processors, and dataset specs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ukmp.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+SAMPLE_PREFIX = "sample:"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_dense(mc: ModelConfig, device: torch.device | None = None):
+    """(dense model, processor) for a model config. ``tiny`` is rebuilt deterministically from ``mc.seed``."""
+    from transformers import Blip2Processor
+
+    from ukmp.models.build import SHIPPED_CONFIGS, build_processor, build_tiny, build_tokenizer, load_model
+
+    device = device or resolve_device(mc.device)
+    if mc.source == "tiny":
+        model, processor = build_tiny(seed=mc.seed, attn_implementation=mc.attn_implementation)
+        from ukmp.io import cast_
+        from ukmp.models.build import parse_dtype
+
+        cast_(model, parse_dtype(mc.dtype))
+        return model.to(device).eval(), processor
+    model = load_model(mc.source, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation)
+    if mc.source in SHIPPED_CONFIGS or mc.source.endswith(".json"):
+        cfg = model.config  # random weights: a throwaway tokenizer sized to the config
+        processor = build_processor(build_tokenizer(), cfg.num_query_tokens, cfg.vision_config.image_size)
+        return model, processor
+    return model, Blip2Processor.from_pretrained(mc.source)
+
+
+def load_processor(model_dir: Path):
+    from transformers import Blip2Processor
+
+    return Blip2Processor.from_pretrained(str(model_dir))
+
+
+def sample_root(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "_sample_data"
+
+
+def resolve_dataset(spec: str, output_dir: str | Path) -> Path:
+    """A dataset YAML path; ``sample:<name>`` writes (once) and uses the generated sample data."""
+    if spec.startswith(SAMPLE_PREFIX):
+        from ukmp.data.sample import write_sample_data
+
+        name = spec[len(SAMPLE_PREFIX):]
+        root = sample_root(output_dir)
+        marker = root / "configs" / f"{name}.yaml"
+        if not marker.is_file():
+            paths = write_sample_data(root)
+            if name not in paths:
+                raise ValueError(f"dataset {spec!r}: no sample dataset named {name!r} (have {', '.join(paths)})")
+        return marker
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: dataset config not found")
+    return path
