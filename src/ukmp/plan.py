@@ -29,6 +29,7 @@ class PruningPlan:
     units: dict[str, int] = field(default_factory=dict)  # dense unit count per listed group (consistency check)
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
+    out_bias: list[str] = field(default_factory=list)  # Linear paths that gain an output bias (FLAP compensation)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -66,7 +67,10 @@ class PruningPlan:
 
     def digest(self) -> str:
         """Stable hash of the structural content (not of ``meta``)."""
-        blob = json.dumps({"keep": self.keep, "units": self.units}, sort_keys=True).encode()
+        content: dict[str, Any] = {"keep": self.keep, "units": self.units}
+        if self.out_bias:
+            content["out_bias"] = sorted(self.out_bias)
+        blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     # ------------------------------------------------------------------ validation
@@ -75,6 +79,10 @@ class PruningPlan:
         if self.version != PLAN_VERSION:
             raise PlanError(f"plan: unsupported version {self.version!r} (expected {PLAN_VERSION})")
         by_id = groups_by_id(groups)
+        outputs = {s.module for g in groups for s in g.slices if s.dim == 1 and s.param == "weight"}
+        for m in self.out_bias:
+            if m not in outputs:
+                raise PlanError(f"plan: out_bias module {m!r} is not an output projection of a prunable group")
         for gid, idx in self.keep.items():
             if gid not in by_id:
                 raise PlanError(f"plan: unknown group {gid!r}")
@@ -101,7 +109,7 @@ class PruningPlan:
         """Same plan with sorted indices (slicing keeps units in original order)."""
         return PruningPlan(
             keep={k: sorted(v) for k, v in self.keep.items()}, units=dict(self.units), meta=dict(self.meta),
-            version=self.version,
+            version=self.version, out_bias=list(self.out_bias),
         )
 
     # ------------------------------------------------------------------ (de)serialisation
@@ -111,6 +119,7 @@ class PruningPlan:
             "version": self.version,
             "units": dict(self.units),
             "keep": {k: list(v) for k, v in self.keep.items()},
+            "out_bias": list(self.out_bias),
             "meta": self.meta,
         }
 
@@ -130,6 +139,7 @@ class PruningPlan:
             units={str(k): int(v) for k, v in d.get("units", {}).items()},
             meta=dict(d.get("meta", {})),
             version=d["version"],
+            out_bias=[str(m) for m in d.get("out_bias", [])],
         )
 
     def save(self, path: str | os.PathLike) -> None:

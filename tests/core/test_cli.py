@@ -31,7 +31,7 @@ def test_inspect_full_size_config(capsys):
 
 
 def test_inspect_pruned_dir_and_errors(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--structure-only", "--out", str(tmp_path / "demo")]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "demo" / "pruned"), "--json"]) == 0

@@ -119,3 +119,32 @@ def test_load_model_from_local_directory(tmp_path, tiny, monkeypatch):
     assert loaded.language_model.lm_head.weight is not loaded.language_model.shared.weight
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         load_model(tmp_path)
+
+
+def test_out_bias_modules_are_created_and_reload(tmp_path, tiny):
+    """A plan may give output projections a bias (FLAP compensation); the pruned model reloads with it."""
+    model, _ = tiny
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=4)
+    o = "language_model.encoder.block.0.layer.0.SelfAttention.o"
+    wo = "language_model.decoder.block.1.layer.2.DenseReluDense.wo"
+    plan.out_bias = [o, wo]
+    adapter.apply_(model, plan)
+    with torch.no_grad():
+        model.get_submodule(o).bias.fill_(0.25)
+        model.get_submodule(wo).bias.fill_(-0.5)
+    inputs = make_inputs(model)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    path = save_pruned(model, plan, tmp_path / "p")
+    again = load_pruned(path)
+    assert again.get_submodule(o).bias.shape == (model.config.text_config.d_model,)
+    assert torch.equal(again.get_submodule(wo).bias, model.get_submodule(wo).bias)
+    with torch.no_grad():
+        assert torch.equal(again(**inputs).logits, ref)
+    bad = random_plan(adapter.groups(), seed=4)
+    bad.out_bias = ["language_model.encoder.block.0.layer.0.SelfAttention.q"]
+    from ukmp.plan import PlanError
+
+    with pytest.raises(PlanError, match="out_bias"):
+        bad.validate(adapter.groups())

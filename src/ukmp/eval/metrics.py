@@ -163,15 +163,21 @@ def _coco_dir() -> Path:
     return Path(next(iter(pycocoevalcap.__path__)))
 
 
+def _spice_lib() -> Path:
+    return _coco_dir() / "spice" / "lib"
+
+
 def spice_available() -> bool:
     """True when the Stanford CoreNLP jars SPICE needs are present (pycocoevalcap would otherwise download them)."""
-    lib = _coco_dir() / "spice" / "lib"
+    lib = _spice_lib()
     return all((lib / name).is_file() for name in ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar"))
 
 
 def _need_java() -> None:
     if shutil.which("java") is None:
-        raise RuntimeError("caption_scores: 'java' was not found on PATH; pycocoevalcap's PTB tokenizer and METEOR need a Java runtime")
+        raise RuntimeError(
+            "caption_scores: 'java' was not found on PATH; pycocoevalcap's PTB tokenizer and METEOR need a Java runtime"
+        )
 
 
 def caption_scores(
@@ -199,6 +205,8 @@ def caption_scores(
         if not isinstance(pred, str):
             raise ValueError(f"preds: caption of image id {key!r} must be a string, got {type(pred).__name__}")
     _need_java()
+    if spice is True and not spice_available():
+        raise FileNotFoundError(f"caption_scores(spice=True): Stanford CoreNLP 3.6.0 jars not found in {_spice_lib()}")
     from pycocoevalcap.bleu.bleu import Bleu  # noqa: PLC0415
     from pycocoevalcap.cider.cider import Cider  # noqa: PLC0415
     from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415
@@ -241,10 +249,7 @@ def caption_scores(
 
 def _spice(gts: dict, res: dict, required: bool) -> float | None:
     if not spice_available():
-        msg = f"SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in {_coco_dir() / 'spice' / 'lib'}"
-        if required:
-            raise FileNotFoundError(msg.replace("SPICE skipped", "caption_scores(spice=True)"))
-        log.info(msg)
+        log.info("SPICE skipped: Stanford CoreNLP 3.6.0 jars not found in %s", _spice_lib())
         return None
     from pycocoevalcap.spice.spice import Spice  # noqa: PLC0415
 

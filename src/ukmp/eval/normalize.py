@@ -57,9 +57,9 @@ youre>you're youve>you've
 CONTRACTIONS: dict[str, str] = dict(pair.split(">", 1) for pair in _CONTRACTION_PAIRS.split())
 
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
-# The reference pattern starts with "(?!<=\d)", a negative *lookahead* for the literal text "<=" + digit (a typo for
-# a lookbehind); it is kept so that text such as ".<=5" behaves as in the reference.
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# The reference pattern starts with "(?!<=\d)", a negative *lookahead* for the literal text "<=" + digit (meant as a
+# lookbehind). At the position of a "." it can never match, so it is a no-op: only "not followed by a digit" counts.
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _MAX_PERIODS_REMOVED = 32  # the reference's accidental count=re.UNICODE
 
 

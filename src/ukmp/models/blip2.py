@@ -201,6 +201,7 @@ class Blip2T5Adapter:
         plan.validate(groups)
         self._check_dense(model, groups, plan)
         keep = self._param_keep(model, groups, plan)
+        self.add_out_biases_(model, plan.out_bias)
         removed = RemovedWeights()
         with torch.no_grad():
             for (mod_path, pname), (dim, kept, rem) in keep.items():
@@ -231,6 +232,17 @@ class Blip2T5Adapter:
             if g.id in plan.keep and plan.is_pruned(g) and g.unit_type == "heads":
                 self._update_attention_(model, g, sorted(plan.kept(g)))
         return removed
+
+    @staticmethod
+    def add_out_biases_(model: nn.Module, modules: list[str]) -> None:
+        """Give each named output projection a zero bias if it has none (T5 ``o``/``wo`` for FLAP compensation)."""
+        for path in modules:
+            lin = _get(model, path)
+            if lin.bias is None:
+                w = lin.weight
+                dev = w.device
+                lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=dev),
+                                        requires_grad=w.requires_grad)
 
     def _update_attention_(self, model: nn.Module, g: PrunableGroup, kept: list[int]) -> None:
         path = self.attention_module(g)
