@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
+from ukmp.plan import PruningPlan
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ class ScoreResult:
     parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. {"taylor": ..., "entropy": ...}
     stats: dict[str, float | int] = field(default_factory=dict)
     allocation: dict[str, object] = field(default_factory=dict)  # AllocationConfig overrides
+    plan: "PruningPlan | None" = None  # a method that allocates itself (FLAP P3, ECoFLaP P4, UPop) returns its plan
+    pre_apply: "Callable[[nn.Module, PruningPlan], None] | None" = None  # e.g. FLAP bias compensation (dense model)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
