@@ -53,6 +53,7 @@ class PruneConfig:
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
     entropy_exclude_padding: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
 
 
 @dataclass
@@ -74,6 +75,7 @@ class FinetuneConfig:
     mixed_precision: str = "no"  # no | bf16
     checkpoint_every: int = 500
     max_steps_per_stage: int = 0  # 0: no cap
+    final_stage_samples: int = 0  # sub-stage 7 (CE + KL): 0 = the rest of the data, as the reference
 
 
 @dataclass

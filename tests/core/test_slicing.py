@@ -128,3 +128,19 @@ def test_pruned_model_trains(tiny):
     loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "SelfAttention.q" in n or "self_attn.qkv" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_removed_weights_without_pruning_equals_apply(tiny):
+    model, _ = tiny
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=21)
+    dense_sd = {k: v.clone() for k, v in model.state_dict().items()}
+    read = adapter.removed_weights(model, plan)
+    assert all(torch.equal(dense_sd[k], v) for k, v in model.state_dict().items())  # untouched
+    applied = adapter.apply_(model, plan)
+    assert read.slices.keys() == applied.slices.keys() and read.slices
+    for k, a in applied.slices.items():
+        r = read.slices[k]
+        assert r.dim == a.dim and torch.equal(r.kept, a.kept) and torch.equal(r.removed, a.removed)
+        assert torch.equal(r.weight, a.weight)
+        assert (r.bias is None) == (a.bias is None) and (r.bias is None or torch.equal(r.bias, a.bias))

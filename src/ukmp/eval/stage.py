@@ -72,10 +72,12 @@ def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> di
     ds = _dataset(cfg, task)
     size = task_image_size(model, task)
     common = dict(image_size=size, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+    # LAVIS passes min_length to T5's generate, which counts the decoder start token: min_len 1 / 8 there means at
+    # least 0 / 7 new tokens here.
     if task.kind in ("vqa", "gqa"):
-        metrics, preds = evaluators.evaluate_vqa(model, processor, ds, kind=task.kind, **common)
+        metrics, preds = evaluators.evaluate_vqa(model, processor, ds, kind=task.kind, min_new_tokens=0, **common)
     elif task.kind == "caption":
-        metrics, preds = evaluators.evaluate_caption(model, processor, ds, **common)
+        metrics, preds = evaluators.evaluate_caption(model, processor, ds, min_new_tokens=7, **common)
     else:
         retrieval, text_tokenizer = _retrieval_model(cfg, model)
         transplant_vision_(retrieval, model)

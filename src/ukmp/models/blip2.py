@@ -244,6 +244,23 @@ class Blip2T5Adapter:
                 lin.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=dev),
                                         requires_grad=w.requires_grad)
 
+    def removed_weights(self, model: nn.Module, plan: PruningPlan) -> RemovedWeights:
+        """What :meth:`apply_` would return, read from a dense model without changing it (recovery's P tensors)."""
+        groups = self.groups()
+        plan.validate(groups)
+        self._check_dense(model, groups, plan)
+        removed = RemovedWeights()
+        with torch.no_grad():
+            for (mod_path, pname), (dim, kept, rem) in self._param_keep(model, groups, plan).items():
+                t = getattr(_get(model, mod_path), pname)
+                part = t.index_select(dim if pname == "weight" else 0, rem.to(t.device)).detach().clone()
+                entry = removed.slices.setdefault(mod_path, RemovedSlice(mod_path, dim, kept, rem, torch.empty(0)))
+                if pname == "weight":
+                    entry.weight = part
+                else:
+                    entry.bias = part
+        return removed
+
     def _update_attention_(self, model: nn.Module, g: PrunableGroup, kept: list[int]) -> None:
         path = self.attention_module(g)
         attn = _get(model, path)

@@ -99,7 +99,8 @@ class WRLoRALinear(nn.Module):
             elif removed_slice.dim == 1:
                 p_in = removed_slice.weight
             else:
-                raise ValueError(f"removed_slice.dim: must be 0 or 1 for {removed_slice.module}, got {removed_slice.dim}")
+                raise ValueError(f"removed_slice.dim: must be 0 or 1 for {removed_slice.module}, "
+                                 f"got {removed_slice.dim}")
         return cls(base, p_out=p_out, p_in=p_in, r=r, r_recall=r_recall, alpha=alpha, dropout=dropout)
 
     # ---------------------------------------------------------------- attributes read by host modules

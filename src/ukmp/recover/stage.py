@@ -1,0 +1,118 @@
+"""The finetune stage: WR-LoRA (or plain LoRA) + progressive distillation from the dense teacher, then merge.
+
+The recall branches get their frozen P tensors from the dense teacher and the plan (no removed-weights file is
+needed). Training checkpoints live in a work directory outside the stage directory, so a killed run resumes from
+its last checkpoint; the stage directory receives the merged, reloadable model at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ukmp.config import RunConfig
+from ukmp.io import atomic_write_json, load_pruned, read_plan, save_pruned
+from ukmp.models import adapter_for
+from ukmp.runtime import load_dense, load_processor, resolve_dataset, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class _Indices(Dataset):
+    def __init__(self, indices: list[int]):
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> int:
+        return self.indices[i]
+
+
+def stage_slices(n_data: int, counts: list[int | None], seed: int) -> list[list[int]]:
+    """Disjoint consecutive slices of one shuffled order, one per sub-stage (Table A's sample indices).
+
+    A count of ``None`` takes the rest of the data. When the data is smaller than the schedule (small runs), the
+    order is cycled, so a slice may revisit samples (with different augmentations: the epoch is the sub-stage).
+    """
+    order = list(range(n_data))
+    random.Random(seed).shuffle(order)
+    out, pos = [], 0
+    for c in counts:
+        n = max(0, n_data - pos) if c is None else c
+        out.append([order[(pos + k) % n_data] for k in range(n)])
+        pos += n
+    return out
+
+
+def train_config(cfg: RunConfig, n_data: int):
+    from ukmp.recover.schedule import ScheduleConfig
+    from ukmp.recover.train import TrainConfig
+
+    fc = cfg.finetune
+    sched = ScheduleConfig(mode=fc.schedule, sample_scale=fc.sample_scale)
+    return TrainConfig(
+        lr=fc.lr, warmup_steps=fc.warmup_steps, lr_schedule=fc.lr_schedule, weight_decay=fc.weight_decay,
+        batch_size=fc.batch_size, grad_accum=fc.grad_accum,
+        max_steps_per_stage=fc.max_steps_per_stage or None, checkpoint_every=fc.checkpoint_every, seed=cfg.seed,
+        mixed_precision=fc.mixed_precision, schedule=sched,
+    )
+
+
+def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) -> dict[str, Any]:
+    from ukmp.data.batches import PrefixLMCollator
+    from ukmp.data.loaders import load_dataset
+    from ukmp.recover.schedule import build_schedule
+    from ukmp.recover.train import train_lpd
+    from ukmp.recover.wr_lora import inject_wr_lora_, merge_wr_lora_
+
+    fc = cfg.finetune
+    device = resolve_device(cfg.model.device)
+    plan = read_plan(pruned_dir)
+    student = load_pruned(pruned_dir, device=device, dtype=cfg.model.dtype,
+                          attn_implementation=cfg.model.attn_implementation)
+    processor = load_processor(pruned_dir)
+    teacher, _ = load_dense(cfg.model, device)
+    teacher.requires_grad_(False)
+    adapter = adapter_for(teacher)
+    removed = adapter.removed_weights(teacher, plan)
+    trainable = inject_wr_lora_(student, removed, adapter.lora_targets(), r=fc.r, r_recall=fc.r_recall,
+                                alpha=fc.alpha, dropout=fc.dropout, plain_lora=fc.adapter == "lora")
+    n_trainable = sum(p.numel() for p in trainable)
+
+    ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))
+    tcfg = train_config(cfg, len(ds))
+    stages = build_schedule(teacher.config, tcfg.schedule)
+    counts: list[int | None] = [s.n_samples for s in stages]
+    if counts[-1] is None and fc.final_stage_samples:
+        counts[-1] = fc.final_stage_samples
+    slices = stage_slices(len(ds), counts, cfg.seed)
+    size = cfg.data.image_size or teacher.config.vision_config.image_size
+    collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
+                               num_query_tokens=teacher.config.num_query_tokens)
+
+    def make_loader(stage: int, n_samples: int | None, seed: int) -> DataLoader:
+        idx = slices[stage]
+        order = torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed)).tolist()
+        return DataLoader(_Indices([idx[i] for i in order]), batch_size=fc.batch_size, shuffle=False,
+                          collate_fn=lambda b, s=stage: collate(b, epoch=2 + s))
+
+    log.info("finetune: %s trainable LoRA parameters, %d sub-stages, %s samples", f"{n_trainable:,}", len(stages),
+             [len(s) for s in slices])
+    result = train_lpd(student, teacher, make_loader, tcfg, work / "train")
+    merge_wr_lora_(student)
+    save_pruned(student, plan, out / "model", processor=processor)
+    for name in ("train_log.json", "loss.png"):
+        src = Path(work) / "train" / name
+        if src.is_file():
+            shutil.copyfile(src, out / name)
+    info = {"trainable_params": n_trainable, "global_step": result.global_step,
+            "samples_per_stage": [len(s) for s in slices], "adapter": fc.adapter, "schedule": fc.schedule}
+    atomic_write_json(out / "summary.json", info)
+    return info
