@@ -1,12 +1,12 @@
 """Entropy of the token-to-weight angle distribution (UKMP_METHOD.md §2.4), language model only.
 
 For a Linear with weight rows ``w_j`` and every input token ``x`` it sees, ``cos = <x, w_j> / (|x| |w_j|)`` is
-added to a per-neuron histogram of 100 equal bins on [-1, 1]; the neuron's score is the entropy of that histogram,
-``H_j = -sum_b p_b ln(p_b + 1e-12)``. Histograms are streamed (fixed memory ``d_out x bins`` per Linear), which
-gives exactly the counts of histogramming all cosines at once.
+added to a per-neuron histogram of 100 equal bins on [-1, 1]; the neuron's score is the entropy of that
+histogram, ``H_j = -sum_b p_b ln(p_b + 1e-12)``. Histograms are streamed (fixed memory ``d_out x bins`` per
+Linear), which gives exactly the counts of histogramming all cosines at once.
 
-Pure parts: :func:`cosines`, :func:`histogram_counts` (numpy ``np.histogram`` bin semantics: half-open bins, the
-last one closed), :func:`histogram_entropy`, :func:`unit_entropy`. The stateful shell,
+Pure parts: :func:`cosines`, :func:`histogram_counts` (numpy ``np.histogram`` bin semantics: half-open bins,
+the last one closed), :func:`histogram_entropy`, :func:`unit_entropy`. The stateful shell,
 :class:`StreamingAngleHistogram`, holds forward hooks and the count tensors.
 """
 
@@ -26,11 +26,11 @@ DEFAULT_BINS = 100
 CHUNK_ELEMENTS = 1 << 22  # cosines materialised at once (tokens x neurons) per hook call
 
 
-# ---------------------------------------------------------------------------------------------- pure functions
+# --------------------------------------------------------------------------------------------- pure functions
 def cosines(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """``[N, d_in] x [d_out, d_in] -> [N, d_out]`` cosine of every token with every weight row (fp32, in [-1, 1]).
+    """``[N, d_in] x [d_out, d_in] -> [N, d_out]``: cosine of every token with every weight row.
 
-    A zero token or zero row gets cosine 0.
+    fp32, clamped to [-1, 1]; a zero token or zero row gets cosine 0.
     """
     xf, wf = x.float(), weight.float()
     xn = xf / xf.norm(dim=1, keepdim=True).clamp(min=eps)
@@ -53,8 +53,8 @@ def bin_edges(bins: int, angle: bool, device: torch.device | str = "cpu") -> tor
 def histogram_counts(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """``values [N, d_out] -> counts [d_out, bins]`` (fp32) with ``np.histogram`` semantics.
 
-    Bin ``b`` holds ``edges[b] <= v < edges[b+1]``; the last bin also holds ``v == edges[-1]``. Values outside the
-    range are dropped (cosines are clamped to [-1, 1], so none are).
+    Bin ``b`` holds ``edges[b] <= v < edges[b+1]``; the last bin also holds ``v == edges[-1]``. Values outside
+    the range are dropped (cosines are clamped to [-1, 1], so none are).
     """
     bins = edges.numel() - 1
     n, d_out = values.shape
@@ -79,8 +79,8 @@ def histogram_entropy(counts: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_modules(groups: list[PrunableGroup]) -> list[str]:
-    """Linears whose neurons are histogrammed: the row-pruned weights of language groups (q, k, v, wi_0, wi_1 or
-    wi). Output projections (o, wo) are column-pruned and excluded; vision groups are excluded."""
+    """Linears whose neurons are histogrammed: the row-pruned weights of language groups (q, k, v, wi_0, wi_1
+    or wi). Output projections (o, wo) are column-pruned and excluded; vision groups are excluded."""
     out: list[str] = []
     for g in groups:
         if g.modality != "language":
@@ -94,8 +94,8 @@ def entropy_modules(groups: list[PrunableGroup]) -> list[str]:
 def unit_entropy(neuron_entropy: dict[str, torch.Tensor], group: PrunableGroup) -> torch.Tensor:
     """``[n_units]``: mean neuron entropy over each unit's rows in every row-pruned weight of the group.
 
-    A head: the mean over q, k and v of the mean over its ``d_kv`` rows; an FFN channel: the mean of its wi_0 and
-    wi_1 rows (wi for a non-gated FFN). Modules weigh equally (all slices of a unit have the same size).
+    A head: the mean over q, k and v of the mean over its ``d_kv`` rows; an FFN channel: the mean of its wi_0
+    and wi_1 rows (wi for a non-gated FFN). Modules weigh equally (all slices of a unit have the same size).
     """
     units = torch.arange(group.n_units)
     parts = []
@@ -107,19 +107,22 @@ def unit_entropy(neuron_entropy: dict[str, torch.Tensor], group: PrunableGroup) 
         h = neuron_entropy[s.module].float().cpu()
         idx = s.indices(units)
         if int(idx.max()) >= h.numel():
-            raise ValueError(f"group {group.id!r}: {s.module} has {h.numel()} neuron entropies, fewer than needed")
+            raise ValueError(f"group {group.id!r}: {s.module} has {h.numel()} neuron entropies, "
+                             f"fewer than needed")
         parts.append(h.index_select(0, idx).view(group.n_units, s.unit_size).mean(dim=1))
     if not parts:
         raise ValueError(f"group {group.id!r}: has no row-pruned weight to take entropies from")
     return torch.stack(parts).mean(dim=0)
 
 
-def unit_entropies(neuron_entropy: dict[str, torch.Tensor], groups: list[PrunableGroup]) -> dict[str, torch.Tensor]:
+def unit_entropies(
+    neuron_entropy: dict[str, torch.Tensor], groups: list[PrunableGroup]
+) -> dict[str, torch.Tensor]:
     """:func:`unit_entropy` for every language group."""
     return {g.id: unit_entropy(neuron_entropy, g) for g in groups if g.modality == "language"}
 
 
-# ---------------------------------------------------------------------------------------------- stateful shell
+# --------------------------------------------------------------------------------------------- stateful shell
 def _stream_of(group: PrunableGroup, module: str) -> str:
     """Which token stream feeds ``module``: 'encoder' or 'decoder' (cross-attention k/v read the encoder)."""
     if group.kind.startswith("enc"):
@@ -134,8 +137,9 @@ class StreamingAngleHistogram:
 
     ``groups`` picks the Linears (see :func:`entropy_modules`); ``modules`` overrides the list. With
     ``exclude_padding=True`` the caller supplies token masks around each forward (see :meth:`token_masks`):
-    encoder-side Linears (encoder q/k/v/wi and cross-attention k/v) use the encoder mask, the others the decoder
-    mask. The default includes every position, as the reference does. Run the model under ``torch.no_grad()``.
+    encoder-side Linears (encoder q/k/v/wi and cross-attention k/v) use the encoder mask, the others the
+    decoder mask. The default includes every position, as the reference does. Run the model under
+    ``torch.no_grad()``.
     """
 
     def __init__(
@@ -171,14 +175,18 @@ class StreamingAngleHistogram:
                 raise ValueError(f"modules: model has no submodule {n!r}") from None
             if not isinstance(lin, nn.Linear):
                 raise ValueError(f"modules: {n!r} is not an nn.Linear")
-            self.counts[n] = torch.zeros(lin.out_features, bins, dtype=torch.float32, device=lin.weight.device)
+            self.counts[n] = torch.zeros(lin.out_features, bins, dtype=torch.float32,
+                                         device=lin.weight.device)
             self._handles.append(lin.register_forward_hook(self._hook(n)))
         self._edges: dict[torch.device, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ masks
-    def set_token_masks(self, encoder: torch.Tensor | None = None, decoder: torch.Tensor | None = None) -> None:
+    def set_token_masks(
+        self, encoder: torch.Tensor | None = None, decoder: torch.Tensor | None = None
+    ) -> None:
         """Masks ``[B, L]`` (1 = real token) for the next forward; ``None`` clears them."""
-        self._masks = None if encoder is None and decoder is None else {"encoder": encoder, "decoder": decoder}
+        both_none = encoder is None and decoder is None
+        self._masks = None if both_none else {"encoder": encoder, "decoder": decoder}
 
     @contextlib.contextmanager
     def token_masks(self, encoder: torch.Tensor | None, decoder: torch.Tensor | None) -> Iterator[None]:
@@ -203,7 +211,8 @@ class StreamingAngleHistogram:
         if mask is None:
             raise ValueError(f"exclude_padding: no {stream} token mask set for {name!r} (use token_masks())")
         if tuple(mask.shape) != tuple(x.shape[:-1]):
-            raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of {name!r} "
+            raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of "
+                             f"{name!r} "
                              f"{tuple(x.shape[:-1])}")
         return x[mask.to(x.device).bool()]
 

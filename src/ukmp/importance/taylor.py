@@ -4,13 +4,14 @@ Pure parts:
 
 * :func:`select_tokens` — the positions the model fits poorly: top-1 confidence ``c_i <= tau`` with
   ``tau = max(T, min_i c_i)`` per sample, so at least one valid position is always selected.
-* :func:`selected_loss` — per sample, the mean cross-entropy over its selected positions; the batch loss is the
-  **sum** of those per-sample means, so one backward of a batch of B equals B batch-1 backwards added up.
+* :func:`selected_loss` — per sample, the mean cross-entropy over its selected positions; the batch loss is
+  the **sum** of those per-sample means, so one backward of a batch of B equals B batch-1 backwards added up.
 * :func:`unit_reduce` — per-weight saliency -> one score per unit: the mean over every weight the unit owns
   (sum over the unit's weight slices / their number of weights; biases are ignored).
 
-Stateful shell: :class:`TaylorScorer` keeps fp32 accumulators of the gradients of every Linear weight touched by the
-groups, reads ``.grad`` after each backward and clears it (so a bf16 model never sums gradients in bf16).
+Stateful shell: :class:`TaylorScorer` keeps fp32 accumulators of the gradients of every Linear weight touched
+by the groups, reads ``.grad`` after each backward and clears it (so a bf16 model never sums gradients in
+bf16).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TaylorOrder = Literal["first", "second", "mix"]
 LossReduction = Literal["per_sample_mean", "token_mean"]
 
 
-# ---------------------------------------------------------------------------------------------- token selection
+# -------------------------------------------------------------------------------------------- token selection
 def token_confidence(logits: torch.Tensor) -> torch.Tensor:
     """Top-1 softmax probability per position, ``[B, L, V] -> [B, L]`` (fp32, no grad)."""
     with torch.no_grad():
@@ -39,15 +40,16 @@ def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits: expected shape [B, L, V], got {tuple(logits.shape)}")
     if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits {tuple(logits.shape[:2])}")
+        raise ValueError(f"labels: shape {tuple(labels.shape)} does not match logits "
+                         f"{tuple(logits.shape[:2])}")
 
 
 def select_tokens(logits: torch.Tensor, labels: torch.Tensor, threshold: float | None) -> torch.Tensor:
     """Boolean mask ``[B, L]`` of the selected target positions.
 
-    ``threshold=None`` (or >= 1) selects every valid position (``labels != -100``). Otherwise a valid position ``i``
-    of sample ``b`` is selected when ``c_i <= max(threshold, min_j c_j)`` (``j`` over the valid positions of ``b``).
-    A sample without valid positions selects nothing.
+    ``threshold=None`` (or >= 1) selects every valid position (``labels != -100``). Otherwise a valid position
+    ``i`` of sample ``b`` is selected when ``c_i <= max(threshold, min_j c_j)`` (``j`` over the valid
+    positions of ``b``). A sample without valid positions selects nothing.
     """
     _check_shapes(logits, labels)
     valid = labels != IGNORE_INDEX
@@ -70,11 +72,11 @@ def selected_loss(
 ) -> tuple[torch.Tensor, int, int]:
     """Cross-entropy over the selected positions: ``(loss, n_selected, n_valid)``.
 
-    ``reduction="per_sample_mean"`` (the reference at batch size 1, made batch-additive): the sum over samples of
-    each sample's mean CE over its selected positions (samples with none contribute 0).
+    ``reduction="per_sample_mean"`` (the reference at batch size 1, made batch-additive): the sum over samples
+    of each sample's mean CE over its selected positions (samples with none contribute 0).
     ``reduction="token_mean"``: one mean over all selected positions of the batch (not batch-additive).
-    ``threshold=None`` disables selection (plain mean CE over all valid positions of each sample).
-    The CE is computed in fp32 whatever the logits' dtype.
+    ``threshold=None`` disables selection (plain mean CE over all valid positions of each sample). The CE is
+    computed in fp32 whatever the logits' dtype.
     """
     mask = select_tokens(logits, labels, threshold)
     n_valid = int((labels != IGNORE_INDEX).sum())
@@ -92,7 +94,7 @@ def selected_loss(
     return loss, n_sel, n_valid
 
 
-# ---------------------------------------------------------------------------------------------- unit reduction
+# --------------------------------------------------------------------------------------------- unit reduction
 def unit_weight_count(group: PrunableGroup, weight_shapes: dict[str, torch.Size]) -> int:
     """Number of weights (biases excluded) one unit of ``group`` owns."""
     n = 0
@@ -108,9 +110,9 @@ def unit_weight_count(group: PrunableGroup, weight_shapes: dict[str, torch.Size]
 def unit_reduce(per_weight_score: dict[str, torch.Tensor], group: PrunableGroup) -> torch.Tensor:
     """``[n_units]``: mean per-weight score over the weights each unit owns (§2.3 step 4).
 
-    ``per_weight_score`` maps ``"<module>.weight"`` to a tensor of that weight's shape. For each weight slice the
-    score is summed over the non-pruned dimension, gathered with :meth:`ParamSlice.indices` and summed over the
-    unit's rows/columns; the total is divided by the unit's weight count. Bias slices are ignored.
+    ``per_weight_score`` maps ``"<module>.weight"`` to a tensor of that weight's shape. For each weight slice
+    the score is summed over the non-pruned dimension, gathered with :meth:`ParamSlice.indices` and summed
+    over the unit's rows/columns; the total is divided by the unit's weight count. Bias slices are ignored.
     """
     units = torch.arange(group.n_units)
     total: torch.Tensor | None = None
@@ -136,7 +138,7 @@ def unit_reduce(per_weight_score: dict[str, torch.Tensor], group: PrunableGroup)
     return total / unit_weight_count(group, shapes)
 
 
-# ---------------------------------------------------------------------------------------------- per-weight saliency
+# ---------------------------------------------------------------------------------------- per-weight saliency
 def taylor_saliency(
     weight: torch.Tensor,
     grad_sum: torch.Tensor,
@@ -146,9 +148,11 @@ def taylor_saliency(
 ) -> torch.Tensor:
     """Per-weight |S| in fp32.
 
-    * ``first``: ``|W * G|`` with ``G`` the **sum** of the accumulated gradients (the reference's non-zeroed .grad).
+    * ``first``: ``|W * G|`` with ``G`` the **sum** of the accumulated gradients (the reference's non-zeroed
+      .grad).
     * ``second``: ``|W * F * W|`` with ``F = sq_sum / n_batches``, the mean of squared per-batch gradients (an
-      empirical Fisher diagonal; per-sample only when each batch holds one sample). No 1/2 factor, as LLM-Pruner.
+      empirical Fisher diagonal; per-sample only when each batch holds one sample). No 1/2 factor, as
+      LLM-Pruner.
     * ``mix``: ``|W * Gm - 0.5 * W * F * W|`` with ``Gm = G / n_batches`` so both terms share one scale.
     """
     w = weight.detach().float()
@@ -165,7 +169,7 @@ def taylor_saliency(
     raise ValueError(f"order: unknown value {order!r} (choose 'first', 'second' or 'mix')")
 
 
-# ---------------------------------------------------------------------------------------------- stateful scorer
+# -------------------------------------------------------------------------------------------- stateful scorer
 class TaylorScorer:
     """Accumulates fp32 gradients of the groups' Linear weights over many backward passes.
 
@@ -178,10 +182,11 @@ class TaylorScorer:
         scores = scorer.scores()           # {group id: Tensor[n_units]}
         scorer.close()                     # restores requires_grad flags
 
-    The scored weights get ``requires_grad=True``; with ``freeze_others`` every other parameter is frozen while the
-    scorer is open (their gradients are not needed and would only cost memory). Gradients of the scored weights do
-    not depend on which other parameters require grad. For ``order="second"/"mix"`` each :meth:`collect` adds the
-    square of that batch's gradient; this is the per-sample empirical Fisher only when batches hold one sample.
+    The scored weights get ``requires_grad=True``; with ``freeze_others`` every other parameter is frozen
+    while the scorer is open (their gradients are not needed and would only cost memory). Gradients of the
+    scored weights do not depend on which other parameters require grad. For ``order="second"/"mix"`` each
+    :meth:`collect` adds the square of that batch's gradient; this is the per-sample empirical Fisher only
+    when batches hold one sample.
     """
 
     def __init__(
@@ -211,7 +216,8 @@ class TaylorScorer:
                 p.requires_grad_(True)
             elif freeze_others:
                 p.requires_grad_(False)
-        self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
+        self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                         for n, p in self.params.items()}
         self.sq_sum = (
             {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
             if order != "first" else None
@@ -236,20 +242,26 @@ class TaylorScorer:
             p.grad = None
         self.n_batches += 1
 
-    def per_weight_scores(self) -> dict[str, torch.Tensor]:
-        """``{"<module>.weight": |S|}`` in fp32 for the configured order."""
+    def _saliency(self, name: str) -> torch.Tensor:
         if self.n_batches == 0:
             raise ValueError("TaylorScorer: no batch collected yet (call backward/collect first)")
-        return {
-            n: taylor_saliency(p, self.grad_sum[n], None if self.sq_sum is None else self.sq_sum[n],
-                               self.n_batches, self.order)
-            for n, p in self.params.items()
-        }
+        sq = None if self.sq_sum is None else self.sq_sum[name]
+        return taylor_saliency(self.params[name], self.grad_sum[name], sq, self.n_batches, self.order)
+
+    def per_weight_scores(self) -> dict[str, torch.Tensor]:
+        """``{"<module>.weight": |S|}`` in fp32 for the configured order (every scored weight at once)."""
+        return {n: self._saliency(n) for n in self.params}
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """``{group id: Tensor[n_units]}`` (fp32, on CPU): the mean |S| per weight of each unit."""
-        per_weight = self.per_weight_scores()
-        return {g.id: unit_reduce(per_weight, g).cpu() for g in self.groups}
+        """``{group id: Tensor[n_units]}`` (fp32, on CPU): the mean |S| per weight of each unit.
+
+        Saliency is formed one group at a time, so the extra memory is one group's weights, not the model's.
+        """
+        out = {}
+        for g in self.groups:
+            names = {s.name for s in g.slices if s.param == "weight"}
+            out[g.id] = unit_reduce({n: self._saliency(n) for n in names}, g).cpu()
+        return out
 
     def close(self) -> None:
         """Restore every parameter's ``requires_grad`` and drop leftover gradients of the scored weights."""

@@ -143,3 +143,6 @@ def get_method(name: str) -> Callable[..., ScoreResult]:
     if name not in METHODS:
         raise ValueError(f"prune.method: unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
     return METHODS[name]
+
+
+import ukmp.baselines  # noqa: E402,F401  (registers the baselines)

@@ -1,0 +1,316 @@
+"""Scores -> :class:`PruningPlan` (UKMP_METHOD.md §1.4, §2.4 injection, §2.5 loop).
+
+* :func:`combine` — UKMI: language units ``I = Taylor * entropy``, vision units ``I = Taylor``.
+* :func:`allocate` — ``scope="global"``: the modality-normalised, parameter-budgeted iterative threshold of
+  §2.5; ``scope="local"``: the same fraction of units removed in every group (lowest scores first).
+
+The ratio is always measured in parameters of the **whole** model: ``removed / total_params`` where
+``removed`` is the sum of ``params_per_unit`` over pruned units. Everything is deterministic: ties are broken
+by (score, group order, unit index), so the same scores give the same plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, Mapping
+
+import torch
+
+from ukmp.groups import PrunableGroup, groups_by_id
+from ukmp.plan import PruningPlan
+
+Scope = Literal["global", "local"]
+Normalization = Literal["mean_iterative", "mean_once", "none", "minmax", "standardize"]
+LocalRatioMode = Literal["whole_model", "per_module_raw"]
+CombineMode = Literal["product", "taylor_only"]
+
+_SCOPES = ("global", "local")
+_NORMS = ("mean_iterative", "mean_once", "none", "minmax", "standardize")
+_LOCAL_MODES = ("whole_model", "per_module_raw")
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """How scores become a plan.
+
+    ``target_ratio``: fraction of ALL model parameters to remove (§1.4). ``units_per_step`` units per global
+    step, ``fine_units_per_step`` once the ratio exceeds ``fine_after * target`` or from the start when
+    ``target <= fine_from_start_at_or_below``. A group leaves the ranking once its remaining units fall below
+    ``(1 - max_group_prune_ratio) * n_units`` or reach ``min_units_per_group``; no step leaves a group with
+    fewer than ``min_units_per_group`` units. ``normalization`` is per modality over the ranked units:
+    ``mean_iterative`` (recomputed every step, the reference), ``mean_once`` (means of the first step kept),
+    ``minmax`` and ``standardize`` (recomputed every step), ``none``. ``local_ratio_mode`` (local scope):
+    ``whole_model`` removes ``target * total_params / prunable_params`` of each group's units so that the
+    whole-model ratio matches the target; ``per_module_raw`` removes ``target`` of each group's units (as
+    UKMP's ``prune_local``).
+    """
+
+    target_ratio: float = 0.5
+    scope: Scope = "global"
+    normalization: Normalization = "mean_iterative"
+    units_per_step: int = 1000
+    fine_units_per_step: int = 100
+    fine_after: float = 0.9
+    fine_from_start_at_or_below: float = 0.2
+    max_group_prune_ratio: float = 0.9
+    min_units_per_group: int = 1
+    local_ratio_mode: LocalRatioMode = "whole_model"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.target_ratio < 1.0:
+            raise ValueError(f"allocation.target_ratio: must be in [0, 1), got {self.target_ratio}")
+        if self.scope not in _SCOPES:
+            raise ValueError(f"allocation.scope: unknown value {self.scope!r} (choose from {list(_SCOPES)})")
+        if self.normalization not in _NORMS:
+            raise ValueError(f"allocation.normalization: unknown value {self.normalization!r} "
+                             f"(choose from {list(_NORMS)})")
+        if self.local_ratio_mode not in _LOCAL_MODES:
+            raise ValueError(f"allocation.local_ratio_mode: unknown value {self.local_ratio_mode!r} "
+                             f"(choose from {list(_LOCAL_MODES)})")
+        for name in ("units_per_step", "fine_units_per_step", "min_units_per_group"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"allocation.{name}: must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.max_group_prune_ratio <= 1.0:
+            raise ValueError(f"allocation.max_group_prune_ratio: must be in (0, 1], "
+                             f"got {self.max_group_prune_ratio}")
+        if not 0.0 <= self.fine_after <= 1.0:
+            raise ValueError(f"allocation.fine_after: must be in [0, 1], got {self.fine_after}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AllocationConfig":
+        known = {f.name for f in fields(cls)}
+        for k in d:
+            if k not in known:
+                raise ValueError(f"allocation: unknown key {k!r}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------- combination
+def combine(
+    taylor: Mapping[str, torch.Tensor],
+    entropy: Mapping[str, torch.Tensor] | None,
+    groups: list[PrunableGroup],
+    mode: CombineMode = "product",
+) -> dict[str, torch.Tensor]:
+    """UKMI per unit (§2.4): language ``I = T * H``; vision ``I = T``.
+
+    ``mode="taylor_only"`` ignores entropy. Groups without a Taylor score are left out.
+    """
+    if mode not in ("product", "taylor_only"):
+        raise ValueError(f"combine.mode: unknown value {mode!r} (choose 'product' or 'taylor_only')")
+    out: dict[str, torch.Tensor] = {}
+    for g in groups:
+        if g.id not in taylor:
+            continue
+        t = taylor[g.id].float()
+        if mode == "product" and g.modality == "language":
+            if entropy is None or g.id not in entropy:
+                raise ValueError(f"entropy: no unit entropy for language group {g.id!r}")
+            h = entropy[g.id].float().to(t.device)
+            if h.shape != t.shape:
+                raise ValueError(f"entropy: group {g.id!r} has shape {tuple(h.shape)}, "
+                                 f"Taylor {tuple(t.shape)}")
+            t = t * h
+        out[g.id] = t
+    return out
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@dataclass
+class _Flat:
+    order: list[PrunableGroup]
+    score: torch.Tensor  # float64 [U]
+    gidx: torch.Tensor  # long [U]
+    uidx: torch.Tensor  # long [U]
+    ppu: torch.Tensor  # long [U]
+    mod: torch.Tensor  # long [U], index into modalities
+    modalities: list[str]
+
+
+def _flatten(scores: Mapping[str, torch.Tensor], groups: list[PrunableGroup]) -> _Flat:
+    by_id = groups_by_id(groups)
+    for gid in scores:
+        if gid not in by_id:
+            raise ValueError(f"scores: unknown group {gid!r}")
+    order = [g for g in groups if g.id in scores]
+    if not order:
+        raise ValueError("scores: no score for any group")
+    modalities = sorted({g.modality for g in order})
+    vals, gi, ui, pp, md = [], [], [], [], []
+    for i, g in enumerate(order):
+        s = torch.as_tensor(scores[g.id]).detach().to("cpu", torch.float64).reshape(-1)
+        if s.numel() != g.n_units:
+            raise ValueError(f"scores: group {g.id!r} has {s.numel()} scores for {g.n_units} units")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"scores: group {g.id!r} has non-finite scores")
+        vals.append(s)
+        gi.append(torch.full((g.n_units,), i, dtype=torch.long))
+        ui.append(torch.arange(g.n_units))
+        pp.append(torch.full((g.n_units,), g.params_per_unit, dtype=torch.long))
+        md.append(torch.full((g.n_units,), modalities.index(g.modality), dtype=torch.long))
+    return _Flat(order, torch.cat(vals), torch.cat(gi), torch.cat(ui), torch.cat(pp), torch.cat(md),
+                 modalities)
+
+
+def _stats(score: torch.Tensor, cand: torch.Tensor, mod: torch.Tensor, n_mod: int, mode: str) -> list[tuple]:
+    """Per modality ``(shift, scale)`` over the candidate units, so that normalised = (I - shift) / scale."""
+    out = []
+    for m in range(n_mod):
+        v = score[cand & (mod == m)]
+        if v.numel() == 0:
+            out.append((0.0, 1.0))
+        elif mode in ("mean_iterative", "mean_once"):
+            mu = float(v.mean())
+            out.append((0.0, mu if mu > 0 and math.isfinite(mu) else 1.0))
+        elif mode == "minmax":
+            lo, hi = float(v.min()), float(v.max())
+            out.append((lo, hi - lo if hi > lo else 1.0))
+        elif mode == "standardize":
+            mu, sd = float(v.mean()), float(v.std(unbiased=False))
+            out.append((mu, sd if sd > 0 else 1.0))
+        else:
+            out.append((0.0, 1.0))
+    return out
+
+
+def _apply_stats(score: torch.Tensor, mod: torch.Tensor, stats: list[tuple]) -> torch.Tensor:
+    shift = torch.tensor([s[0] for s in stats], dtype=torch.float64)[mod]
+    scale = torch.tensor([s[1] for s in stats], dtype=torch.float64)[mod]
+    return (score - shift) / scale
+
+
+def _plan(flat: _Flat, alive: torch.Tensor, meta: dict[str, Any]) -> PruningPlan:
+    keep: dict[str, list[int]] = {}
+    for i, g in enumerate(flat.order):
+        sel = alive & (flat.gidx == i)
+        keep[g.id] = sorted(int(u) for u in flat.uidx[sel].tolist())
+    return PruningPlan(keep=keep, units={g.id: g.n_units for g in flat.order}, meta=meta)
+
+
+def _removed_by_modality(flat: _Flat, alive: torch.Tensor) -> dict[str, int]:
+    dead = ~alive
+    return {m: int(flat.ppu[dead & (flat.mod == i)].sum()) for i, m in enumerate(flat.modalities)}
+
+
+# --------------------------------------------------------------------------------------------- allocation
+def allocate(
+    scores: Mapping[str, torch.Tensor],
+    groups: list[PrunableGroup],
+    total_params: int,
+    cfg: AllocationConfig = AllocationConfig(),
+) -> PruningPlan:
+    """A plan removing ``cfg.target_ratio`` of ``total_params`` (the whole model's parameter count).
+
+    Higher score = more important. Groups without scores are kept whole and left out of the plan.
+    """
+    flat = _flatten(scores, groups)
+    prunable = int(sum(g.total_params for g in flat.order))
+    if int(total_params) < prunable:
+        raise ValueError(f"total_params: {total_params} is smaller than the scored groups' "
+                         f"{prunable} parameters")
+    if cfg.scope == "local":
+        alive, extra = _allocate_local(flat, int(total_params), prunable, cfg)
+    else:
+        alive, extra = _allocate_global(flat, int(total_params), cfg)
+    removed = int(flat.ppu[~alive].sum())
+    meta: dict[str, Any] = {
+        "allocator": "ukmp.prune.allocate",
+        "config": cfg.to_dict(),
+        "target_ratio": cfg.target_ratio,
+        "achieved_ratio": removed / int(total_params),
+        "total_params": int(total_params),
+        "prunable_params": prunable,
+        "removed_params": removed,
+        "removed_params_by_modality": _removed_by_modality(flat, alive),
+        "removed_units": int((~alive).sum()),
+        "unscored_groups": [g.id for g in groups if g.id not in scores],
+    }
+    meta.update(extra)
+    return _plan(flat, alive, meta)
+
+
+def _group_counts(flat: _Flat, alive: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(flat.gidx[alive], minlength=len(flat.order))
+
+
+def _enforce_min_units(
+    flat: _Flat, alive: torch.Tensor, sel: torch.Tensor, norm: torch.Tensor, keep_min: int
+) -> torch.Tensor:
+    """Drop from ``sel`` the best-ranked units of any group that the step would leave below ``keep_min``."""
+    after = _group_counts(flat, alive & ~sel)
+    for i in (after < keep_min).nonzero().flatten().tolist():
+        members = (sel & (flat.gidx == i)).nonzero().flatten()  # ascending (group order, unit index)
+        order = torch.sort(norm[members], stable=True).indices  # ascending (score, unit index)
+        give_back = min(keep_min - int(after[i]), members.numel())
+        sel[members[order[members.numel() - give_back:]]] = False
+    return sel
+
+
+def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    n_units = torch.tensor([g.n_units for g in flat.order], dtype=torch.long)
+    floor = torch.tensor([round((1.0 - cfg.max_group_prune_ratio) * g.n_units, 9) for g in flat.order],
+                         dtype=torch.float64)
+    keep_min = int(cfg.min_units_per_group)
+    target = cfg.target_ratio
+    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    removed = 0
+    once_stats = None
+    history: list[list[float]] = []
+    last_step_params = 0
+    reached = removed / total >= target
+    while not reached:
+        remaining = _group_counts(flat, alive)
+        frozen = (remaining.double() < floor) | (remaining <= keep_min) | (n_units <= keep_min)
+        cand = alive & ~frozen[flat.gidx]
+        if not bool(cand.any()):
+            break
+        ratio = removed / total
+        fine = target <= cfg.fine_from_start_at_or_below or ratio > cfg.fine_after * target
+        k = int(cfg.fine_units_per_step if fine else cfg.units_per_step)
+        if cfg.normalization == "mean_once":
+            if once_stats is None:
+                once_stats = _stats(flat.score, cand, flat.mod, len(flat.modalities), "mean_once")
+            stats = once_stats
+        else:
+            stats = _stats(flat.score, cand, flat.mod, len(flat.modalities), cfg.normalization)
+        norm = _apply_stats(flat.score, flat.mod, stats)
+        cvals = norm[cand]
+        theta = torch.kthvalue(cvals, min(k, cvals.numel())).values  # the k-th smallest normalised score
+        sel = cand & (norm <= theta)
+        sel = _enforce_min_units(flat, alive, sel, norm, keep_min)
+        if not bool(sel.any()):
+            break
+        alive &= ~sel
+        last_step_params = int(flat.ppu[sel].sum())
+        removed += last_step_params
+        history.append([k, int(sel.sum()), removed / total])
+        reached = removed / total >= target
+    extra = {
+        "steps": len(history),
+        "reached_target": bool(reached),
+        "last_step_removed_params": last_step_params,
+        "history": history,
+    }
+    return alive, extra
+
+
+def _allocate_local(
+    flat: _Flat, total: int, prunable: int, cfg: AllocationConfig
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    r = cfg.target_ratio * total / prunable if cfg.local_ratio_mode == "whole_model" else cfg.target_ratio
+    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    for i, g in enumerate(flat.order):
+        n_rm = math.floor(min(r, 1.0) * g.n_units + 1e-9)
+        n_rm = min(n_rm, math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9),
+                   g.n_units - cfg.min_units_per_group)
+        if n_rm <= 0:
+            continue
+        members = (flat.gidx == i).nonzero().flatten()
+        order = torch.sort(flat.score[members], stable=True).indices  # ties: lower unit index first
+        alive[members[order[:n_rm]]] = False
+    reached = int(flat.ppu[~alive].sum()) / total >= cfg.target_ratio
+    return alive, {"steps": 1, "local_unit_ratio": r, "reached_target": reached}

@@ -1,0 +1,171 @@
+"""Angle-histogram entropy: numpy references, streaming invariance, hook placement on the tiny BLIP-2."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ukmp.groups import ParamSlice, PrunableGroup
+from ukmp.importance.entropy import (
+    StreamingAngleHistogram,
+    bin_edges,
+    cosines,
+    entropy_modules,
+    histogram_counts,
+    histogram_entropy,
+    unit_entropies,
+    unit_entropy,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _np_entropy(counts: np.ndarray) -> np.ndarray:
+    p = counts / counts.sum(axis=-1, keepdims=True)
+    return -(p * np.log(p + 1e-12)).sum(axis=-1)
+
+
+@pytest.mark.parametrize("angle", [False, True])
+def test_histogram_counts_equal_numpy(angle):
+    g = torch.Generator().manual_seed(0)
+    vals = torch.rand(500, 7, generator=g) * 2 - 1
+    edges = bin_edges(100, angle)
+    vals[:4, 0] = torch.tensor([-1.0, 1.0, 0.0, -0.98])  # range ends and interior edges
+    vals[4:104, 1] = edges[:-1].float()  # every left edge (float32-rounded)
+    if angle:
+        vals = torch.arccos(vals.clamp(-1, 1))
+    lo_hi = (0.0, math.pi) if angle else (-1.0, 1.0)
+    got = histogram_counts(vals, edges)
+    assert got.dtype == torch.float32 and got.shape == (7, 100)
+    for j in range(7):
+        ref, ref_edges = np.histogram(vals[:, j].double().numpy(), bins=100, range=lo_hi)
+        assert np.array_equal(ref_edges, edges.numpy())
+        assert np.array_equal(got[j].numpy(), ref.astype(np.float32)), j  # exact, tolerance 0
+    # not vacuous: a plain float32 linspace edge set disagrees on the planted edge values
+    bad = histogram_counts(vals, torch.linspace(*lo_hi, 101, dtype=torch.float32).double() + 1e-9)
+    assert not torch.equal(bad, got)
+
+
+def test_histogram_entropy_equals_numpy_and_is_bounded():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 20, (9, 100), generator=g).float()
+    counts[0] = 0
+    counts[0, 17] = 33  # a single occupied bin -> 0
+    counts[1] = 5  # uniform -> ln 100
+    h = histogram_entropy(counts)
+    ref = _np_entropy(counts.double().numpy())
+    assert np.abs(h.double().numpy() - ref).max() <= 1e-6
+    assert abs(float(h[0])) <= 1e-9 and abs(float(h[1]) - math.log(100)) <= 1e-6
+    assert bool((h >= -1e-9).all()) and bool((h <= math.log(100) + 1e-6).all())
+    assert float(histogram_entropy(torch.zeros(100))) == 0.0  # empty histogram
+    assert abs(float(h[2]) - float(h[3])) > 1e-3  # not vacuous: different histograms differ
+
+
+class OneLinear(nn.Module):
+    def __init__(self, d_in=8, d_out=5):
+        super().__init__()
+        self.lin = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("angle", [False, True])
+def test_streaming_equals_one_shot_and_numpy(angle):
+    torch.manual_seed(0)
+    model = OneLinear()
+    x = torch.randn(3, 40, 8)
+    one = StreamingAngleHistogram(model, [], modules=["lin"], angle=angle)
+    with torch.no_grad():
+        model(x)  # one shot: every token in a single chunk
+    one.close()
+    chunked = StreamingAngleHistogram(model, [], modules=["lin"], angle=angle, chunk_elements=7)
+    with torch.no_grad():
+        for part in (x[:1], x[1:, :15], x[1:, 15:]):  # three forwards, each split into 1-token chunks
+            model(part)
+    chunked.close()
+    assert torch.equal(one.counts["lin"], chunked.counts["lin"])  # exact
+    assert one.tokens_seen()["lin"] == 120
+    # numpy reference on independently computed cosines
+    X = x.reshape(-1, 8).double().numpy()
+    W = model.lin.weight.detach().double().numpy()
+    cos = (X @ W.T) / (np.linalg.norm(X, axis=1)[:, None] * np.linalg.norm(W, axis=1)[None, :])
+    ours = cosines(x.reshape(-1, 8), model.lin.weight.detach())
+    assert np.abs(ours.double().numpy() - cos).max() <= 1e-5
+    vals = torch.arccos(ours) if angle else ours  # np.histogram on the very same values
+    lo_hi = (0.0, math.pi) if angle else (-1.0, 1.0)
+    ref = np.stack([np.histogram(vals[:, j].double().numpy(), bins=100, range=lo_hi)[0] for j in range(5)])
+    assert np.array_equal(one.counts["lin"].numpy(), ref.astype(np.float32))
+    h = one.entropy()["lin"]
+    assert np.abs(h.double().numpy() - _np_entropy(ref.astype(np.float64))).max() <= 1e-6
+    assert bool((h > 0).all()) and bool((h <= math.log(100)).all())
+    # not vacuous: fewer tokens give other histograms
+    short = StreamingAngleHistogram(model, [], modules=["lin"], angle=angle)
+    with torch.no_grad():
+        model(x[:1])
+    short.close()
+    assert not torch.equal(short.counts["lin"], one.counts["lin"])
+
+
+def test_unit_entropy_hand():
+    heads = PrunableGroup("a", "enc_heads", "heads", "language", 0, 2, 4 * 6 * 3,
+                          tuple(ParamSlice(f"m.{n}", "weight", 0, 3) for n in "qkv")
+                          + (ParamSlice("m.o", "weight", 1, 3),))
+    ffn = PrunableGroup("f", "enc_ffn", "channels", "language", 0, 4, 18,
+                        (ParamSlice("m.wi_0", "weight", 0, 1), ParamSlice("m.wi_1", "weight", 0, 1),
+                         ParamSlice("m.wo", "weight", 1, 1)))
+    g = torch.Generator().manual_seed(0)
+    H = {f"m.{n}": torch.rand(6, generator=g) for n in "qkv"}
+    H.update({"m.wi_0": torch.rand(4, generator=g), "m.wi_1": torch.rand(4, generator=g)})
+    got = unit_entropy(H, heads)
+    for h in range(2):
+        vals = [float(H[f"m.{n}"][r]) for n in "qkv" for r in range(3 * h, 3 * h + 3)]
+        assert abs(float(got[h]) - sum(vals) / len(vals)) <= 1e-6
+    got_f = unit_entropy(H, ffn)
+    for c in range(4):
+        assert abs(float(got_f[c]) - (float(H["m.wi_0"][c]) + float(H["m.wi_1"][c])) / 2) <= 1e-6
+    assert entropy_modules([heads, ffn]) == ["m.q", "m.k", "m.v", "m.wi_0", "m.wi_1"]  # no o / wo
+    with pytest.raises(ValueError, match="m.wi_1"):
+        unit_entropy({k: v for k, v in H.items() if k != "m.wi_1"}, ffn)
+
+
+@pytest.mark.integration
+def test_tiny_blip2_hooks_and_token_counts(tiny, make_batch):
+    model, processor, groups, images = tiny
+    batch = make_batch(processor, images, [0, 1, 2])
+    hist = StreamingAngleHistogram(model, groups)
+    hist_np = StreamingAngleHistogram(model, groups, exclude_padding=True)
+    names = list(hist.counts)
+    assert len(names) == 2 * 5 + 2 * 8  # enc q,k,v,wi_0,wi_1; dec self q,k,v, cross q,k,v, wi_0, wi_1
+    assert all(n.startswith("language_model.") and n.rsplit(".", 1)[1] in ("q", "k", "v", "wi_0", "wi_1")
+               for n in names)
+    with torch.no_grad(), hist_np.token_masks(batch["attention_mask"], batch["decoder_attention_mask"]):
+        model(**batch)
+    hist.close()
+    hist_np.close()
+    B, Le = batch["input_ids"].shape
+    Ld = batch["labels"].shape[1]
+    n_enc, n_dec = int(batch["attention_mask"].sum()), int(batch["decoder_attention_mask"].sum())
+    for n, seen in hist.tokens_seen().items():
+        enc_side = ".encoder." in n or (".EncDecAttention." in n and n[-1] in "kv")
+        assert seen == (B * Le if enc_side else B * Ld), n
+        assert hist_np.tokens_seen()[n] == (n_enc if enc_side else n_dec), n
+        assert torch.equal(hist.counts[n].sum(dim=1), torch.full_like(hist.counts[n][:, 0], seen))
+    assert n_enc < B * Le and n_dec < B * Ld  # padding present: excluding it changes the histograms
+    H = hist.entropy()
+    assert all(bool((h > 0).all()) and bool((h <= math.log(100) + 1e-6).all()) for h in H.values())
+    units = unit_entropies(H, groups)
+    lang = [g for g in groups if g.modality == "language"]
+    assert set(units) == {g.id for g in lang}
+    assert all(units[g.id].shape == (g.n_units,) for g in lang)
+    with pytest.raises(ValueError, match="token mask"):
+        bad = StreamingAngleHistogram(model, groups, exclude_padding=True)
+        try:
+            with torch.no_grad():
+                model(**batch)
+        finally:
+            bad.close()

@@ -1,0 +1,275 @@
+"""Token selection, the selected loss, and Taylor unit scores against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ukmp.groups import ParamSlice, PrunableGroup
+from ukmp.importance.taylor import TaylorScorer, select_tokens, selected_loss, unit_reduce
+
+pytestmark = pytest.mark.unit
+
+
+# -------------------------------------------------------------------------------------------- token selection
+def _logits_with_confidence(conf: list[list[float]], vocab: int = 5) -> torch.Tensor:
+    """Logits whose top-1 softmax probability is ``conf`` (token 0 carries it, the rest share the rest)."""
+    out = torch.empty(len(conf), len(conf[0]), vocab)
+    for b, row in enumerate(conf):
+        for i, c in enumerate(row):
+            assert c > (1 - c) / (vocab - 1)
+            p = torch.full((vocab,), (1 - c) / (vocab - 1))
+            p[0] = c
+            out[b, i] = p.log()
+    return out
+
+
+CONF = [[0.9, 0.3, 0.5, 0.25], [0.9, 0.8, 0.7, 0.25]]
+LABELS = torch.tensor([[0, 1, 2, -100], [3, 0, 4, -100]])
+
+
+def test_select_tokens_hand_made():
+    logits = _logits_with_confidence(CONF)
+    sel = select_tokens(logits, LABELS, 0.4)
+    # sample 0: only 0.3 <= 0.4 (the padded 0.25 is ignored); sample 1: none <= 0.4 -> tau = min = 0.7
+    assert sel.tolist() == [[False, True, False, False], [False, False, True, False]]
+    # T = 1.0 and no threshold select every valid position, padding excluded
+    valid = (LABELS != -100).tolist()
+    assert select_tokens(logits, LABELS, 1.0).tolist() == valid
+    assert select_tokens(logits, LABELS, None).tolist() == valid
+    # not vacuous: if the padded position counted, sample 1 would select it (0.25 <= 0.4)
+    all_valid = torch.tensor([[0, 1, 2, 3], [3, 0, 4, 1]])
+    expected = [[False, True, False, True], [False, False, False, True]]
+    assert select_tokens(logits, all_valid, 0.4).tolist() == expected
+    # T = 0 selects exactly the least confident valid position of each sample
+    assert select_tokens(logits, LABELS, 0.0).sum(dim=1).tolist() == [1, 1]
+
+
+def test_selected_loss_hand_computed():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 6, 7, dtype=torch.float64)
+    labels = torch.randint(0, 7, (3, 6))
+    labels[0, 4:] = -100
+    labels[2, 1:] = -100
+    T = 0.3
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    expected, n_sel, n_val = 0.0, 0, 0
+    for b in range(3):
+        valid = [i for i in range(6) if labels[b, i] != -100]
+        conf = {i: float(probs[b, i].max()) for i in valid}
+        tau = max(T, min(conf.values()))
+        chosen = [i for i in valid if conf[i] <= tau]
+        n_sel += len(chosen)
+        n_val += len(valid)
+        expected += sum(-float(logp[b, i, labels[b, i]]) for i in chosen) / len(chosen)
+    loss, s, v = selected_loss(logits, labels, T)
+    assert (s, v) == (n_sel, n_val) and 0 < s < v
+    assert abs(float(loss) - expected) <= 1e-5 * abs(expected), (float(loss), expected)
+    # not vacuous: no threshold (all valid tokens, per-sample mean) gives a different value
+    loss_all, s_all, _ = selected_loss(logits, labels, None)
+    assert s_all == n_val and abs(float(loss_all) - expected) > 1e-3
+    keep = labels != -100
+    ce = torch.nn.functional.cross_entropy
+    plain = sum(float(ce(logits[b][keep[b]], labels[b][keep[b]])) for b in range(3))
+    assert abs(float(loss_all) - plain) <= 1e-6 * plain
+    loss_tok, _, _ = selected_loss(logits, labels, T, reduction="token_mean")
+    assert abs(float(loss_tok) - expected) > 1e-3
+    with pytest.raises(ValueError, match="reduction"):
+        selected_loss(logits, labels, T, reduction="bogus")
+    with pytest.raises(ValueError, match="labels"):
+        selected_loss(logits, labels[:, :3], T)
+
+
+# ---------------------------------------------------------------------------------------------- toy model
+D, HEADS, HD, FF = 6, 2, 3, 5
+
+
+class Toy(nn.Module):
+    """One T5-like attention (q, k, v, o), one ViT-like fused qkv + projection, one gated FFN."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.ModuleDict({n: nn.Linear(D, D, bias=False) for n in ("q", "k", "v", "o")})
+        self.vit = nn.ModuleDict({"qkv": nn.Linear(D, 3 * D), "projection": nn.Linear(D, D)})
+        self.ffn = nn.ModuleDict({"wi_0": nn.Linear(D, FF, bias=False), "wi_1": nn.Linear(D, FF, bias=False),
+                                  "wo": nn.Linear(FF, D, bias=False)})
+
+    def forward(self, x):
+        a = self.attn["o"](torch.tanh(self.attn["q"](x)) * self.attn["k"](x) + self.attn["v"](x))
+        q, k, v = self.vit["qkv"](x).chunk(3, dim=-1)
+        b = self.vit["projection"](q * torch.sigmoid(k) + v)
+        f = self.ffn["wo"](torch.nn.functional.gelu(self.ffn["wi_0"](x)) * self.ffn["wi_1"](x))
+        return a + b + f
+
+
+def toy_groups() -> list[PrunableGroup]:
+    heads = PrunableGroup("t.attn", "enc_heads", "heads", "language", 0, HEADS, 4 * D * HD,
+                          tuple(ParamSlice(f"attn.{n}", "weight", 0, HD) for n in "qkv")
+                          + (ParamSlice("attn.o", "weight", 1, HD),))
+    vit = PrunableGroup("v.attn", "vit_heads", "heads", "vision", 0, HEADS, 4 * D * HD + 3 * HD,
+                        tuple(ParamSlice("vit.qkv", "weight", 0, HD, off) for off in (0, D, 2 * D))
+                        + tuple(ParamSlice("vit.qkv", "bias", 0, HD, off) for off in (0, D, 2 * D))
+                        + (ParamSlice("vit.projection", "weight", 1, HD),))
+    ffn = PrunableGroup("t.ffn", "enc_ffn", "channels", "language", 0, FF, 3 * D,
+                        (ParamSlice("ffn.wi_0", "weight", 0, 1), ParamSlice("ffn.wi_1", "weight", 0, 1),
+                         ParamSlice("ffn.wo", "weight", 1, 1)))
+    return [heads, vit, ffn]
+
+
+def _loss(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def _batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, D, generator=g), torch.randn(4, D, generator=g)) for _ in range(n)]
+
+
+def _hand_grads(model, batches):
+    """Per-batch gradients in float64 of every weight, computed with autograd.grad on a float64 copy."""
+    m64 = Toy().double()
+    m64.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    names = [n for n, _ in m64.named_parameters() if n.endswith("weight")]
+    params = [m64.get_parameter(n) for n in names]
+    out = []
+    for x, y in batches:
+        gs = torch.autograd.grad(_loss(m64, x.double(), y.double()), params)
+        out.append(dict(zip(names, gs)))
+    return out, {n: p.detach() for n, p in zip(names, params)}
+
+
+def _hand_unit_scores(S: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """Explicit loops: sum |S| over every weight a unit owns, divided by that count."""
+    res: dict[str, list[float]] = {"t.attn": [], "v.attn": [], "t.ffn": []}
+    for h in range(HEADS):
+        tot, cnt = 0.0, 0
+        for n in ("q", "k", "v"):
+            for r in range(h * HD, (h + 1) * HD):
+                for j in range(D):
+                    tot += float(S[f"attn.{n}.weight"][r, j]); cnt += 1
+        for c in range(h * HD, (h + 1) * HD):
+            for i in range(D):
+                tot += float(S["attn.o.weight"][i, c]); cnt += 1
+        res["t.attn"].append(tot / cnt)
+        tot, cnt = 0.0, 0
+        for third in range(3):
+            for r in range(third * D + h * HD, third * D + (h + 1) * HD):
+                for j in range(D):
+                    tot += float(S["vit.qkv.weight"][r, j]); cnt += 1
+        for c in range(h * HD, (h + 1) * HD):
+            for i in range(D):
+                tot += float(S["vit.projection.weight"][i, c]); cnt += 1
+        res["v.attn"].append(tot / cnt)
+    for c in range(FF):
+        tot, cnt = 0.0, 0
+        for n in ("wi_0", "wi_1"):
+            for j in range(D):
+                tot += float(S[f"ffn.{n}.weight"][c, j]); cnt += 1
+        for i in range(D):
+            tot += float(S["ffn.wo.weight"][i, c]); cnt += 1
+        res["t.ffn"].append(tot / cnt)
+    return res
+
+
+def _rel(a: torch.Tensor, b) -> float:
+    b = torch.as_tensor(b, dtype=torch.float64)
+    return float((a.double() - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("order", ["first", "second", "mix"])
+def test_unit_scores_equal_hand_computation(order):
+    torch.manual_seed(0)
+    model, groups, batches = Toy(), toy_groups(), _batches()
+    per_batch, W = _hand_grads(model, batches)
+    G = {n: sum(gb[n] for gb in per_batch) for n in W}
+    Fi = {n: sum(gb[n] ** 2 for gb in per_batch) / len(per_batch) for n in W}
+    if order == "first":
+        S = {n: (W[n] * G[n]).abs() for n in W}
+    elif order == "second":
+        S = {n: (W[n] * Fi[n] * W[n]).abs() for n in W}
+    else:
+        S = {n: (W[n] * G[n] / len(per_batch) - 0.5 * W[n] * Fi[n] * W[n]).abs() for n in W}
+    hand = _hand_unit_scores(S)
+
+    with TaylorScorer(model, groups, order=order) as scorer:
+        for x, y in batches:
+            scorer.backward(_loss(model, x, y))
+        got = scorer.scores()
+    tol = 1e-5
+    for gid in hand:
+        assert got[gid].shape == (len(hand[gid]),)
+        assert _rel(got[gid], hand[gid]) <= tol, (gid, got[gid], hand[gid])
+    # not vacuous: the first batch alone, or swapped units, fail the same check
+    S1 = {n: (W[n] * per_batch[0][n]).abs() for n in W}
+    first_only = _hand_unit_scores(S1)
+    assert any(_rel(got[g], first_only[g]) > 1e-2 for g in hand)
+    assert _rel(got["t.ffn"].flip(0), hand["t.ffn"]) > 1e-2
+
+
+def test_unit_reduce_matches_scorer_and_checks_input():
+    model, groups = Toy(), toy_groups()
+    S = {n: torch.rand_like(p) for n, p in model.named_parameters() if n.endswith("weight")}
+    hand = _hand_unit_scores(S)
+    for g in groups:
+        assert _rel(unit_reduce(S, g), hand[g.id]) <= 1e-6
+    with pytest.raises(ValueError, match="attn.o.weight"):
+        unit_reduce({k: v for k, v in S.items() if k != "attn.o.weight"}, groups[0])
+
+
+def test_scorer_accumulates_in_fp32_and_clears_grads():
+    torch.manual_seed(0)
+    model, groups = Toy().to(torch.bfloat16), toy_groups()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    model.vit["qkv"].bias.requires_grad_(True)
+    scorer = TaylorScorer(model, groups)
+    assert not model.vit["qkv"].bias.requires_grad  # not scored -> frozen while scoring
+    for x, y in _batches(2):
+        scorer.backward(_loss(model, x.bfloat16(), y.bfloat16()))
+    assert all(a.dtype == torch.float32 for a in scorer.grad_sum.values())
+    assert all(p.grad is None for p in scorer.params.values())
+    assert scorer.n_batches == 2 and all(bool(torch.isfinite(s).all()) for s in scorer.scores().values())
+    scorer.close()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+# ---------------------------------------------------------------------------------------------- tiny BLIP-2
+def _score(model, groups, batches, T=0.4, reduction="per_sample_mean"):
+    counts = [0, 0]
+    with TaylorScorer(model, groups) as scorer:
+        for b in batches:
+            loss, s, v = selected_loss(model(**b).logits, b["labels"], T, reduction=reduction)
+            counts[0] += s
+            counts[1] += v
+            scorer.backward(loss)
+        return scorer.scores(), counts
+
+
+def _max_rel(a: dict, b: dict) -> float:
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+@pytest.mark.integration
+def test_batched_scores_equal_batch1_loop(tiny, make_batch):
+    model, processor, groups, images = tiny
+    idx = [0, 1, 2, 3]
+    full = make_batch(processor, images, idx)
+    assert (full["labels"] == -100).any() and (full["attention_mask"] == 0).any()  # padding really present
+    batched, (n_sel, n_val) = _score(model, groups, [full])
+    assert 0 < n_sel < n_val  # T = 0.4 selects a strict subset here
+    single, (n_sel1, _) = _score(model, groups, [make_batch(processor, images, [i]) for i in idx])
+    assert n_sel1 == n_sel
+    assert set(batched) == {g.id for g in groups}
+    assert _max_rel(batched, single) <= 1e-5
+    halves, _ = _score(model, groups, [make_batch(processor, images, idx[:2]),
+                                       make_batch(processor, images, idx[2:])])
+    assert _max_rel(halves, batched) <= 1e-5
+    # not vacuous: a batch-level token mean is not batch-additive and fails the same check
+    token_mean, _ = _score(model, groups, [full], reduction="token_mean")
+    assert _max_rel(token_mean, single) > 1e-2
+    assert all(float(s.max()) > 0 for s in batched.values())
+    assert not any(p.grad is not None for p in model.parameters())
+    assert math.isfinite(sum(float(s.sum()) for s in batched.values()))

@@ -1,0 +1,216 @@
+"""Allocation (§2.5): ratio granularity, floors, determinism, normalisation variants, local scope, combine."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ukmp.groups import PrunableGroup
+from ukmp.io import atomic_save_tensors
+from ukmp.prune.allocate import AllocationConfig, allocate, combine
+
+pytestmark = pytest.mark.unit
+
+
+def make_groups() -> list[PrunableGroup]:
+    return [
+        PrunableGroup("vision.layers.0.attn", "vit_heads", "heads", "vision", 0, 16, 1000),
+        PrunableGroup("vision.layers.0.mlp", "vit_mlp", "channels", "vision", 0, 200, 30),
+        PrunableGroup("text_enc.block.0.attn", "enc_heads", "heads", "language", 0, 32, 800),
+        PrunableGroup("text_enc.block.0.ffn", "enc_ffn", "channels", "language", 0, 300, 40),
+        PrunableGroup("text_dec.block.0.ffn", "dec_ffn", "channels", "language", 0, 40, 25),
+    ]
+
+
+GROUPS = make_groups()
+PRUNABLE = sum(g.total_params for g in GROUPS)
+TOTAL = PRUNABLE + 20_000  # the rest of the model (Q-Former, embeddings, ...) counts in the ratio
+
+
+def make_scores(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {grp.id: torch.rand(grp.n_units, generator=g, dtype=torch.float64).float()
+            * (50.0 if grp.modality == "language" else 1.0) for grp in GROUPS}
+
+
+def remaining(plan, g):
+    return len(plan.kept(g))
+
+
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.5])
+@pytest.mark.parametrize("norm", ["mean_iterative", "mean_once", "none", "minmax", "standardize"])
+def test_ratio_within_one_step(target, norm):
+    cfg = AllocationConfig(target_ratio=target, normalization=norm, units_per_step=40, fine_units_per_step=4)
+    plan = allocate(make_scores(), GROUPS, TOTAL, cfg)
+    plan.validate(GROUPS)
+    m = plan.meta
+    achieved = plan.removed_params(GROUPS) / TOTAL
+    assert abs(m["achieved_ratio"] - achieved) <= 1e-12 and m["removed_params"] == plan.removed_params(GROUPS)
+    assert m["reached_target"] and achieved >= target
+    # overshoot is at most the last step's worth of parameters; that step removed at most its k units (no
+    # ties)
+    assert achieved - target <= m["last_step_removed_params"] / TOTAL + 1e-12
+    before = [0.0] + [h[2] for h in m["history"][:-1]]  # ratio when each step started
+    assert [h[0] for h in m["history"]] == [4 if (target <= 0.2 or r > 0.9 * target) else 40 for r in before]
+    assert all(0 < h[1] <= h[0] for h in m["history"])
+    assert m["last_step_removed_params"] <= m["history"][-1][0] * max(g.params_per_unit for g in GROUPS)
+    assert m["steps"] == len(m["history"]) >= 2
+    assert sum(m["removed_params_by_modality"].values()) == m["removed_params"]
+    if target <= 0.2:
+        assert all(h[0] == 4 for h in m["history"])  # fine steps from the start
+    else:
+        assert m["history"][0][0] == 40
+
+
+def test_floors_hold_with_single_unit_steps():
+    cfg = AllocationConfig(target_ratio=0.99, units_per_step=1, fine_units_per_step=1)
+    plan = allocate(make_scores(), GROUPS, TOTAL, cfg)
+    assert not plan.meta["reached_target"]
+    for g in GROUPS:
+        # a group leaves the ranking at the first count below 10% of its units (or at 1 unit)
+        expected = max(math.ceil(round(0.1 * g.n_units, 9)) - 1, 1)
+        assert remaining(plan, g) == expected, (g.id, remaining(plan, g), expected)
+    # not vacuous: a looser cap leaves fewer units
+    loose = allocate(make_scores(), GROUPS, TOTAL, AllocationConfig(target_ratio=0.99, units_per_step=1,
+                                                                    fine_units_per_step=1,
+                                                                    max_group_prune_ratio=0.99))
+    assert sum(remaining(loose, g) for g in GROUPS) < sum(remaining(plan, g) for g in GROUPS)
+
+
+def test_min_units_per_group_survives_a_coarse_step():
+    scores = make_scores()
+    worst = GROUPS[2]  # 32 heads, every one less important than anything else
+    scores[worst.id] = torch.linspace(1e-6, 2e-6, worst.n_units)
+    cfg = AllocationConfig(target_ratio=0.3, units_per_step=400, fine_units_per_step=400)
+    plan = allocate(scores, GROUPS, TOTAL, cfg)
+    assert plan.kept(worst) == [worst.n_units - 1]  # the best unit of the group is kept
+    two = allocate(scores, GROUPS, TOTAL, AllocationConfig(target_ratio=0.3, units_per_step=400,
+                                                           fine_units_per_step=400, min_units_per_group=2))
+    assert two.kept(worst) == [worst.n_units - 2, worst.n_units - 1]
+
+
+def test_same_input_same_plan_and_reallocation_from_saved_scores(tmp_path):
+    cfg = AllocationConfig(target_ratio=0.4, units_per_step=30, fine_units_per_step=3)
+    scores = make_scores()
+    a = allocate(scores, GROUPS, TOTAL, cfg)
+    b = allocate({k: v.clone() for k, v in scores.items()}, GROUPS, TOTAL, cfg)
+    assert a.keep == b.keep and a.meta == b.meta and a.digest() == b.digest()
+    items = list(scores.items())
+    random.Random(0).shuffle(items)
+    assert allocate(dict(items), GROUPS, TOTAL, cfg).digest() == a.digest()  # dict order is irrelevant
+    atomic_save_tensors(tmp_path / "scores.safetensors", scores)
+    a.save(tmp_path / "plan.json")
+    again = allocate(load_file(str(tmp_path / "scores.safetensors")), GROUPS, TOTAL, cfg)
+    assert again.keep == type(a).load(tmp_path / "plan.json").keep
+    # not vacuous: other scores give another plan
+    assert allocate(make_scores(1), GROUPS, TOTAL, cfg).digest() != a.digest()
+
+
+def test_ties_are_broken_by_group_order_then_unit_index():
+    groups = [PrunableGroup("a", "vit_mlp", "channels", "vision", 0, 6, 1),
+              PrunableGroup("b", "vit_mlp", "channels", "vision", 1, 6, 1)]
+    scores = {"a": torch.ones(6), "b": torch.ones(6)}
+    local = allocate(scores, groups, 12, AllocationConfig(target_ratio=0.5, scope="local"))
+    assert local.keep == {"a": [3, 4, 5], "b": [3, 4, 5]}
+    # global: all tied units are <= theta; the min-unit guard keeps the last-ranked (highest index) one
+    cfg = AllocationConfig(target_ratio=0.9, units_per_step=1, fine_units_per_step=1,
+                           max_group_prune_ratio=1.0)
+    glob = allocate(scores, groups, 12, cfg)
+    assert glob.keep == {"a": [5], "b": [5]}
+
+
+def test_mean_iterative_differs_from_mean_once_on_crafted_case():
+    V = PrunableGroup("v", "vit_mlp", "channels", "vision", 0, 20, 1)
+    L = PrunableGroup("l", "enc_ffn", "channels", "language", 0, 20, 1)
+    scores = {"v": torch.cat([torch.ones(10), torch.linspace(5, 15, 10)]), "l": torch.linspace(0.5, 2, 20)}
+
+    def run(norm):
+        cfg = AllocationConfig(target_ratio=0.5, normalization=norm, units_per_step=10,
+                               fine_units_per_step=10, max_group_prune_ratio=0.95)
+        return allocate(scores, [V, L], 40, cfg)
+
+    it, once = run("mean_iterative"), run("mean_once")
+    # step 1 (both): means 5.5 / 1.25 -> the ten vision 1.0s (1/5.5) go first.
+    # step 2, iterative: vision mean is now 10, so 5.0, 6.1, 7.2 (-> 0.5, 0.61, 0.72) undercut language
+    # 0.78...
+    assert it.removed(V) == list(range(13)) and it.removed(L) == list(range(7))
+    # step 2, once: vision keeps mean 5.5, only 5.0 (-> 0.909) enters between language 0.905 and 0.968
+    assert once.removed(V) == list(range(11)) and once.removed(L) == list(range(9))
+    assert it.meta["steps"] == once.meta["steps"] == 2
+
+
+def test_local_scope_removes_the_same_fraction_everywhere():
+    scores = make_scores()
+    cfg = AllocationConfig(target_ratio=0.3, scope="local")
+    plan = allocate(scores, GROUPS, TOTAL, cfg)
+    r = 0.3 * TOTAL / PRUNABLE
+    assert abs(plan.meta["local_unit_ratio"] - r) <= 1e-12
+    for g in GROUPS:
+        n_rm = math.floor(r * g.n_units)
+        lowest = torch.sort(scores[g.id].double(), stable=True).indices[:n_rm].sort().values.tolist()
+        assert plan.removed(g) == lowest, g.id
+    achieved = plan.meta["achieved_ratio"]
+    assert achieved <= 0.3 and 0.3 - achieved <= sum(g.params_per_unit for g in GROUPS) / TOTAL
+    raw = allocate(scores, GROUPS, TOTAL, AllocationConfig(target_ratio=0.3, scope="local",
+                                                           local_ratio_mode="per_module_raw"))
+    assert raw.meta["achieved_ratio"] < achieved  # per-module raw under-shoots the whole-model ratio
+
+
+def test_combine_product_for_language_only():
+    g = torch.Generator().manual_seed(0)
+    T = {grp.id: torch.rand(grp.n_units, generator=g) for grp in GROUPS}
+    H = {grp.id: torch.rand(grp.n_units, generator=g) + 1.0 for grp in GROUPS if grp.modality == "language"}
+    out = combine(T, H, GROUPS)
+    for grp in GROUPS:
+        expected = T[grp.id] * H[grp.id] if grp.modality == "language" else T[grp.id]
+        assert torch.allclose(out[grp.id], expected, rtol=0, atol=0)
+    assert not torch.equal(out[GROUPS[2].id], T[GROUPS[2].id])  # not vacuous
+    assert all(torch.equal(v, T[k]) for k, v in combine(T, None, GROUPS, mode="taylor_only").items())
+    with pytest.raises(ValueError, match="text_enc.block.0.attn"):
+        combine(T, {k: v for k, v in H.items() if k != "text_enc.block.0.attn"}, GROUPS)
+
+
+def test_bad_input_fails_with_the_field_name():
+    s = make_scores()
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        allocate({**s, "nope": torch.ones(3)}, GROUPS, TOTAL, AllocationConfig())
+    with pytest.raises(ValueError, match="vision.layers.0.attn"):
+        allocate({**s, "vision.layers.0.attn": torch.ones(3)}, GROUPS, TOTAL, AllocationConfig())
+    bad = dict(s)
+    bad["text_dec.block.0.ffn"] = bad["text_dec.block.0.ffn"].clone()
+    bad["text_dec.block.0.ffn"][0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        allocate(bad, GROUPS, TOTAL, AllocationConfig())
+    with pytest.raises(ValueError, match="total_params"):
+        allocate(s, GROUPS, PRUNABLE - 1, AllocationConfig())
+    with pytest.raises(ValueError, match="target_ratio"):
+        AllocationConfig(target_ratio=1.0)
+    with pytest.raises(ValueError, match="normalization"):
+        AllocationConfig(normalization="zscore")
+    with pytest.raises(ValueError, match="unknown key 'ratio'"):
+        AllocationConfig.from_dict({"ratio": 0.5})
+    assert AllocationConfig.from_dict({"target_ratio": 0.2}).target_ratio == 0.2
+
+
+@pytest.mark.integration
+def test_tiny_blip2_plan_applies_and_counts_match():
+    from ukmp.models.blip2 import Blip2T5Adapter, count_parameters
+    from ukmp.models.build import build_tiny
+
+    model, _ = build_tiny(seed=0)
+    adapter = Blip2T5Adapter(model.config)
+    groups = adapter.groups()
+    total = count_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    scores = {grp.id: torch.rand(grp.n_units, generator=g) for grp in groups}
+    cfg = AllocationConfig(target_ratio=0.3, units_per_step=20, fine_units_per_step=2)
+    plan = allocate(scores, groups, total, cfg)
+    assert plan.meta["reached_target"] and plan.meta["achieved_ratio"] >= 0.3
+    adapter.apply_(model, plan)
+    assert total - count_parameters(model) == plan.meta["removed_params"]  # params_per_unit is the real cost
+    by_mod = plan.meta["removed_params_by_modality"]
+    assert by_mod["vision"] > 0 and by_mod["language"] > 0
