@@ -14,7 +14,19 @@ log = logging.getLogger(__name__)
 SAMPLE_PREFIX = "sample:"
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun / ``accelerate launch`` job (or a plain single process)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def resolve_device(device: str) -> torch.device:
+    if device == "cuda" or device == "auto":
+        import os
+
+        if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # one GPU per process under a launcher
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)

@@ -64,6 +64,14 @@ def run_stage(
     tmp.mkdir(parents=True)
     t0 = time.perf_counter()
     log.info("stage %s: running -> %s", name, path)
+    from ukmp.runtime import is_main_process
+
+    if not is_main_process():  # other ranks of a distributed stage work alongside; rank 0 publishes
+        try:
+            info = body(tmp) or {}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return StageRecord(name, path, h, "", False, time.perf_counter() - t0, info)
     try:
         info = body(tmp) or {}
         seconds = time.perf_counter() - t0

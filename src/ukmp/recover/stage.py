@@ -8,18 +8,20 @@ its last checkpoint; the stage directory receives the merged, reloadable model a
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ukmp.config import RunConfig
+from ukmp.config import RunConfig, section_hash
 from ukmp.io import atomic_write_json, load_pruned, read_plan, save_pruned
 from ukmp.models import adapter_for
-from ukmp.runtime import load_dense, load_processor, resolve_dataset, resolve_device
+from ukmp.runtime import is_main_process, load_dense, load_processor, resolve_dataset, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +77,9 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     fc = cfg.finetune
     device = resolve_device(cfg.model.device)
     plan = read_plan(pruned_dir)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # checkpoints are only resumable by the same run: key the work directory by everything that shapes training
+    work = Path(work) / section_hash(asdict(cfg.model), asdict(cfg.data), asdict(fc), cfg.seed, plan.digest(), world)
     student = load_pruned(pruned_dir, device=device, dtype=cfg.model.dtype,
                           attn_implementation=cfg.model.attn_implementation)
     processor = load_processor(pruned_dir)
@@ -106,12 +111,15 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     log.info("finetune: %s trainable LoRA parameters, %d sub-stages, %s samples", f"{n_trainable:,}", len(stages),
              [len(s) for s in slices])
     result = train_lpd(student, teacher, make_loader, tcfg, work / "train")
+    if not is_main_process():
+        return {}
     merge_wr_lora_(student)
     save_pruned(student, plan, out / "model", processor=processor)
     for name in ("train_log.json", "loss.png"):
         src = Path(work) / "train" / name
         if src.is_file():
             shutil.copyfile(src, out / name)
+    shutil.rmtree(work, ignore_errors=True)  # the merged model is saved; checkpoints are no longer needed
     info = {"trainable_params": n_trainable, "global_step": result.global_step,
             "samples_per_stage": [len(s) for s in slices], "adapter": fc.adapter, "schedule": fc.schedule}
     atomic_write_json(out / "summary.json", info)

@@ -1,0 +1,103 @@
+"""The embedded default pipeline: all stages, results, resume, and partial re-runs."""
+
+import json
+import shutil
+
+import pytest
+
+from ukmp.cli import main
+from ukmp.config import load_config
+from ukmp.io import load_pruned, read_plan
+from ukmp.pipeline import run
+from ukmp.plan import PruningPlan
+
+
+def _demo_cfg(tmp_path, *overrides):
+    from importlib import resources
+
+    demo = str(resources.files("ukmp") / "configs" / "demo.yaml")
+    return load_config([demo], [f"output_dir={tmp_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("demo")
+    cfg = _demo_cfg(tmp)
+    return cfg, run(cfg), tmp / "demo"
+
+
+def test_all_stages_and_a_number_for_every_task(demo_run):
+    cfg, out, root = demo_run
+    for stage in ("eval_dense", "prune", "eval_pruned", "finetune", "eval_finetuned"):
+        assert (root / stage / "stage.json").is_file(), stage
+        assert not out["stages"][stage]["skipped"]
+    metrics = out["metrics"]
+    assert set(metrics["pruned"]) == set(cfg.eval.after_prune)
+    assert set(metrics["recovered"]) == set(cfg.eval.after_finetune) == set(metrics["dense"])
+    for state in metrics.values():
+        for task, m in state.items():
+            numbers = [v for k, v in m.items() if k not in ("count", "seconds")]
+            assert numbers and all(isinstance(v, (int, float)) for v in numbers), task
+    assert abs(out["achieved_ratio"] - cfg.prune.ratio) < 0.02
+    saved = json.loads((root / "results.json").read_text())
+    assert saved["metrics"] == metrics
+    assert "| task | metric |" in (root / "results.md").read_text()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["versions"]["torch"] and manifest["plan_digest"] == read_plan(root / "prune" / "model").digest()
+    assert len(manifest["calibration_sample_ids"]) == cfg.prune.num_samples
+    for png in ("prune/kept_width.png", "finetune/loss.png"):
+        assert (root / png).stat().st_size > 1000
+    # the recovered model is a plain pruned model with the same plan, and it differs from the pruned one
+    rec, pru = load_pruned(root / "finetune" / "model"), load_pruned(root / "prune" / "model")
+    assert read_plan(root / "finetune" / "model").digest() == read_plan(root / "prune" / "model").digest()
+    diffs = [float((a - b).abs().max()) for (n, a), (_, b) in
+             zip(rec.state_dict().items(), pru.state_dict().items())]
+    assert max(diffs) > 1e-6
+
+
+def test_second_run_skips_and_deleted_stage_reruns_with_dependents(demo_run, tmp_path):
+    cfg, first, root = demo_run
+    again = run(cfg)
+    assert all(s["skipped"] for s in again["stages"].values())
+    assert again["metrics"] == first["metrics"]
+    shutil.rmtree(root / "eval_pruned")
+    third = run(cfg)
+    ran = {k for k, s in third["stages"].items() if not s["skipped"]}
+    assert ran == {"eval_pruned"}
+    shutil.rmtree(root / "finetune")
+    fourth = run(cfg)
+    assert {k for k, s in fourth["stages"].items() if not s["skipped"]} == {"finetune", "eval_finetuned"}
+    # changing the finetune config invalidates finetune and what reads it, nothing upstream
+    cfg.finetune.lr = cfg.finetune.lr / 2
+    fifth = run(cfg)
+    assert {k for k, s in fifth["stages"].items() if not s["skipped"]} == {"finetune", "eval_finetuned"}
+
+
+def test_replan_from_cached_scores_reproduces_the_plan(demo_run, tmp_path, capsys):
+    cfg, _, root = demo_run
+    scores = root / "prune" / "scores.safetensors"
+    assert main(["plan", "--scores", str(scores), "--ratio", str(cfg.prune.ratio),
+                 "--out", str(tmp_path / "p.json")]) == 0
+    again = PruningPlan.load(tmp_path / "p.json")
+    original = PruningPlan.load(root / "prune" / "plan.json")
+    assert again.keep == original.keep and again.digest() == original.digest()
+    assert main(["plan", "--scores", str(scores), "--ratio", "0.3", "--out", str(tmp_path / "q.json")]) == 0
+    smaller = PruningPlan.load(tmp_path / "q.json")
+    assert smaller.meta["achieved_ratio"] < original.meta["achieved_ratio"]
+    capsys.readouterr()
+    assert main(["plan", "--scores", str(tmp_path / "nope.safetensors"), "--ratio", "0.3"]) == 2
+    assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_prune_cli_with_overrides_and_bad_key(tmp_path, capsys):
+    from importlib import resources
+
+    demo = str(resources.files("ukmp") / "configs" / "demo.yaml")
+    assert main(["prune", demo, f"output_dir={tmp_path}", "name=p", "prune.method=magnitude",
+                 "prune.ratio=0.3"]) == 0
+    summary = json.loads((tmp_path / "p" / "prune" / "summary.json").read_text())
+    assert summary["method"] == "magnitude" and abs(summary["achieved_ratio"] - 0.3) < 0.02
+    capsys.readouterr()
+    assert main(["prune", demo, f"output_dir={tmp_path}", "prune.ratoi=0.3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "prune.ratoi" in err and "\n" not in err
