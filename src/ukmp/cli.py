@@ -117,6 +117,24 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ukmp.compare import DEFAULT_METHODS, compare
+
+    configs, overrides = _split_config_args(args.config)
+    methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
+    from ukmp.prune.scoring import get_method
+
+    for m in methods:
+        get_method(m)
+    out = compare(configs, overrides, args.ratio, methods, recover=args.recover,
+                  methods_dir=Path(args.methods_dir) if args.methods_dir else None)
+    print(json.dumps({m: {"achieved_ratio": r["achieved_ratio"], "pruned": r["pruned"]}
+                      for m, r in out["methods"].items()}, indent=1))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ukmp.pipeline import run
     from ukmp.config import load_config
@@ -194,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force-stage", action="store_true", help="re-run even if up to date")
     s.set_defaults(func=_cmd_finetune)
 
+    s = sub.add_parser(
+        "compare", help="UKMP and the baselines at one ratio: one table (Markdown + JSON) and one chart",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Prune the same model with every method at --ratio, evaluate each (eval.after_prune tasks, or "
+                    "eval.after_finetune with --recover), and write <output_dir>/<name>_compare_<ratio>/"
+                    "comparison.{md,json,png}.\n\nMethods and their knobs (prune.options.<namespace>):\n"
+                    + METHOD_HELP)
+    config_args(s)
+    s.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters to remove (default 0.5)")
+    s.add_argument("--methods", help="comma-separated subset (default: all)")
+    s.add_argument("--recover", action="store_true", help="also recover every pruned model with the same budget")
+    s.add_argument("--methods-dir", help="directory of per-method YAML deltas (<method>.yaml), e.g. configs/methods")
+    s.set_defaults(func=_cmd_compare)
+
     s = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and sample data (CPU, minutes)",
                        description="prune -> eval -> finetune -> eval on a tiny random BLIP-2 and generated sample "
                                    "data in the real datasets' formats; writes outputs/demo/results.json.")
@@ -205,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_demo)
     return p
 
+
+METHOD_HELP = """\
+  ukmp               selected-token Taylor x angle entropy, per-modality iterative mean normalisation (the method)
+  llm_pruner_global  element-wise Taylor (llmp.taylor: param_first|param_second|param_mix|vectorize), one global
+                     parameter-budgeted ranking; llmp.imp_normalizer none|param, llmp.skip_edge_layers
+  llm_pruner_local   the same scores, every module loses the same fraction (llmp.local_ratio_mode)
+  ecoflap_sp         zeroth-order block scores (ecoflap.score zeroth|first|taylor_units, eps, zo_samples),
+                     water-filled block ratios (ecoflap.cap_mode), Wanda-sp inside blocks (ecoflap.local_score)
+  flap               fluctuation metric at output projections (flap.metric wifv|ifv|wifn), standardised, AL-AM,
+                     bias compensation (flap.bias_compensation; T5 o/wo gain a bias recorded in the plan)
+  upop               learnable head/channel gates, progressive unified search with weight training
+                     (upop.steps, update_every, lr, w_attn, w_mlp, weights full|lora)
+  magnitude_sp       data-free weight magnitude (mag.scope group|out_proj, mag.p 1|2), uniform per module
+  wanda_sp           |W| x ||X|| (wanda.scope out_proj|group, wanda.sequential)
+  random             random units
+"""
 
 STAGE_NAMES = ["eval_dense", "prune", "eval_pruned", "finetune", "eval_finetuned"]
 

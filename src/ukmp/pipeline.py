@@ -54,6 +54,15 @@ def git_commit(start: Path | None = None) -> str | None:
     return None
 
 
+def file_digest(path: str) -> str | None:
+    """Content hash of a file that a stage reads (so a changed input invalidates the stage)."""
+    import hashlib
+
+    if not path or not Path(path).is_file():
+        return None
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("ukmp", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy"):
@@ -104,7 +113,8 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ())
     if cfg.eval.dense and want("eval_dense"):
         records["eval_dense"] = eval_stage("eval_dense", None, cfg.eval.after_finetune, [])
     records["prune"] = run_stage(
-        "prune", root / "prune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed], [],
+        "prune", root / "prune",
+        [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed, file_digest(cfg.prune.scores_from)], [],
         lambda out: run_prune_stage(cfg, out), force="prune" in force,
     )
     pruned_dir = root / "prune" / "model"

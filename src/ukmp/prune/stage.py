@@ -111,6 +111,14 @@ def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPl
     return plan
 
 
+def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int) -> ScoreResult:
+    """Scores of an earlier prune stage for the same model structure (re-allocation needs no calibration)."""
+    scores, parts, cached_groups, cached_total, _alloc, meta = load_scores(path)
+    if [(g.id, g.n_units) for g in cached_groups] != [(g.id, g.n_units) for g in groups] or cached_total != total:
+        raise ValueError(f"prune.scores_from: {path} was computed for a different model structure")
+    return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")})
+
+
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
     out = {}
     for kind in GROUP_KINDS:
@@ -159,12 +167,15 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     groups = adapter.groups()
     total = count_parameters(model)
     before = parameter_breakdown(model)
-    method = get_method(cfg.prune.method)
-    if cfg.prune.method in DATA_FREE:
-        batches, n_batches, ids = (lambda epoch: iter(())), 0, []
+    if cfg.prune.scores_from:
+        result, ids, n_batches = cached_scores(cfg.prune.scores_from, groups, total), [], 0
     else:
-        batches, n_batches, ids = calibration_batches(cfg, processor, model)
-    result = method(model, groups, batches, cfg.prune, n_batches)
+        method = get_method(cfg.prune.method)
+        if cfg.prune.method in DATA_FREE:
+            batches, n_batches, ids = (lambda epoch: iter(())), 0, []
+        else:
+            batches, n_batches, ids = calibration_batches(cfg, processor, model)
+        result = method(model, groups, batches, cfg.prune, n_batches)
     acfg = allocation_config(cfg.prune, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))

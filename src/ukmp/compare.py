@@ -1,0 +1,131 @@
+"""Side-by-side comparison: the same model pruned by every method at one ratio, evaluated, tabulated, plotted.
+
+Each method is an ordinary pipeline run under ``<output_dir>/<name>_compare_<ratio>/<method>/`` (so every stage is
+cached and resumable); the dense model is evaluated once. All methods see the same calibration samples and
+augmentations (same ids and seeds). Methods that differ only in allocation reuse the scores of their sibling
+(``llm_pruner_local`` re-allocates ``llm_pruner_global``'s scores via ``prune.scores_from``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from ukmp.config import RunConfig, load_config
+from ukmp.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("ukmp", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp", "flap", "upop",
+                   "magnitude_sp", "wanda_sp", "random")
+PRIMARY_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "caption": "cider", "retrieval": "r_mean"}
+SCORE_SHARING = {"llm_pruner_local": ("llm_pruner_global", ["prune.scope=local", "prune.normalization=none"])}
+
+
+def method_config(configs: list[str], overrides: list[str], method: str, ratio: float, root: Path,
+                  methods_dir: Path | None) -> RunConfig:
+    files = list(configs)
+    if methods_dir is not None and (methods_dir / f"{method}.yaml").is_file():
+        files.append(str(methods_dir / f"{method}.yaml"))
+    return load_config(files, [*overrides, f"prune.method={method}", f"prune.ratio={ratio}", f"name={method}",
+                               f"output_dir={root}", "eval.dense=false"])
+
+
+def primary(task: str) -> str:
+    from ukmp.eval.stage import TASKS
+
+    return PRIMARY_METRIC[TASKS[task].kind]
+
+
+def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str]) -> str:
+    head = "| method | achieved ratio | " + " | ".join(f"{t} {primary(t)}" for t in tasks) + " |"
+    lines = [head, "|---|---:|" + "---:|" * len(tasks)]
+    if dense:
+        lines.append("| dense | 0.0000 | " + " | ".join(f"{dense[t][primary(t)]:.2f}" for t in tasks) + " |")
+    for m, r in rows.items():
+        cells = []
+        for t in tasks:
+            p = r["pruned"].get(t, {}).get(primary(t))
+            rec = (r.get("recovered") or {}).get(t, {}).get(primary(t))
+            cell = "–" if p is None else f"{p:.2f}"
+            if rec is not None:
+                cell += f" → {rec:.2f}"
+            cells.append(cell)
+        lines.append(f"| {m} | {r['achieved_ratio']:.4f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str], path: Path,
+                    title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = list(rows)
+    states = ["pruned"] + (["recovered"] if any(r.get("recovered") for r in rows.values()) else [])
+    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5, 0.55 * len(methods) + 1.5) * len(tasks), 4.2),
+                             squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        x = np.arange(len(methods))
+        width = 0.8 / len(states)
+        for k, state in enumerate(states):
+            vals = [(rows[m].get(state) or {}).get(task, {}).get(primary(task), np.nan) for m in methods]
+            ax.bar(x + (k - (len(states) - 1) / 2) * width, vals, width, label=state)
+        if dense and task in dense:
+            ax.axhline(dense[task][primary(task)], color="k", ls="--", lw=1, label="dense")
+        ax.set_xticks(x, methods, rotation=45, ha="right")
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{task} ({primary(task)})")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
+            recover: bool = False, methods_dir: Path | None = None) -> dict[str, Any]:
+    import json
+
+    from ukmp.eval.stage import run_eval_stage
+    from ukmp.pipeline import run
+    from ukmp.stages import run_stage
+
+    base = load_config(configs, overrides)
+    root = Path(base.output_dir) / f"{base.name}_compare_{ratio}"
+    tasks = list(base.eval.after_finetune if recover else base.eval.after_prune)
+    over = [*overrides, f"finetune.enabled={str(recover).lower()}", f"eval.after_prune=[{','.join(tasks)}]",
+            f"eval.after_finetune=[{','.join(tasks)}]"]
+    dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
+    dense_rec = run_stage("eval_dense", root / "dense" / "eval_dense", [asdict(dense_cfg.model),
+                          asdict(dense_cfg.eval), tasks], [],
+                          lambda out: run_eval_stage(dense_cfg, None, tasks, out))
+    dense = json.loads((dense_rec.path / "metrics.json").read_text())
+    rows: dict[str, dict[str, Any]] = {}
+    for m in methods:
+        extra = []
+        if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:
+            src, alloc = SCORE_SHARING[m]
+            scores = root / src / "prune" / "scores.safetensors"
+            if scores.is_file():
+                extra = [f"prune.scores_from={scores}", *alloc]
+        cfg = method_config(configs, [*over, *extra], m, ratio, root, methods_dir)
+        log.info("compare: %s at ratio %s", m, ratio)
+        out = run(cfg)
+        prune_info = json.loads((root / m / "prune" / "stage.json").read_text())
+        rows[m] = {"achieved_ratio": out["achieved_ratio"], "pruned": out["metrics"].get("pruned", {}),
+                   "recovered": out["metrics"].get("recovered"), "prune_seconds": round(prune_info["seconds"], 2),
+                   "scores_from": cfg.prune.scores_from or None}
+    result = {"ratio": ratio, "tasks": tasks, "dense": dense, "methods": rows, "recover": recover}
+    atomic_write_json(root / "comparison.json", result)
+    title = f"{base.name}: methods at ratio {ratio}" + (" (after recovery)" if recover else "")
+    atomic_write_text(root / "comparison.md", f"# {title}\n\n" + comparison_table(rows, dense, tasks))
+    plot_comparison(rows, dense, tasks, root / "comparison.png", title)
+    log.info("compare: wrote %s", root / "comparison.md")
+    return result
