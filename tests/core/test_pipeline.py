@@ -101,3 +101,15 @@ def test_prune_cli_with_overrides_and_bad_key(tmp_path, capsys):
     assert main(["prune", demo, f"output_dir={tmp_path}", "prune.ratoi=0.3"]) == 2
     err = capsys.readouterr().err.strip()
     assert "prune.ratoi" in err and "\n" not in err
+
+
+def test_same_seed_same_plan(tmp_path):
+    from ukmp.prune.stage import run_prune_stage
+
+    digests = []
+    for k in range(2):
+        cfg = _demo_cfg(tmp_path / str(k))
+        out = tmp_path / str(k) / "prune"
+        out.mkdir(parents=True)
+        digests.append(run_prune_stage(cfg, out)["plan_digest"])
+    assert digests[0] == digests[1]
