@@ -53,6 +53,7 @@ class PruneConfig:
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
     entropy_exclude_padding: bool = False
+    fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
 

@@ -113,3 +113,28 @@ def test_same_seed_same_plan(tmp_path):
         out.mkdir(parents=True)
         digests.append(run_prune_stage(cfg, out)["plan_digest"])
     assert digests[0] == digests[1]
+
+
+def test_fused_pass_equals_the_two_separate_passes(tmp_path):
+    """One forward feeding both UKMP passes gives the scores of the two separate passes on the same batches."""
+    import torch
+
+    from ukmp.models import adapter_for
+    from ukmp.prune.scoring import entropy_pass, fused_pass, taylor_pass
+    from ukmp.prune.stage import calibration_batches
+    from ukmp.runtime import load_dense
+
+    cfg = _demo_cfg(tmp_path)
+    model, processor = load_dense(cfg.model)
+    groups = adapter_for(model).groups()
+    batches, n, _ = calibration_batches(cfg, processor, model)
+    ent = entropy_pass(model, groups, batches(1))
+    tay, stats = taylor_pass(model, groups, batches(1), 0.4)
+    ftay, fent, fstats = fused_pass(model, groups, batches(1), 0.4)
+    assert stats == fstats and ent.keys() == fent.keys() and tay.keys() == ftay.keys()
+    for k in ent:  # same inputs, same kernels: equal up to summation order (fp32)
+        assert torch.allclose(ent[k], fent[k], rtol=1e-5, atol=1e-7), k
+    for k in tay:
+        assert torch.allclose(tay[k], ftay[k], rtol=1e-5, atol=1e-12), k
+    other = entropy_pass(model, groups, batches(0))  # another epoch: other prefix splits and crops
+    assert any(not torch.allclose(ent[k], other[k], rtol=1e-5, atol=1e-7) for k in ent)

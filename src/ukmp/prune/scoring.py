@@ -85,17 +85,52 @@ def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable
     return scores, {"tokens_selected": n_sel, "tokens_total": n_valid}
 
 
+def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
+               order: str = "first", angle: bool = False, exclude_padding: bool = False, total: int | None = None):
+    """Both UKMP passes over one stream of batches: the entropy hooks read the activations of the Taylor forward.
+
+    Equal to the two separate passes when both see the same inputs (augmentation off, or the same epoch); saves one
+    forward per sample."""
+    from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
+    from ukmp.importance.taylor import TaylorScorer, selected_loss
+
+    language = [g for g in groups if g.modality == "language"]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n_sel = n_valid = 0
+    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
+            TaylorScorer(model, groups, order=order) as scorer:
+        for batch in _progress(batches, "fused pass", total):
+            b = _to(batch, device, dtype)
+            if exclude_padding:
+                with hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")):
+                    logits = model(**b).logits.float()
+            else:
+                logits = model(**b).logits.float()
+            loss, sel, valid = selected_loss(logits, b["labels"], threshold)
+            scorer.backward(loss)
+            n_sel += int(sel)
+            n_valid += int(valid)
+        taylor = scorer.scores()
+        entropy = unit_entropies(hist.entropy(), language)
+    return taylor, entropy, {"tokens_selected": n_sel, "tokens_total": n_valid}
+
+
 # ---------------------------------------------------------------------------------------------------- methods
 def score_ukmp(model, groups, batches: Batches, pc: PruneConfig, n_batches: int) -> ScoreResult:
     from ukmp.prune.allocate import combine
 
-    entropy = None
-    if pc.entropy != "none":
-        entropy = entropy_pass(model, groups, batches(0), angle=pc.entropy == "arccos",
-                               exclude_padding=pc.entropy_exclude_padding, total=n_batches)
     threshold = 1.0 if pc.taylor == "first_no_threshold" else pc.threshold
     order = "first" if pc.taylor == "first_no_threshold" else pc.taylor
-    taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches)
+    entropy = None
+    if pc.fused_passes and pc.entropy != "none":
+        taylor, entropy, stats = fused_pass(model, groups, batches(1), threshold, order=order,
+                                            angle=pc.entropy == "arccos", exclude_padding=pc.entropy_exclude_padding,
+                                            total=n_batches)
+    else:
+        if pc.entropy != "none":
+            entropy = entropy_pass(model, groups, batches(0), angle=pc.entropy == "arccos",
+                                   exclude_padding=pc.entropy_exclude_padding, total=n_batches)
+        taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches)
     combined = combine(taylor, entropy, groups, mode="product" if entropy is not None else "taylor_only")
     parts = {"taylor": taylor, "combined": combined}
     if entropy is not None:

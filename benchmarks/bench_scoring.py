@@ -1,0 +1,318 @@
+"""UKMP scoring cost: the batched Taylor pass against the batch-1 reference loop, and the entropy pass's memory.
+
+Sections (``--sections``):
+
+a. Taylor pass over the same N calibration samples, in batches of B (the ukmp default, 8) and one sample at a time
+   (the reference's ``calibration_bs = 1``): seconds, speed-up, and the largest relative difference between the two
+   sets of unit scores (per-sample-mean selected loss, so a batch's gradient is the sum of its samples' gradients).
+b. Entropy pass peak memory for several N: it streams 100-bin histograms, so it should not grow with N. Next to it,
+   the memory the reference approach would need to keep every cosine (tokens x neurons, fp32) - computed, not run.
+   On CPU each N runs in a fresh process (sampled RSS above the post-load baseline, plus ``ru_maxrss`` and
+   ``tracemalloc``); on CUDA the allocator's ``max_memory_allocated`` above the resident model.
+c. (CUDA) both passes together at 1000 samples: seconds and peak allocated memory (targets: <= 30 s, <= 40 GiB on an
+   H100 with the full-size model in bf16).
+
+Calibration data is synthetic (random images, short random captions) collated exactly as ``calibration_batches``
+does. Run ``python benchmarks/bench_scoring.py --help`` for the options.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _common as C  # noqa: E402
+import torch  # noqa: E402
+
+TAYLOR_TARGET_SPEEDUP = 3.0
+TAYLOR_TARGET_RELDIFF = 1e-5
+COMBINED_TARGET_S = 30.0
+COMBINED_TARGET_GIB = 40.0
+BYTES_PER_COSINE = 4  # the reference keeps fp32 cosines
+
+
+# ---------------------------------------------------------------------------------------------------- (a) Taylor
+def rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], kinds: dict[str, str]) -> dict[str, Any]:
+    """Max over units of |a-b|/|b| (per unit) and of |a-b|/max|b| (per group scale), overall and per group kind."""
+    by_kind: dict[str, float] = {}
+    per_unit = per_scale = 0.0
+    for k in b:
+        x, y = a[k].double(), b[k].double()
+        d = (x - y).abs()
+        u = float((d / y.abs().clamp_min(1e-30)).max())
+        per_unit = max(per_unit, u)
+        per_scale = max(per_scale, float(d.max() / y.abs().max().clamp_min(1e-30)))
+        by_kind[kinds[k]] = max(by_kind.get(kinds[k], 0.0), u)
+    return {"max_rel_diff_per_unit": per_unit, "max_rel_diff_group_scale": per_scale,
+            "max_rel_diff_per_unit_by_kind": by_kind}
+
+
+def section_taylor(setup: C.Setup, args, model, processor, groups) -> dict[str, Any]:
+    from ukmp.prune.scoring import taylor_pass
+
+    n, bs = args.samples, args.batch_size
+    collate = C.calibration_collator(model, processor, n, seed=args.seed)
+    batched = C.make_batches(collate, n, bs)
+    single = C.make_batches(collate, n, 1)
+    # warm-up (allocator, kernels): one batch of each shape, excluded from timing
+    taylor_pass(model, groups, batched[:1], args.threshold)
+    taylor_pass(model, groups, single[:1], args.threshold)
+    t1, (s1, st1) = C.timed(lambda: taylor_pass(model, groups, single, args.threshold), setup.device)
+    tb, (sb, stb) = C.timed(lambda: taylor_pass(model, groups, batched, args.threshold), setup.device)
+    diff = rel_diff(sb, s1, {g.id: g.kind for g in groups})
+    res = {
+        "samples": n, "batch_size": bs, "threshold": args.threshold,
+        "seconds_batch1": t1, "seconds_batched": tb, "speedup": t1 / tb,
+        "samples_per_s_batch1": n / t1, "samples_per_s_batched": n / tb,
+        "tokens_batch1": st1, "tokens_batched": stb, **diff,
+        "target_speedup": TAYLOR_TARGET_SPEEDUP, "target_max_rel_diff": TAYLOR_TARGET_RELDIFF,
+        "dtype": str(setup.dtype).replace("torch.", ""),
+    }
+    res["speedup_meets_target"] = res["speedup"] >= TAYLOR_TARGET_SPEEDUP
+    res["rel_diff_meets_target"] = diff["max_rel_diff_per_unit"] <= TAYLOR_TARGET_RELDIFF
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- (b) entropy
+def entropy_layout(model, groups) -> tuple[dict[str, str], dict[str, int]]:
+    """(module -> token stream 'encoder' | 'decoder', module -> d_out) of the histogrammed Linears."""
+    from ukmp.importance.entropy import StreamingAngleHistogram
+
+    language = [g for g in groups if g.modality == "language"]
+    with StreamingAngleHistogram(model, language) as h:
+        return dict(h.streams), {m: int(c.shape[0]) for m, c in h.counts.items()}
+
+
+def store_all_bytes(streams: dict[str, str], d_out: dict[str, int], enc_tokens: int, dec_tokens: int) -> int:
+    """Bytes of every cosine kept at once (the reference): sum over modules of tokens seen x d_out x 4."""
+    tok = {"encoder": enc_tokens, "decoder": dec_tokens}
+    return sum(tok[streams[m]] * d_out[m] * BYTES_PER_COSINE for m in streams)
+
+
+def token_counts(batches: list[dict[str, torch.Tensor]]) -> dict[str, int]:
+    """Tokens the hooks see (all positions, padding included) and real tokens (what batch-1 runs would see)."""
+    return {
+        "enc_positions": sum(int(b["input_ids"].numel()) for b in batches),
+        "dec_positions": sum(int(b["labels"].numel()) for b in batches),
+        "enc_real": sum(int(b["attention_mask"].sum()) for b in batches),
+        "dec_real": sum(int(b["decoder_attention_mask"].sum()) for b in batches),
+    }
+
+
+def entropy_run(setup: C.Setup, model, processor, groups, n: int, bs: int, seed: int) -> dict[str, Any]:
+    """One entropy pass over ``n`` samples with its peak memory (call in a fresh process on CPU)."""
+    import gc
+    import tracemalloc
+
+    from ukmp.prune.scoring import entropy_pass
+
+    collate = C.calibration_collator(model, processor, n, seed=seed)
+    batches = C.make_batches(collate, n, bs)
+    gc.collect()
+    tracemalloc.start()
+    with C.PeakMemory(setup.device) as mem:
+        seconds, _ = C.timed(lambda: entropy_pass(model, groups, batches), setup.device)
+    _, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    streams, d_out = entropy_layout(model, groups)
+    tok = token_counts(batches)
+    return {
+        "samples": n, "batch_size": bs, "seconds": seconds, "memory": mem.to_dict(),
+        "process_max_rss_bytes": C.max_rss(), "tracemalloc_peak_bytes": py_peak, **tok,
+        "histogram_state_bytes": sum(d * 100 * 4 for d in d_out.values()),
+        "reference_store_all_bytes": store_all_bytes(streams, d_out, tok["enc_real"], tok["dec_real"]),
+    }
+
+
+def _entropy_child(config: str, device: str, dtype: str, threads: int | None, n: int, bs: int,
+                   seed: int) -> dict[str, Any]:
+    from ukmp.models import adapter_for
+    from ukmp.models.build import parse_dtype
+
+    if threads:
+        torch.set_num_threads(threads)
+    setup = C.Setup(torch.device(device), config, parse_dtype(dtype), C.RESULTS_DIR)
+    model, processor = C.load_bench_model(setup, seed)
+    return entropy_run(setup, model, processor, adapter_for(model).groups(), n, bs, seed)
+
+
+def section_entropy(setup: C.Setup, args, model, processor, groups) -> dict[str, Any]:
+    runs = []
+    for n in args.entropy_samples:
+        if setup.cuda:
+            r = entropy_run(setup, model, processor, groups, n, args.batch_size, args.seed)
+        else:  # a fresh process per N, so no allocator state carries over between sizes
+            with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:
+                r = ex.submit(_entropy_child, setup.config, str(setup.device), str(setup.dtype).replace("torch.", ""),
+                              args.threads, n, args.batch_size, args.seed).result()
+        runs.append(r)
+        print(f"  entropy pass N={n}: {r['seconds']:.1f} s, peak above baseline "
+              f"{r['memory']['delta_bytes'] / C.MIB:.1f} MiB", flush=True)
+    # the reference's need for 1000 samples of this config and of the full-size one (structure from the meta device)
+    # (encoder tokens per sample = that config's query tokens + the measured mean prefix length)
+    last = runs[-1]
+    nq = model.config.num_query_tokens
+    prefix = last["enc_real"] / last["samples"] - nq
+    per_sample_dec = last["dec_real"] / last["samples"]
+    streams, d_out = entropy_layout(model, groups)
+    extrap = {setup.config: store_all_bytes(streams, d_out, int(1000 * (nq + prefix)), int(1000 * per_sample_dec))}
+    if setup.config != "blip2-flan-t5-xl":
+        from ukmp.models import adapter_for
+        from ukmp.models.build import load_model
+
+        full = load_model("blip2-flan-t5-xl", random_weights_device="meta")
+        fs, fd = entropy_layout(full, adapter_for(full).groups())
+        nq_full = full.config.num_query_tokens
+        extrap["blip2-flan-t5-xl"] = store_all_bytes(fs, fd, int(1000 * (nq_full + prefix)),
+                                                     int(1000 * per_sample_dec))
+    deltas = [r["memory"]["delta_bytes"] for r in runs]
+    return {
+        "runs": runs,
+        "peak_growth_ratio_last_over_first": deltas[-1] / max(deltas[0], 1),
+        "reference_store_all_1000_samples_bytes": extrap,
+        "tokens_per_sample_assumed": {"query": nq, "prefix": prefix, "decoder": per_sample_dec},
+        "note": "reference = every cosine kept in fp32 (tokens x neurons, real tokens only, list overhead ignored); "
+                "computed, not run. CPU peak = sampled RSS above the post-load baseline in a fresh process; "
+                "tracemalloc sees the Python heap only (torch tensor storage bypasses it).",
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- (c) both
+def section_combined(setup: C.Setup, args, model, processor, groups) -> dict[str, Any]:
+    from ukmp.prune.scoring import entropy_pass, taylor_pass
+
+    n, bs = args.combined_samples, args.batch_size
+    collate = C.calibration_collator(model, processor, n, seed=args.seed)
+    tc, batches = C.timed(lambda: C.make_batches(collate, n, bs), torch.device("cpu"))
+    taylor_pass(model, groups, batches[:1], args.threshold)  # warm-up
+    entropy_pass(model, groups, batches[:1])
+    with C.PeakMemory(setup.device) as mem:
+        te, _ = C.timed(lambda: entropy_pass(model, groups, batches), setup.device)
+        tt, _ = C.timed(lambda: taylor_pass(model, groups, batches, args.threshold), setup.device)
+    peak_gib = mem.peak / C.GIB
+    return {
+        "samples": n, "batch_size": bs, "seconds_entropy": te, "seconds_taylor": tt, "seconds_total": te + tt,
+        "seconds_collate_cpu": tc, "peak_memory_gib": peak_gib, "memory": mem.to_dict(),
+        "target_seconds": COMBINED_TARGET_S, "target_peak_gib": COMBINED_TARGET_GIB,
+        "meets_time_target": te + tt <= COMBINED_TARGET_S, "meets_memory_target": peak_gib <= COMBINED_TARGET_GIB,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- output
+def figure(res: dict[str, Any]):
+    fig, (a1, a2, a3) = C.new_figure(3)
+    ta = res.get("taylor")
+    if ta:
+        a1.bar(["batch 1 (reference)", f"batched (B={ta['batch_size']})"], [ta["seconds_batch1"],
+                                                                          ta["seconds_batched"]],
+               color=["#999", "#3a7"])
+        a1.set_ylabel("seconds")
+        a1.set_title(f"(a) Taylor pass, N={ta['samples']}: {ta['speedup']:.2f}x")
+    ent = res.get("entropy")
+    if ent:
+        ns = [r["samples"] for r in ent["runs"]]
+        a2.plot(ns, [r["memory"]["delta_bytes"] / C.MIB for r in ent["runs"]], "o-", label="streaming (measured)")
+        a2.plot(ns, [r["reference_store_all_bytes"] / C.MIB for r in ent["runs"]], "s--",
+                label="store every cosine (computed)")
+        a2.set_yscale("log")
+        a2.set_xlabel("calibration samples N")
+        a2.set_ylabel("peak memory above baseline (MiB)")
+        a2.set_title("(b) entropy pass memory")
+        a2.legend(fontsize=8)
+    co = res.get("combined")
+    if co:
+        a3.bar(["seconds", "peak GiB"], [co["seconds_total"], co["peak_memory_gib"]], color="#37a")
+        a3.axhline(COMBINED_TARGET_S, ls=":", c="k")
+        a3.set_title(f"(c) both passes, N={co['samples']}")
+    else:
+        a3.axis("off")
+        a3.text(0.5, 0.5, "(c) both passes at 1000 samples:\nnot measured (needs CUDA)", ha="center", va="center")
+    fig.suptitle(f"UKMP scoring cost - {res['setup']['config']} on {res['machine']['device']}")
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = C.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--samples", type=int, default=None, help="N for section a (default: 1000 on CUDA, 32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=8, help="B of the batched passes")
+    p.add_argument("--threshold", type=float, default=0.4, help="token-selection T of the Taylor loss")
+    p.add_argument("--entropy-samples", default="8,16,32,64", help="comma-separated N values for section b")
+    p.add_argument("--combined-samples", type=int, default=1000, help="N for section c")
+    p.add_argument("--sections", default=None, help="subset of a,b,c (default: a,b,c on CUDA, a,b on CPU)")
+    p.add_argument("--name", default="bench_scoring", help="results file stem")
+    args = p.parse_args(argv)
+    setup = C.resolve_setup(args)
+    args.samples = args.samples or (1000 if setup.cuda else 32)
+    args.entropy_samples = [int(x) for x in args.entropy_samples.split(",") if x.strip()]
+    sections = set((args.sections or ("a,b,c" if setup.cuda else "a,b")).split(","))
+
+    from ukmp.models import adapter_for
+
+    machine = C.machine_info(setup.device)
+    print(f"bench_scoring: {setup.config} ({str(setup.dtype).replace('torch.', '')}) on {setup.device}; "
+          f"CPU {machine['cpu_model']} x{machine['cpu_cores']}, torch {machine['torch']}, "
+          f"load {machine['load_average_at_start']}", flush=True)
+    model, processor = C.load_bench_model(setup, args.seed)
+    groups = adapter_for(model).groups()
+    res: dict[str, Any] = {"benchmark": "bench_scoring", "machine": machine, "command": " ".join(sys.argv),
+                           "setup": {"config": setup.config, "dtype": str(setup.dtype), "device": str(setup.device),
+                                     "n_parameters": sum(p.numel() for p in model.parameters())}}
+    missing: list[str] = []
+    if "a" in sections:
+        res["taylor"] = ta = section_taylor(setup, args, model, processor, groups)
+        C.print_table(f"(a) Taylor pass, N={ta['samples']} samples ({ta['dtype']})",
+                      ["variant", "seconds", "samples/s", "tokens sel/total"],
+                      [["batch 1 (reference)", ta["seconds_batch1"], ta["samples_per_s_batch1"],
+                        f"{ta['tokens_batch1']['tokens_selected']}/{ta['tokens_batch1']['tokens_total']}"],
+                       [f"batched B={ta['batch_size']}", ta["seconds_batched"], ta["samples_per_s_batched"],
+                        f"{ta['tokens_batched']['tokens_selected']}/{ta['tokens_batched']['tokens_total']}"]])
+        print(f"speed-up {ta['speedup']:.2f}x (target >= {TAYLOR_TARGET_SPEEDUP}x on CPU mid: "
+              f"{'met' if ta['speedup_meets_target'] else 'NOT met'}); max relative unit-score difference "
+              f"{ta['max_rel_diff_per_unit']:.2e} per unit, {ta['max_rel_diff_group_scale']:.2e} of the group "
+              f"scale (target <= {TAYLOR_TARGET_RELDIFF:g}: {'met' if ta['rel_diff_meets_target'] else 'NOT met'})")
+        print("max relative difference per unit, by group kind: " +
+              ", ".join(f"{k} {v:.1e}" for k, v in ta["max_rel_diff_per_unit_by_kind"].items()))
+    else:
+        missing.append("(a) Taylor batched vs batch-1 (section not selected)")
+    if "b" in sections:
+        res["entropy"] = en = section_entropy(setup, args, model, processor, groups)
+        C.print_table("(b) entropy pass peak memory (MiB)",
+                      ["N", "seconds", "peak above base", "ru_maxrss", "tracemalloc", "store-all (ref)"],
+                      [[r["samples"], r["seconds"], r["memory"]["delta_bytes"] / C.MIB,
+                        r["process_max_rss_bytes"] / C.MIB if not setup.cuda else None,
+                        r["tracemalloc_peak_bytes"] / C.MIB, r["reference_store_all_bytes"] / C.MIB]
+                       for r in en["runs"]])
+        print(f"peak growth from N={en['runs'][0]['samples']} to N={en['runs'][-1]['samples']}: "
+              f"{en['peak_growth_ratio_last_over_first']:.2f}x; reference store-all need at 1000 samples: " +
+              ", ".join(f"{k} {v / C.GIB:.1f} GiB" for k, v in en["reference_store_all_1000_samples_bytes"].items()))
+    else:
+        missing.append("(b) entropy memory vs N (section not selected)")
+    if "c" in sections:
+        res["combined"] = co = section_combined(setup, args, model, processor, groups)
+        C.print_table(f"(c) both passes, N={co['samples']}", ["entropy s", "taylor s", "total s", "peak GiB"],
+                      [[co["seconds_entropy"], co["seconds_taylor"], co["seconds_total"], co["peak_memory_gib"]]])
+        print(f"targets: <= {COMBINED_TARGET_S} s ({'met' if co['meets_time_target'] else 'NOT met'}), "
+              f"<= {COMBINED_TARGET_GIB} GiB ({'met' if co['meets_memory_target'] else 'NOT met'}) "
+              f"- the targets are for an H100 with the full-size model")
+    if not setup.cuda:
+        missing.append("(a) GPU: Taylor batched vs batch-1 at N=1000 on blip2-flan-t5-xl bf16 (no CUDA device)")
+        missing.append("(b) GPU: entropy peak memory (torch.cuda.max_memory_allocated) on blip2-flan-t5-xl")
+        if "c" not in sections:
+            missing.append(f"(c) both passes at 1000 samples on an H100: time (target <= {COMBINED_TARGET_S:g} s) "
+                           f"and peak memory (target <= {COMBINED_TARGET_GIB:g} GiB) (no CUDA device)")
+    elif setup.config != "blip2-flan-t5-xl":
+        missing.append("full-size targets: this run used a smaller config")
+    res["missing"] = missing
+    res["machine"]["load_average_at_end"] = list(C.os.getloadavg())
+    C.print_missing(missing)
+    C.save_results(setup.out_dir, args.name, res, figure(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
