@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: $(BIN)/.installed
-	$(BIN)/ukmp demo --out outputs/demo
+	$(BIN)/ukmp demo --out outputs
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
