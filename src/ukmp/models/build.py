@@ -95,6 +95,13 @@ def build_model(
     if untie_lm_head_(model) and device != "meta":
         with torch.no_grad():  # T5's own init for an untied lm_head; random builds then look like real FlanT5
             model.language_model.lm_head.weight.normal_(0.0, config.text_config.initializer_factor)
+    if str(device) != "meta":
+        # transformers zero-initialises query_tokens; identical queries get identical gradients and never separate
+        # (the Q-Former has no query position embedding). A private generator leaves the global RNG untouched.
+        g = torch.Generator().manual_seed(0 if seed is None else int(seed) + 1)
+        with torch.no_grad():
+            q = torch.randn(model.query_tokens.shape, generator=g) * config.initializer_range
+            model.query_tokens.copy_(q.to(model.query_tokens.dtype))
     return model.eval()
 
 
@@ -179,7 +186,11 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 160):
     )
     tok.train_from_iterator(texts * 4, trainer=trainer)
     vocab = json.loads(tok.to_str())["model"]["vocab"]
-    return T5Tokenizer(vocab=[(p, float(s)) for p, s in vocab], extra_ids=0)
+    # the trainer may list equal-score pieces in hash-map order and differ in the last digits of scores between
+    # processes: a canonical order makes token ids a function of the corpus alone
+    special, rest = vocab[:3], vocab[3:]
+    rest = sorted(((p, round(float(s), 6)) for p, s in rest), key=lambda ps: (-ps[1], ps[0]))
+    return T5Tokenizer(vocab=[(p, float(s)) for p, s in special] + rest, extra_ids=0)
 
 
 def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2Processor:
