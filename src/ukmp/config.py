@@ -52,6 +52,7 @@ class PruneConfig:
     units_per_step: int = 1000
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
+    local_rounding: str = "carry"  # scope=local: floor (P1 as written; can miss the ratio) | carry (hits it)
     entropy_exclude_padding: bool = False
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
@@ -162,6 +163,7 @@ _CHOICES = {
     ("prune", "entropy"): ("cosine", "arccos", "none"),
     ("prune", "normalization"): ("mean_iterative", "mean_once", "none", "minmax", "standardize"),
     ("prune", "scope"): ("global", "local"),
+    ("prune", "local_rounding"): ("floor", "carry"),
     ("finetune", "adapter"): ("wr_lora", "lora"),
     ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
     ("finetune", "lr_schedule"): ("constant", "cosine"),

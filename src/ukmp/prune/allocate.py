@@ -56,6 +56,7 @@ class AllocationConfig:
     max_group_prune_ratio: float = 0.9
     min_units_per_group: int = 1
     local_ratio_mode: LocalRatioMode = "whole_model"
+    local_rounding: str = "carry"  # local scope: "floor" (P1 as written) or "carry" (remainders carried per kind)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
@@ -65,6 +66,9 @@ class AllocationConfig:
         if self.normalization not in _NORMS:
             raise ValueError(f"allocation.normalization: unknown value {self.normalization!r} "
                              f"(choose from {list(_NORMS)})")
+        if self.local_rounding not in ("floor", "carry"):
+            raise ValueError(f"allocation.local_rounding: unknown value {self.local_rounding!r} "
+                             f"(choose 'floor' or 'carry')")
         if self.local_ratio_mode not in _LOCAL_MODES:
             raise ValueError(f"allocation.local_ratio_mode: unknown value {self.local_ratio_mode!r} "
                              f"(choose from {list(_LOCAL_MODES)})")
@@ -303,8 +307,11 @@ def _allocate_local(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     r = cfg.target_ratio * total / prunable if cfg.local_ratio_mode == "whole_model" else cfg.target_ratio
     alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    carry: dict[str, float] = {}  # per group kind: the fractional units floor() dropped so far
     for i, g in enumerate(flat.order):
-        n_rm = math.floor(min(r, 1.0) * g.n_units + 1e-9)
+        want = min(r, 1.0) * g.n_units + (carry.get(g.kind, 0.0) if cfg.local_rounding == "carry" else 0.0)
+        n_rm = math.floor(want + 1e-9)
+        carry[g.kind] = want - n_rm
         n_rm = min(n_rm, math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9),
                    g.n_units - cfg.min_units_per_group)
         if n_rm <= 0:
