@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  f"{base.finetune.final_stage_samples}, batch "
                                                  f"{base.finetune.batch_size}, lr {base.finetune.lr}"}
     if not args.no_ablations:
-        result["ablations"] = run_ablations(configs, [*args.overrides], root / "ablations", args.ablation_ratio,
+        result["ablations"] = run_ablations(configs, [*args.overrides], root / f"ablations_{args.ablation_ratio}",
+                                            args.ablation_ratio,
                                             recover)
     result["targets"] = targets(result)
     root.mkdir(parents=True, exist_ok=True)
