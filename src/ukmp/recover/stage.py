@@ -120,6 +120,10 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
         if src.is_file():
             shutil.copyfile(src, out / name)
     shutil.rmtree(work, ignore_errors=True)  # the merged model is saved; checkpoints are no longer needed
+    try:
+        work.parent.rmdir()  # the <stage>.work directory, when no other run's checkpoints are in it
+    except OSError:
+        pass
     info = {"trainable_params": n_trainable, "global_step": result.global_step,
             "samples_per_stage": [len(s) for s in slices], "adapter": fc.adapter, "schedule": fc.schedule}
     atomic_write_json(out / "summary.json", info)
