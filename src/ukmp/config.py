@@ -53,6 +53,7 @@ class PruneConfig:
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
     local_rounding: str = "carry"  # scope=local: floor (P1 as written; can miss the ratio) | carry (hits it)
+    exact_stop: bool = False  # scope=global: cut the last step at the target (the reference may overshoot a step)
     entropy_exclude_padding: bool = False
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config

@@ -214,3 +214,25 @@ def test_tiny_blip2_plan_applies_and_counts_match():
     assert total - count_parameters(model) == plan.meta["removed_params"]  # params_per_unit is the real cost
     by_mod = plan.meta["removed_params_by_modality"]
     assert by_mod["vision"] > 0 and by_mod["language"] > 0
+
+
+def test_exact_stop_cuts_the_last_step_at_the_target():
+    """With big units in the last step, exact_stop lands within one unit of the target instead of one step."""
+    import torch
+
+    from ukmp.groups import PrunableGroup
+    from ukmp.prune.allocate import AllocationConfig, allocate
+
+    groups = [PrunableGroup(f"g{i}", "enc_heads", "heads", "language", i, 10, 1000) for i in range(4)]
+    scores = {g.id: torch.arange(10, dtype=torch.float32) + 10 * k for k, g in enumerate(groups)}
+    total = 40_000
+    coarse = allocate(scores, groups, total, AllocationConfig(target_ratio=0.3, units_per_step=20,
+                                                             fine_units_per_step=20, normalization="none"))
+    exact = allocate(scores, groups, total, AllocationConfig(target_ratio=0.3, units_per_step=20,
+                                                            fine_units_per_step=20, normalization="none",
+                                                            exact_stop=True))
+    assert coarse.meta["achieved_ratio"] >= 0.3 + 0.1  # a 20-unit step overshoots by >= 10 points
+    assert 0.3 <= exact.meta["achieved_ratio"] < 0.3 + 1000 / total  # within one unit (2.5 points) of the target
+    removed = {gid: set(range(10)) - set(k) for gid, k in exact.keep.items()}
+    assert sum(map(len, removed.values())) == 12  # 12 units of 1000 = exactly 30 % of 40,000
+    assert removed["g0"] == set(range(9))  # the lowest scores go first; a group keeps at least one unit

@@ -57,6 +57,7 @@ class AllocationConfig:
     min_units_per_group: int = 1
     local_ratio_mode: LocalRatioMode = "whole_model"
     local_rounding: str = "carry"  # local scope: "floor" (P1 as written) or "carry" (remainders carried per kind)
+    exact_stop: bool = False  # global scope: the last step removes only what reaches the target (no overshoot)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
@@ -288,6 +289,15 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         sel = _enforce_min_units(flat, alive, sel, norm, keep_min)
         if not bool(sel.any()):
             break
+        if cfg.exact_stop and removed + int(flat.ppu[sel].sum()) > target * total:
+            # take only the lowest-scored prefix of this step that reaches the target (ties: flat order)
+            idx = sel.nonzero().flatten()
+            order = idx[torch.sort(norm[idx], stable=True).indices]
+            need = target * total - removed
+            cum = torch.cumsum(flat.ppu[order].double(), 0)
+            n_take = int(torch.searchsorted(cum, torch.tensor([need], dtype=torch.float64)).item()) + 1
+            sel = torch.zeros_like(sel)
+            sel[order[: min(n_take, order.numel())]] = True
         alive &= ~sel
         last_step_params = int(flat.ppu[sel].sum())
         removed += last_step_params

@@ -34,7 +34,8 @@ SCORES_FORMAT = "ukmp.scores"
 def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) -> AllocationConfig:
     d = dict(target_ratio=pc.ratio, scope=pc.scope, normalization=pc.normalization,
              units_per_step=pc.units_per_step, fine_units_per_step=pc.fine_units_per_step,
-             max_group_prune_ratio=pc.max_group_prune_ratio, local_rounding=pc.local_rounding)
+             max_group_prune_ratio=pc.max_group_prune_ratio, local_rounding=pc.local_rounding,
+             exact_stop=pc.exact_stop)
     d.update(overrides or {})
     return AllocationConfig.from_dict(d)
 
