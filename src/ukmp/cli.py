@@ -14,8 +14,9 @@ lost. Pruned models are plain transformers models that reload in one call (ukmp.
 
 Typical use:
   ukmp inspect blip2-flan-t5-xl            structure and parameter budget of the full-size model (offline)
-  ukmp inspect outputs/demo/pruned         the same for a pruned model directory
-  ukmp demo                                the whole pipeline on a tiny model and sample data (CPU, minutes)
+  ukmp inspect outputs/demo/prune/model    the same for a pruned model directory
+  ukmp demo                                the whole pipeline on a tiny model and sample data (CPU, < 1 min)
+  ukmp compare configs/base.yaml --methods-dir configs/methods --ratio 0.5   UKMP vs every baseline
   ukmp run configs/ukmp_0.5.yaml           prune -> eval -> finetune -> eval, as scripts/structured_blip2/ukmp_0.5.py
   ukmp prune configs/ukmp_0.5.yaml prune.ratio=0.3
   ukmp plan --scores outputs/ukmp_0.5/prune/scores.safetensors --ratio 0.3 --out plan_0.3.json
