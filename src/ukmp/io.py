@@ -86,6 +86,18 @@ class AtomicDir:
             shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json_file(path: Path, what: str, error: type[Exception] = ValueError) -> Any:
+    """Parsed JSON; a missing file or bad JSON is a one-line ``error`` naming the file (missing: FileNotFoundError
+    unless ``error`` is a more specific class)."""
+    path = Path(path)
+    if not path.is_file():
+        raise (FileNotFoundError if error is ValueError else error)(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
 # ---------------------------------------------------------------------------------------------------- state dicts
 def dedup_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict with each shared tensor stored once, plus {alias: canonical} for the dropped names."""
@@ -154,10 +166,7 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path) / MARKER
     if not p.is_file():
         raise FileNotFoundError(f"{p}: not a ukmp pruned model directory ({MARKER} missing)")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e.msg})") from None
+    d = read_json_file(p, "pruned-model marker")
     if d.get("format") != PRUNED_FORMAT:
         raise ValueError(f"{p}: field 'format' must be {PRUNED_FORMAT!r}")
     if d.get("version") != PRUNED_VERSION:

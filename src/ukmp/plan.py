@@ -149,11 +149,7 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        from ukmp.io import read_json_file
+
         p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"{p}: plan file not found")
-        try:
-            d = json.loads(p.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_dict(d, source=str(p))
+        return cls.from_dict(read_json_file(p, "plan file", PlanError), source=str(p))

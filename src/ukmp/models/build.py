@@ -62,12 +62,9 @@ def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
         path = Path(s)
         if path.is_dir():
             path = path / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: model config not found")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    from ukmp.io import read_json_file
+
+    d = read_json_file(path, "model config")
     d.update(overrides)
     return Blip2Config.from_dict(d)
 
