@@ -20,3 +20,16 @@ torch.set_num_threads(1)
 def tiny():
     model, processor = build_tiny(seed=0)
     return model, processor
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    """Every test starts from the same RNG state, whatever ran before it (no order-dependent flakiness)."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    yield
