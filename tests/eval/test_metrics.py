@@ -234,8 +234,8 @@ def test_cider_identical_beats_unrelated():
 
 
 @pytest.mark.integration
-def test_spice_required_but_missing_raises():
-    if metrics.spice_available():
-        pytest.skip("CoreNLP jars are installed here; the missing-jar path cannot be exercised")
+def test_spice_required_but_missing_raises(monkeypatch, tmp_path):
+    monkeypatch.setattr(metrics, "_spice_lib", lambda: tmp_path)  # a jar directory without the jars
+    assert not metrics.spice_available()
     with pytest.raises(FileNotFoundError, match="CoreNLP"):
         caption_scores({1: "a red circle"}, REFS, spice=True)
