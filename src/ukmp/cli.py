@@ -58,15 +58,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ukmp.prune.stage import run_prune_stage
-    from ukmp.stages import run_stage
+    from ukmp.pipeline import prune_stage
 
     cfg = _load_cfg(args)
-    from dataclasses import asdict
-
-    root = Path(cfg.output_dir) / cfg.name
-    rec = run_stage("prune", root / "prune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed], [],
-                    lambda out: run_prune_stage(cfg, out), force=args.force_stage)
+    rec = prune_stage(cfg, Path(cfg.output_dir) / cfg.name, force=args.force_stage)
     print(json.dumps({"prune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
     return 0
 
@@ -102,18 +97,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ukmp.recover.stage import run_finetune_stage
-    from ukmp.stages import run_stage
+    from ukmp.pipeline import completed_stage, finetune_stage
 
     cfg = _load_cfg(args)
     root = Path(cfg.output_dir) / cfg.name
-    pruned = Path(args.pruned) if args.pruned else root / "prune" / "model"
-    from dataclasses import asdict
-
-    rec = run_stage("finetune", root / "finetune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune),
-                                                    cfg.seed, str(pruned)], [],
-                    lambda out: run_finetune_stage(cfg, pruned, out, work=root / "finetune.work"),
-                    force=args.force_stage)
+    default = root / "prune" / "model"
+    pruned = Path(args.pruned) if args.pruned else default
+    # with the run's own pruned model, depend on its prune stage exactly as `ukmp run` does
+    upstream = completed_stage("prune", root / "prune") if pruned == default else []
+    rec = finetune_stage(cfg, root, pruned, upstream, force=args.force_stage)
     print(json.dumps({"finetune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
     return 0
 

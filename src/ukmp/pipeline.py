@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from ukmp.config import RunConfig
 from ukmp.io import atomic_write_json, atomic_write_text
 from ukmp.runtime import resolve_device
-from ukmp.stages import StageRecord, run_stage
+from ukmp.stages import StageRecord, read_stage, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +89,35 @@ def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def prune_stage(cfg: RunConfig, root: Path, force: bool = False) -> StageRecord:
+    """The prune stage under ``root/prune`` (shared by ``ukmp run`` and ``ukmp prune``, so their hashes agree)."""
+    from ukmp.prune.stage import run_prune_stage
+
+    parts = [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed, file_digest(cfg.prune.scores_from)]
+    return run_stage("prune", root / "prune", parts, [], lambda out: run_prune_stage(cfg, out), force=force)
+
+
+def finetune_stage(cfg: RunConfig, root: Path, pruned_dir: Path, upstream: list[StageRecord],
+                   force: bool = False) -> StageRecord:
+    """The finetune stage under ``root/finetune`` (shared by ``ukmp run`` and ``ukmp finetune``)."""
+    from ukmp.recover.stage import run_finetune_stage
+
+    parts = [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune), cfg.seed, str(pruned_dir)]
+    return run_stage("finetune", root / "finetune", parts, upstream,
+                     lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"), force=force)
+
+
+def completed_stage(name: str, path: Path) -> list[StageRecord]:
+    """A stage finished on disk as an upstream record (``[]`` when there is none)."""
+    info = read_stage(path)
+    if not info:
+        return []
+    return [StageRecord(name, path, info["hash"], info["run_id"], True, 0.0, info.get("info", {}))]
+
+
 def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
     from ukmp.eval.stage import run_eval_stage
-    from ukmp.prune.stage import run_prune_stage
-    from ukmp.recover.stage import run_finetune_stage
 
     root = Path(cfg.output_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
@@ -112,20 +136,12 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ())
 
     if cfg.eval.dense and want("eval_dense"):
         records["eval_dense"] = eval_stage("eval_dense", None, cfg.eval.after_finetune, [])
-    records["prune"] = run_stage(
-        "prune", root / "prune",
-        [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed, file_digest(cfg.prune.scores_from)], [],
-        lambda out: run_prune_stage(cfg, out), force="prune" in force,
-    )
+    records["prune"] = prune_stage(cfg, root, force="prune" in force)
     pruned_dir = root / "prune" / "model"
     if cfg.eval.after_prune and want("eval_pruned"):
         records["eval_pruned"] = eval_stage("eval_pruned", pruned_dir, cfg.eval.after_prune, [records["prune"]])
     if cfg.finetune.enabled and want("finetune"):
-        records["finetune"] = run_stage(
-            "finetune", root / "finetune", [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune), cfg.seed],
-            [records["prune"]], lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"),
-            force="finetune" in force,
-        )
+        records["finetune"] = finetune_stage(cfg, root, pruned_dir, [records["prune"]], force="finetune" in force)
         if cfg.eval.after_finetune and want("eval_finetuned"):
             records["eval_finetuned"] = eval_stage("eval_finetuned", root / "finetune" / "model",
                                                    cfg.eval.after_finetune, [records["finetune"]])

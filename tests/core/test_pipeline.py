@@ -138,3 +138,16 @@ def test_fused_pass_equals_the_two_separate_passes(tmp_path):
         assert torch.allclose(tay[k], ftay[k], rtol=1e-5, atol=1e-12), k
     other = entropy_pass(model, groups, batches(0))  # another epoch: other prefix splits and crops
     assert any(not torch.allclose(ent[k], other[k], rtol=1e-5, atol=1e-7) for k in ent)
+
+
+def test_stage_commands_and_run_share_stage_hashes(tmp_path):
+    """`ukmp prune` / `ukmp finetune` followed by `ukmp run` reuse those stages instead of redoing them."""
+    from importlib import resources
+
+    demo = str(resources.files("ukmp") / "configs" / "demo.yaml")
+    over = [f"output_dir={tmp_path}", "eval.dense=false", "eval.after_prune=[gqa]", "eval.after_finetune=[gqa]"]
+    assert main(["prune", demo, *over]) == 0
+    assert main(["finetune", demo, *over]) == 0
+    out = run(_demo_cfg(tmp_path, *over[1:]))
+    assert out["stages"]["prune"]["skipped"] and out["stages"]["finetune"]["skipped"]
+    assert not out["stages"]["eval_pruned"]["skipped"]

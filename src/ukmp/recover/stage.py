@@ -53,7 +53,7 @@ def stage_slices(n_data: int, counts: list[int | None], seed: int) -> list[list[
     return out
 
 
-def train_config(cfg: RunConfig, n_data: int):
+def train_config(cfg: RunConfig):
     from ukmp.recover.schedule import ScheduleConfig
     from ukmp.recover.train import TrainConfig
 
@@ -92,7 +92,7 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     n_trainable = sum(p.numel() for p in trainable)
 
     ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))
-    tcfg = train_config(cfg, len(ds))
+    tcfg = train_config(cfg)
     stages = build_schedule(teacher.config, tcfg.schedule)
     counts: list[int | None] = [s.n_samples for s in stages]
     if counts[-1] is None and fc.final_stage_samples:
