@@ -291,6 +291,15 @@ def print_missing(missing: list[str]) -> None:
         print("\nAll figures of this benchmark were measured in this run.")
 
 
+def finish(setup, name: str, res: dict[str, Any], missing: list[str], figure) -> int:
+    """The common tail of every benchmark: record the end load, list what was not measured, save JSON + PNG."""
+    res["missing"] = missing
+    res["machine"]["load_average_at_end"] = list(os.getloadavg())
+    print_missing(missing)
+    save_results(setup.out_dir, name, res, figure(res))
+    return 0
+
+
 def save_results(out_dir: Path, name: str, payload: dict[str, Any], fig) -> tuple[Path, Path]:
     """Write ``<out_dir>/<name>.json`` and ``<name>.png`` atomically; returns both paths."""
     import matplotlib.pyplot as plt

@@ -184,10 +184,7 @@ def main(argv: list[str] | None = None) -> int:
            "target_mfu": TARGET_MFU, "flops_method": "torch.utils.flop_counter.FlopCounterMode over one full step "
                                                      "(teacher fwd + student fwd + bwd; optimizer excluded)",
            "missing": missing}
-    res["machine"]["load_average_at_end"] = list(C.os.getloadavg())
-    C.print_missing(missing)
-    C.save_results(setup.out_dir, args.name, res, figure(res))
-    return 0
+    return C.finish(setup, args.name, res, missing, figure)
 
 
 if __name__ == "__main__":

@@ -165,10 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                     "by_group_kind": kinds},
            "new_tokens": new_tokens, "repeats": repeats, "batches": rows,
            "target_gpu_speedup_batch32": TARGET_GPU_SPEEDUP_B32, "missing": missing}
-    res["machine"]["load_average_at_end"] = list(C.os.getloadavg())
-    C.print_missing(missing)
-    C.save_results(setup.out_dir, args.name, res, figure(res))
-    return 0
+    return C.finish(setup, args.name, res, missing, figure)
 
 
 if __name__ == "__main__":

@@ -346,11 +346,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"and peak memory (target <= {COMBINED_TARGET_GIB:g} GiB) (no CUDA device)")
     elif setup.config != "blip2-flan-t5-xl":
         missing.append("full-size targets: this run used a smaller config")
-    res["missing"] = missing
-    res["machine"]["load_average_at_end"] = list(C.os.getloadavg())
-    C.print_missing(missing)
-    C.save_results(setup.out_dir, args.name, res, figure(res))
-    return 0
+    return C.finish(setup, args.name, res, missing, figure)
 
 
 if __name__ == "__main__":
