@@ -144,3 +144,25 @@ def test_removed_weights_without_pruning_equals_apply(tiny):
         assert r.dim == a.dim and torch.equal(r.kept, a.kept) and torch.equal(r.removed, a.removed)
         assert torch.equal(r.weight, a.weight)
         assert (r.bias is None) == (a.bias is None) and (r.bias is None or torch.equal(r.bias, a.bias))
+
+
+@pytest.mark.parametrize("switch_to", ["eager", "sdpa"])
+def test_switching_attention_after_head_pruning(switch_to):
+    """``model.set_attn_implementation`` after pruning keeps the head-aware T5 attention (same logits)."""
+    model, _ = build_tiny(seed=3, attn_implementation="sdpa")
+    model = model.double()
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=3, force={"enc_heads": "one", "dec_self_heads": "one",
+                                                         "dec_cross_heads": "one"})
+    inputs = make_inputs(model, seed=3)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    adapter.apply_(model, plan)
+    with torch.no_grad():
+        before = model(**inputs).logits
+        model.set_attn_implementation(switch_to)
+        after = model(**inputs).logits
+    stacks = [model.language_model.encoder, model.language_model.decoder]
+    assert all(s.config._attn_implementation == "ukmp_" + switch_to for s in stacks)
+    assert (after - before).abs().max().item() <= 1e-8  # float64: same maths, another kernel at most
+    with pytest.raises(ValueError, match="flash_attention_2"):
+        model.set_attn_implementation("flash_attention_2")

@@ -69,6 +69,30 @@ def _get(model: nn.Module, path: str) -> nn.Module:
     return model.get_submodule(path)
 
 
+def _guard_attn_switch(model: nn.Module) -> None:
+    """Keep head-pruned T5 stacks on the head-aware attention after ``model.set_attn_implementation(...)``.
+
+    transformers would set the plain ``eager``/``sdpa`` name on every sub-config, and the plain functions add the
+    full-size position bias to the pruned heads. The instance's method is wrapped: it switches as asked, then maps
+    the T5 stacks' names back to ``ukmp_eager``/``ukmp_sdpa`` (other implementations raise, naming the value)."""
+    if getattr(model, "_ukmp_attn_guard", False) or not hasattr(model, "set_attn_implementation"):
+        return
+    original = model.set_attn_implementation
+    stacks = [m for n, m in model.named_modules() if n in ("language_model.encoder", "language_model.decoder")]
+
+    def set_attn_implementation(attn_implementation, *args, **kwargs):
+        requested = attn_implementation if isinstance(attn_implementation, str) else None
+        if requested is not None:
+            head_aware_implementation(requested)  # raise before changing anything
+        out = original(attn_implementation, *args, **kwargs)
+        for stack in stacks:
+            stack.config._attn_implementation = head_aware_implementation(stack.config._attn_implementation)
+        return out
+
+    model.set_attn_implementation = set_attn_implementation
+    model._ukmp_attn_guard = True
+
+
 class Blip2T5Adapter:
     """Structure of a ``Blip2ForConditionalGeneration`` with an encoder-decoder T5 language model."""
 
@@ -231,6 +255,9 @@ class Blip2T5Adapter:
         for g in groups:
             if g.id in plan.keep and plan.is_pruned(g) and g.unit_type == "heads":
                 self._update_attention_(model, g, sorted(plan.kept(g)))
+        if any(g.kind.startswith(("enc_", "dec_")) and g.unit_type == "heads" and g.id in plan.keep
+               and plan.is_pruned(g) for g in groups):
+            _guard_attn_switch(model)
         return removed
 
     @staticmethod
