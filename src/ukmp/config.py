@@ -54,7 +54,9 @@ class PruneConfig:
     max_group_prune_ratio: float = 0.9
     local_rounding: str = "carry"  # scope=local: floor (P1 as written; can miss the ratio) | carry (hits it)
     exact_stop: bool = False  # scope=global: cut the last step at the target (the reference may overshoot a step)
-    entropy_exclude_padding: bool = False
+    entropy_exclude_padding: bool = True  # padded positions stay out of the histograms (as at batch size 1)
+    group_by_length: bool = True  # calibration batches of similar text length (less padding; the sums are unchanged)
+    compute_dtype: str = ""  # '' = the model's dtype; bfloat16 | float16: autocast matmuls, fp32 accumulators
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
@@ -165,6 +167,7 @@ _CHOICES = {
     ("prune", "normalization"): ("mean_iterative", "mean_once", "none", "minmax", "standardize"),
     ("prune", "scope"): ("global", "local"),
     ("prune", "local_rounding"): ("floor", "carry"),
+    ("prune", "compute_dtype"): ("", "model", "bfloat16", "float16", "bf16", "fp16"),
     ("finetune", "adapter"): ("wr_lora", "lora"),
     ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
     ("finetune", "lr_schedule"): ("constant", "cosine"),

@@ -69,3 +69,21 @@ def test_collator_builds_prefix_lm_batches(tmp_path, tiny):
     with pytest.raises((FileNotFoundError, ValueError)):
         (tmp_path / "images" / ds.records[0].image).unlink()
         col([0])
+
+
+def test_length_grouped_batches():
+    from ukmp.data.batches import length_grouped
+
+    idx = [10, 11, 12, 13, 14, 15, 16]
+    lengths = [(40, 9), (35, 2), (40, 9), (33, 5), (41, 2), (36, 9), (34, 5)]
+    got = length_grouped(idx, lengths, 3)
+    assert got == [[11, 14, 13], [16, 15, 10], [12]]  # decoder length first, then encoder; stable ties
+    assert sorted(i for b in got for i in b) == idx
+    assert length_grouped(idx, lengths, 3) == got  # deterministic
+
+    def padding(batches):
+        ln = dict(zip(idx, lengths))
+        return sum(max(ln[i][1] for i in b) * len(b) - sum(ln[i][1] for i in b) for b in batches)
+
+    arrival = [idx[i: i + 3] for i in range(0, len(idx), 3)]
+    assert padding(got) < padding(arrival)  # 4 vs 18 padded decoder positions

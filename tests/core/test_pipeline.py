@@ -140,6 +140,36 @@ def test_fused_pass_equals_the_two_separate_passes(tmp_path):
     assert any(not torch.allclose(ent[k], other[k], rtol=1e-5, atol=1e-7) for k in ent)
 
 
+def test_length_grouped_calibration_keeps_the_scores(tmp_path):
+    """Grouping calibration samples by length changes the batches (less padding), not the summed scores."""
+    import torch
+
+    from ukmp.models import adapter_for
+    from ukmp.prune.scoring import entropy_pass, taylor_pass
+    from ukmp.prune.stage import calibration_batches
+    from ukmp.runtime import load_dense
+
+    cfg = _demo_cfg(tmp_path, "prune.batch_size=4")
+    model, processor = load_dense(cfg.model)
+    groups = adapter_for(model).groups()
+    grouped, _, _ = calibration_batches(cfg, processor, model)
+    plain, _, _ = calibration_batches(_demo_cfg(tmp_path, "prune.batch_size=4", "prune.group_by_length=false"),
+                                      processor, model)
+    pad = [sum(int((b["labels"] == -100).sum()) for b in f(1)) for f in (grouped, plain)]
+    assert pad[0] < pad[1], pad  # the grouping does remove padding
+    ta, _ = taylor_pass(model, groups, grouped(1), 0.4)
+    tb, _ = taylor_pass(model, groups, plain(1), 0.4)
+    assert all(torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-12) for k in ta)
+    ea, eb = entropy_pass(model, groups, grouped(0)), entropy_pass(model, groups, plain(0))
+    # entropy tolerance: another batch shape changes matmul rounding, which can move a cosine lying within ~1e-7
+    # of a bin edge to the neighbouring bin; with ~100 tokens per neuron one move shifts a unit's mean entropy by
+    # up to ~1e-2. So: every unit within 2e-2, and almost all (>= 95 %) exactly equal up to 1e-6.
+    diffs = torch.cat([(ea[k] - eb[k]).abs() for k in ea])
+    assert float(diffs.max()) <= 2e-2 and float((diffs <= 1e-6).float().mean()) >= 0.95, diffs.max()
+    padded = entropy_pass(model, groups, plain(0), exclude_padding=False)  # not vacuous: padding counted
+    assert float((torch.cat([(padded[k] - eb[k]).abs() for k in eb]) > 1e-6).float().mean()) > 0.5
+
+
 def test_stage_commands_and_run_share_stage_hashes(tmp_path):
     """`ukmp prune` / `ukmp finetune` followed by `ukmp run` reuse those stages instead of redoing them."""
     from importlib import resources

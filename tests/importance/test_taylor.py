@@ -273,3 +273,56 @@ def test_batched_scores_equal_batch1_loop(tiny, make_batch):
     assert all(float(s.max()) > 0 for s in batched.values())
     assert not any(p.grad is not None for p in model.parameters())
     assert math.isfinite(sum(float(s.sum()) for s in batched.values()))
+
+
+def test_row_sparse_linear_backward_equals_dense():
+    """The vocabulary projection's row-sparse backward: identical input gradient, zero rows stay zero."""
+    from ukmp.importance.taylor import _RowSparseLinear
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    up = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
+    up[0, 1] = 0
+    up[1, :3] = 0  # 4 of 10 rows carry no gradient
+    (gx_sparse,) = torch.autograd.grad(_RowSparseLinear.apply(x, w), x, up)
+    (gx_dense,) = torch.autograd.grad(x @ w.T, x, up)
+    assert torch.allclose(_RowSparseLinear.apply(x, w), x @ w.T, rtol=0, atol=1e-12)
+    assert torch.allclose(gx_sparse, gx_dense, rtol=0, atol=1e-12)
+    assert bool((gx_sparse[1, :3] == 0).all()) and bool((gx_sparse[0, 1] == 0).all())
+    assert float(gx_dense.abs().min(dim=-1).values.max()) > 0  # not vacuous: other rows are non-zero
+
+
+@pytest.mark.integration
+def test_row_sparse_head_leaves_scores_unchanged(tiny, make_batch):
+    from ukmp.importance.taylor import row_sparse_head
+
+    model, processor, groups, images = tiny
+    batch = make_batch(processor, images, [0, 1, 2, 3])
+    head = model.get_output_embeddings()
+    dense, _ = _score(model, groups, [batch])
+    with TaylorScorer(model, groups) as scorer:
+        with row_sparse_head(model) as ctx:
+            assert ctx.head is head and "forward" in vars(head)  # patched while open
+            loss, _, _ = selected_loss(model(**batch).logits, batch["labels"], 0.4)
+            scorer.backward(loss)
+        sparse = scorer.scores()
+    assert "forward" not in vars(head)  # restored
+    assert _max_rel(sparse, dense) <= 1e-6  # the same products, fewer rows: rounding only
+    with row_sparse_head(model) as ctx:  # outside a scorer the head weight trains: no patch
+        assert ctx.head is None
+
+
+@pytest.mark.integration
+def test_bf16_compute_dtype_scores_close_to_fp32(tiny, make_batch):
+    """``compute_dtype=bfloat16`` runs the matmuls in bf16 (accumulators stay fp32): close, not identical."""
+    from ukmp.prune.scoring import taylor_pass
+
+    model, processor, groups, images = tiny
+    batches = [make_batch(processor, images, [0, 1]), make_batch(processor, images, [2, 3])]
+    fp32, st32 = taylor_pass(model, groups, batches, 0.4)
+    bf16, st16 = taylor_pass(model, groups, batches, 0.4, compute_dtype=torch.bfloat16)
+    assert all(v.dtype == torch.float32 for v in bf16.values())
+    diff = _max_rel(bf16, fp32)
+    assert 1e-6 < diff <= 0.1, diff  # bf16 has an 8-bit mantissa (~0.4 % per product); > 1e-6: autocast was on
+    assert st16["tokens_total"] == st32["tokens_total"]

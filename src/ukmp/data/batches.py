@@ -106,6 +106,11 @@ class PrefixLMCollator:
         ids = self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_text_tokens)
         return list(ids["input_ids"])
 
+    def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
+        """(encoder length incl. the query tokens, decoder length) of sample ``index`` in ``epoch``."""
+        prefix, suffix = self.texts(index, epoch)
+        return self.num_query_tokens + len(self._tokens(prefix)), len(self._tokens(suffix))
+
     def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
         pix, enc, dec = [], [], []
         for i in indices:
@@ -127,6 +132,16 @@ class PrefixLMCollator:
             dec_mask[r, : len(d)] = 1
         return {"pixel_values": torch.stack(pix), "input_ids": input_ids, "attention_mask": attention,
                 "labels": labels, "decoder_attention_mask": dec_mask}
+
+
+def length_grouped(indices: Sequence[int], lengths: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """``indices`` cut into batches of neighbours in (decoder, encoder) length order, so each batch pads little.
+
+    For passes whose result is a sum over samples (calibration), where the batch composition does not matter.
+    Ties keep the given order (a stable sort), so the grouping is deterministic."""
+    order = sorted(range(len(indices)), key=lambda i: (lengths[i][1], lengths[i][0]))
+    ranked = [indices[i] for i in order]
+    return [ranked[i: i + batch_size] for i in range(0, len(ranked), batch_size)]
 
 
 def index_batches(n: int, batch_size: int, seed: int | None = None, epoch: int = 0) -> list[list[int]]:

@@ -81,17 +81,70 @@ def selected_loss(
     mask = select_tokens(logits, labels, threshold)
     n_valid = int((labels != IGNORE_INDEX).sum())
     n_sel = int(mask.sum())
-    safe_labels = torch.where(mask, labels, torch.zeros_like(labels))
-    ce = F.cross_entropy(logits.float().transpose(1, 2), safe_labels, reduction="none")  # [B, L]
-    ce = ce * mask
+    # CE of the selected rows only: unselected positions would add exact zeros (to the loss and, through the
+    # indexing, to the logits' gradient), at the cost of a log-softmax over the whole vocabulary each.
+    ce = F.cross_entropy(logits[mask].float(), labels[mask], reduction="none")  # [n_sel]
     if reduction == "per_sample_mean":
-        per_sample = ce.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        loss = per_sample.sum()
+        per_row = mask.sum(dim=1).clamp(min=1).to(ce.dtype)  # [B]
+        loss = (ce / per_row[mask.nonzero()[:, 0]]).sum()
     elif reduction == "token_mean":
         loss = ce.sum() / max(n_sel, 1)
     else:
         raise ValueError(f"reduction: unknown value {reduction!r} (choose 'per_sample_mean' or 'token_mean')")
     return loss, n_sel, n_valid
+
+
+# ------------------------------------------------------------------------------ row-sparse output projection
+class _RowSparseLinear(torch.autograd.Function):
+    """``x @ W.T`` (no bias) whose backward multiplies only the non-zero rows of the incoming gradient.
+
+    With token selection most logit rows get an exactly-zero gradient (unselected or padded positions), so the
+    ``[rows, vocab] x [vocab, d]`` product of the vocabulary projection shrinks to the selected rows; the result
+    is identical (zero rows give zero input gradients). ``W`` must not need a gradient.
+
+    The product runs in fp32 even under autocast: the logits decide which tokens are selected, and bf16 logits
+    (8-bit mantissa) would change that choice wherever two positions' confidences are close."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        ctx.x_shape = x.shape
+        dt = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # >= fp32
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.to(dt), weight.to(dt))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        rows = g.ne(0).any(dim=1).nonzero().squeeze(1)
+        dt = torch.promote_types(torch.promote_types(g.dtype, weight.dtype), torch.float32)
+        gx = g.new_zeros(g.shape[0], weight.shape[1], dtype=dt)
+        if rows.numel():
+            gx[rows] = g[rows].to(dt) @ weight.to(dt)
+        return gx.view(*ctx.x_shape[:-1], weight.shape[1]), None
+
+
+class row_sparse_head:
+    """Context manager: the model's output projection (``get_output_embeddings()``) back-propagates only the
+    rows with a non-zero gradient. A no-op when that projection is not a bias-free Linear or its weight needs a
+    gradient."""
+
+    def __init__(self, model: nn.Module):
+        get = getattr(model, "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        ok = isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
+        self.head = head if ok else None
+
+    def __enter__(self) -> "row_sparse_head":
+        if self.head is not None:
+            head = self.head
+            head.forward = lambda x: _RowSparseLinear.apply(x, head.weight)  # instance attribute, undone on exit
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.head is not None:
+            del self.head.forward
 
 
 # --------------------------------------------------------------------------------------------- unit reduction

@@ -7,6 +7,7 @@ and selected-token first-order Taylor (forward + backward), combined as I = T x 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -46,15 +47,33 @@ def _progress(it: Iterable, desc: str, total: int | None) -> Iterator:
     return iter(tqdm(it, desc=desc, total=total, leave=False, dynamic_ncols=True))
 
 
+def compute_context(device: torch.device, compute_dtype: torch.dtype | None):
+    """Autocast to ``compute_dtype`` (matrix products in bf16/fp16, the model's weights and the fp32 gradient
+    and histogram accumulators untouched); a no-op for ``None``."""
+    if compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype)
+
+
+def parse_compute_dtype(name: str) -> torch.dtype | None:
+    """``prune.compute_dtype``: '' (the model's dtype) | bfloat16 | float16."""
+    table = {"": None, "model": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"prune.compute_dtype: unknown value {name!r} (choose '', bfloat16 or float16)")
+    return table[name]
+
+
 def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], angle: bool = False,
-                 exclude_padding: bool = False, total: int | None = None) -> dict[str, torch.Tensor]:
+                 exclude_padding: bool = True, total: int | None = None,
+                 compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Per-unit angle entropy of the language groups (forward passes only, streaming histograms)."""
     from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
 
     language = [g for g in groups if g.modality == "language"]
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist:
-        with torch.no_grad():
+        with torch.no_grad(), compute_context(device, compute_dtype):
             for batch in _progress(batches, "entropy pass", total):
                 b = _to(batch, device, dtype)
                 if exclude_padding:
@@ -67,16 +86,18 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
 
 
 def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
-                order: str = "first", total: int | None = None) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+                order: str = "first", total: int | None = None, compute_dtype: torch.dtype | None = None,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Per-unit Taylor scores with the selected-token loss; gradients summed over samples in fp32."""
-    from ukmp.importance.taylor import TaylorScorer, selected_loss
+    from ukmp.importance.taylor import TaylorScorer, row_sparse_head, selected_loss
 
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     n_sel = n_valid = 0
-    with TaylorScorer(model, groups, order=order) as scorer:
+    with TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
         for batch in _progress(batches, "taylor pass", total):
             b = _to(batch, device, dtype)
-            logits = model(**b).logits.float()
+            with compute_context(device, compute_dtype):
+                logits = model(**b).logits
             loss, sel, valid = selected_loss(logits, b["labels"], threshold)
             scorer.backward(loss)
             n_sel += int(sel)
@@ -86,26 +107,26 @@ def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable
 
 
 def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
-               order: str = "first", angle: bool = False, exclude_padding: bool = False, total: int | None = None):
+               order: str = "first", angle: bool = False, exclude_padding: bool = True, total: int | None = None,
+               compute_dtype: torch.dtype | None = None):
     """Both UKMP passes over one stream of batches: the entropy hooks read the activations of the Taylor forward.
 
     Equal to the two separate passes when both see the same inputs (augmentation off, or the same epoch); saves one
     forward per sample."""
     from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
-    from ukmp.importance.taylor import TaylorScorer, selected_loss
+    from ukmp.importance.taylor import TaylorScorer, row_sparse_head, selected_loss
 
     language = [g for g in groups if g.modality == "language"]
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     n_sel = n_valid = 0
     with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
-            TaylorScorer(model, groups, order=order) as scorer:
+            TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
         for batch in _progress(batches, "fused pass", total):
             b = _to(batch, device, dtype)
-            if exclude_padding:
-                with hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")):
-                    logits = model(**b).logits.float()
-            else:
-                logits = model(**b).logits.float()
+            masks = (hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")) if exclude_padding
+                     else contextlib.nullcontext())
+            with masks, compute_context(device, compute_dtype):
+                logits = model(**b).logits
             loss, sel, valid = selected_loss(logits, b["labels"], threshold)
             scorer.backward(loss)
             n_sel += int(sel)
@@ -122,15 +143,17 @@ def score_ukmp(model, groups, batches: Batches, pc: PruneConfig, n_batches: int)
     threshold = 1.0 if pc.taylor == "first_no_threshold" else pc.threshold
     order = "first" if pc.taylor == "first_no_threshold" else pc.taylor
     entropy = None
+    cdt = parse_compute_dtype(pc.compute_dtype)
     if pc.fused_passes and pc.entropy != "none":
         taylor, entropy, stats = fused_pass(model, groups, batches(1), threshold, order=order,
                                             angle=pc.entropy == "arccos", exclude_padding=pc.entropy_exclude_padding,
-                                            total=n_batches)
+                                            total=n_batches, compute_dtype=cdt)
     else:
         if pc.entropy != "none":
             entropy = entropy_pass(model, groups, batches(0), angle=pc.entropy == "arccos",
-                                   exclude_padding=pc.entropy_exclude_padding, total=n_batches)
-        taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches)
+                                   exclude_padding=pc.entropy_exclude_padding, total=n_batches, compute_dtype=cdt)
+        taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches,
+                                    compute_dtype=cdt)
     combined = combine(taylor, entropy, groups, mode="product" if entropy is not None else "taylor_only")
     parts = {"taylor": taylor, "combined": combined}
     if entropy is not None:
