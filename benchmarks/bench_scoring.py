@@ -2,9 +2,12 @@
 
 Sections (``--sections``):
 
-a. Taylor pass over the same N calibration samples, in batches of B (the ukmp default, 8) and one sample at a time
-   (the reference's ``calibration_bs = 1``): seconds, speed-up, and the largest relative difference between the two
-   sets of unit scores (per-sample-mean selected loss, so a batch's gradient is the sum of its samples' gradients).
+a. Whole UKMP scoring over the same N calibration samples (one view per sample, augmentation off), the reference's
+   way - an entropy pass keeping every cosine, then the Taylor loop with ``calibration_bs = 1`` and every parameter
+   trainable - against ukmp's: batched B (default 8) with length-grouped batches, the two passes separate or fused
+   into one forward, in the model's dtype or with bf16 matmuls (fp32 accumulators). Seconds, speed-ups, and the
+   largest score differences from the reference (per-sample-mean selected loss, so a batch's gradient is the sum of
+   its samples' gradients), plus how many units change their keep/prune decision at ratios 0.3 and 0.5.
 b. Entropy pass peak memory for several N: it streams 100-bin histograms, so it should not grow with N. Next to it,
    the memory the reference approach would need to keep every cosine (tokens x neurons, fp32) - computed, not run.
    On CPU each N runs in a fresh process (sampled RSS above the post-load baseline, plus ``ru_maxrss`` and
@@ -82,34 +85,118 @@ def reference_loop(model, groups, batches, threshold: float):
     return scores, {"tokens_selected": n_sel, "tokens_total": n_valid}
 
 
-def section_taylor(setup: C.Setup, args, model, processor, groups) -> dict[str, Any]:
-    from ukmp.prune.scoring import fused_pass, taylor_pass
+def reference_entropy(model, groups, batches) -> dict[str, torch.Tensor]:
+    """The reference's entropy pass: no-grad forwards, one sample each, every cosine kept in a list per Linear,
+    histograms and entropies at the end (ukmp's histogram arithmetic, so only the procedure differs)."""
+    from ukmp.importance.entropy import (StreamingAngleHistogram, bin_edges, cosines, histogram_counts,
+                                         histogram_entropy, unit_entropies)
 
-    n, bs = args.samples, args.batch_size
-    collate = C.calibration_collator(model, processor, n, seed=args.seed)
-    batched = C.make_batches(collate, n, bs)
+    language = [g for g in groups if g.modality == "language"]
+    with StreamingAngleHistogram(model, language) as probe:  # only for the module list
+        names = list(probe.counts)
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = []
+    for n in names:
+        mod = model.get_submodule(n)
+        hooks.append(mod.register_forward_hook(
+            lambda m, inp, out, n=n: kept[n].append(cosines(inp[0].detach().reshape(-1, inp[0].shape[-1]), m.weight))))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+    finally:
+        for h in hooks:
+            h.remove()
+    edges = bin_edges(100, False)
+    neuron = {n: histogram_entropy(histogram_counts(torch.cat(v), edges)) for n, v in kept.items()}
+    return unit_entropies(neuron, language)
+
+
+def plan_agreement(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], groups, total: int,
+                   ratio: float) -> dict[str, Any]:
+    """Allocate both score sets at ``ratio`` (UKMP defaults): fraction of units with the same keep/prune decision."""
+    from ukmp.prune.allocate import AllocationConfig, allocate
+
+    pa, pb = (allocate(x, groups, total, AllocationConfig(target_ratio=ratio)) for x in (a, b))
+    same = units = 0
+    for g in groups:
+        ka, kb = set(pa.keep.get(g.id, range(g.n_units))), set(pb.keep.get(g.id, range(g.n_units)))
+        units += g.n_units
+        same += sum((u in ka) == (u in kb) for u in range(g.n_units))
+    return {"ratio": ratio, "same_decision_fraction": same / units, "units_differing": units - same,
+            "identical_plan": pa.keep == pb.keep}
+
+
+def section_taylor(setup: C.Setup, args, model, processor, groups) -> dict[str, Any]:
+    """Whole UKMP scoring (entropy + Taylor) the reference's way and ukmp's ways, on the same N samples."""
+    from ukmp.models.blip2 import count_parameters
+    from ukmp.prune.allocate import combine
+    from ukmp.prune.scoring import entropy_pass, fused_pass, taylor_pass
+
+    n, bs, T = args.samples, args.batch_size, args.threshold
+    collate = C.calibration_collator(model, processor, n, seed=args.seed, augment=False)  # one view per sample
     single = C.make_batches(collate, n, 1)
-    # warm-up (allocator, kernels): one batch of each shape, excluded from timing
-    taylor_pass(model, groups, batched[:1], args.threshold)
-    reference_loop(model, groups, single[:1], args.threshold)
-    tr, (sr, str_) = C.timed(lambda: reference_loop(model, groups, single, args.threshold), setup.device)
-    t1, (s1, st1) = C.timed(lambda: taylor_pass(model, groups, single, args.threshold), setup.device)
-    tb, (sb, stb) = C.timed(lambda: taylor_pass(model, groups, batched, args.threshold), setup.device)
-    tf, (sf, _ef, _stf) = C.timed(lambda: fused_pass(model, groups, batched, args.threshold), setup.device)
-    kinds = {g.id: g.kind for g in groups}
-    diff = rel_diff(sb, sr, kinds)
-    res = {
-        "samples": n, "batch_size": bs, "threshold": args.threshold,
-        "seconds_reference": tr, "seconds_batch1": t1, "seconds_batched": tb, "seconds_fused_both_passes": tf,
-        "speedup": tr / tb, "speedup_ours_batch1_over_batched": t1 / tb,
-        "samples_per_s_reference": n / tr, "samples_per_s_batch1": n / t1, "samples_per_s_batched": n / tb,
-        "tokens_reference": str_, "tokens_batch1": st1, "tokens_batched": stb, **diff,
-        "max_rel_diff_fused_vs_batched_group_scale": rel_diff(sf, sb, kinds)["max_rel_diff_group_scale"],
-        "target_speedup": TAYLOR_TARGET_SPEEDUP, "target_max_rel_diff": TAYLOR_TARGET_RELDIFF,
-        "dtype": str(setup.dtype).replace("torch.", ""),
+    plain = C.make_batches(collate, n, bs)
+    grouped = C.make_batches(collate, n, bs, group_by_length=True)
+    bf16 = torch.bfloat16
+    # warm-up (allocator, kernels): one batch of each shape and dtype, excluded from timing
+    reference_loop(model, groups, single[:1], T)
+    fused_pass(model, groups, grouped[:1], T)
+    fused_pass(model, groups, grouped[:1], T, compute_dtype=bf16)
+    runs = {
+        "reference_taylor": lambda: reference_loop(model, groups, single, T),
+        "reference_entropy": lambda: reference_entropy(model, groups, single),
+        "ukmp_taylor_batch1": lambda: taylor_pass(model, groups, single, T),
+        "ukmp_taylor_plain": lambda: taylor_pass(model, groups, plain, T),
+        "ukmp_taylor": lambda: taylor_pass(model, groups, grouped, T),
+        "ukmp_entropy": lambda: entropy_pass(model, groups, grouped),
+        "ukmp_fused": lambda: fused_pass(model, groups, grouped, T),
+        "ukmp_taylor_bf16": lambda: taylor_pass(model, groups, grouped, T, compute_dtype=bf16),
+        "ukmp_fused_bf16": lambda: fused_pass(model, groups, grouped, T, compute_dtype=bf16),
     }
-    res["speedup_meets_target"] = res["speedup"] >= TAYLOR_TARGET_SPEEDUP
-    res["rel_diff_meets_target"] = diff["max_rel_diff_group_scale"] <= TAYLOR_TARGET_RELDIFF
+    sec, out = {}, {}
+    for name, fn in runs.items():
+        sec[name], out[name] = C.timed(fn, setup.device)
+        print(f"  {name}: {sec[name]:.2f} s", flush=True)
+    kinds = {g.id: g.kind for g in groups}
+    ref_t, ref_stats = out["reference_taylor"]
+    ref_h = out["reference_entropy"]
+    ref_i = combine(ref_t, ref_h, groups)
+    fus_t, fus_h, fus_stats = out["ukmp_fused"]
+    f16_t, f16_h, _ = out["ukmp_fused_bf16"]
+    ent_diff = max(float((fus_h[k] - ref_h[k]).abs().max()) for k in ref_h)
+    total = count_parameters(model)
+    ref_scoring = sec["reference_taylor"] + sec["reference_entropy"]
+    res = {
+        "samples": n, "batch_size": bs, "threshold": T, "dtype": str(setup.dtype).replace("torch.", ""),
+        "seconds": sec,
+        "samples_per_s": {k: n / v for k, v in sec.items()},
+        "tokens_reference": ref_stats, "tokens_batched": out["ukmp_taylor"][1],
+        "padding_decoder_positions": {"plain": sum(int((b["labels"] == -100).sum()) for b in plain),
+                                      "grouped": sum(int((b["labels"] == -100).sum()) for b in grouped)},
+        "speedup_taylor": sec["reference_taylor"] / sec["ukmp_taylor"],
+        "speedup_taylor_plain_batches": sec["reference_taylor"] / sec["ukmp_taylor_plain"],
+        "speedup_scoring_fused": ref_scoring / sec["ukmp_fused"],
+        "speedup_scoring_separate": ref_scoring / (sec["ukmp_entropy"] + sec["ukmp_taylor"]),
+        "speedup_taylor_bf16": sec["reference_taylor"] / sec["ukmp_taylor_bf16"],
+        "speedup_scoring_fused_bf16": ref_scoring / sec["ukmp_fused_bf16"],
+        **rel_diff(out["ukmp_taylor"][0], ref_t, kinds),
+        "max_rel_diff_fused_taylor_group_scale": rel_diff(fus_t, ref_t, kinds)["max_rel_diff_group_scale"],
+        "max_abs_diff_entropy_vs_reference": ent_diff,
+        "max_rel_diff_combined_fused_group_scale": rel_diff(combine(fus_t, fus_h, groups), ref_i,
+                                                            kinds)["max_rel_diff_group_scale"],
+        "bf16": {
+            "max_rel_diff_taylor_group_scale": rel_diff(out["ukmp_taylor_bf16"][0], ref_t, kinds)[
+                "max_rel_diff_group_scale"],
+            "max_rel_diff_combined_group_scale": rel_diff(combine(f16_t, f16_h, groups), ref_i, kinds)[
+                "max_rel_diff_group_scale"],
+            "plans": [plan_agreement(combine(f16_t, f16_h, groups), ref_i, groups, total, r) for r in (0.3, 0.5)],
+        },
+        "fp32_plans": [plan_agreement(combine(fus_t, fus_h, groups), ref_i, groups, total, r) for r in (0.3, 0.5)],
+        "target_speedup": TAYLOR_TARGET_SPEEDUP, "target_max_rel_diff": TAYLOR_TARGET_RELDIFF,
+    }
+    res["speedup_meets_target"] = res["speedup_scoring_fused"] >= TAYLOR_TARGET_SPEEDUP
+    res["rel_diff_meets_target"] = res["max_rel_diff_group_scale"] <= TAYLOR_TARGET_RELDIFF
     return res
 
 
@@ -223,7 +310,7 @@ def section_combined(setup: C.Setup, args, model, processor, groups) -> dict[str
 
     n, bs = args.combined_samples, args.batch_size
     collate = C.calibration_collator(model, processor, n, seed=args.seed)
-    tc, batches = C.timed(lambda: C.make_batches(collate, n, bs), torch.device("cpu"))
+    tc, batches = C.timed(lambda: C.make_batches(collate, n, bs, group_by_length=True), torch.device("cpu"))
     taylor_pass(model, groups, batches[:1], args.threshold)  # warm-up
     entropy_pass(model, groups, batches[:1])
     with C.PeakMemory(setup.device) as mem:
@@ -238,16 +325,26 @@ def section_combined(setup: C.Setup, args, model, processor, groups) -> dict[str
     }
 
 
+def ref_desc(ta: dict[str, Any]) -> str:
+    sec = ta["seconds"]
+    return f"{sec['reference_entropy']:.1f} + {sec['reference_taylor']:.1f} s"
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def figure(res: dict[str, Any]):
     fig, (a1, a2, a3) = C.new_figure(3)
     ta = res.get("taylor")
     if ta:
-        a1.bar(["reference\nloop", "ukmp\nbatch 1", f"ukmp\nB={ta['batch_size']}", "fused\n(+entropy)"],
-               [ta["seconds_reference"], ta["seconds_batch1"], ta["seconds_batched"],
-                ta["seconds_fused_both_passes"]], color=["#999", "#bbb", "#3a7", "#37a"])
+        sec = ta["seconds"]
+        labels = ["reference\n(batch 1)", "ukmp fp32\nseparate", "ukmp fp32\nfused", "ukmp bf16\nfused"]
+        taylor = [sec["reference_taylor"], sec["ukmp_taylor"], sec["ukmp_fused"], sec["ukmp_fused_bf16"]]
+        entropy = [sec["reference_entropy"], sec["ukmp_entropy"], 0.0, 0.0]
+        a1.bar(labels, taylor, color="#3a7", label="Taylor (fused: both)")
+        a1.bar(labels, entropy, bottom=taylor, color="#37a", label="entropy")
         a1.set_ylabel("seconds")
-        a1.set_title(f"(a) Taylor pass, N={ta['samples']}: {ta['speedup']:.2f}x")
+        a1.legend(fontsize=8)
+        a1.set_title(f"(a) scoring, N={ta['samples']}: fp32 {ta['speedup_scoring_fused']:.2f}x, "
+                     f"bf16 {ta['speedup_scoring_fused_bf16']:.2f}x", fontsize=9)
     ent = res.get("entropy")
     if ent:
         ns = [r["samples"] for r in ent["runs"]]
@@ -300,22 +397,28 @@ def main(argv: list[str] | None = None) -> int:
     missing: list[str] = []
     if "a" in sections:
         res["taylor"] = ta = section_taylor(setup, args, model, processor, groups)
-        C.print_table(f"(a) Taylor pass, N={ta['samples']} samples ({ta['dtype']})",
-                      ["variant", "seconds", "samples/s", "tokens sel/total"],
-                      [["reference loop (batch 1, all grads)", ta["seconds_reference"], ta["samples_per_s_reference"],
-                        f"{ta['tokens_reference']['tokens_selected']}/{ta['tokens_reference']['tokens_total']}"],
-                       ["ukmp taylor_pass, batch 1", ta["seconds_batch1"], ta["samples_per_s_batch1"],
-                        f"{ta['tokens_batch1']['tokens_selected']}/{ta['tokens_batch1']['tokens_total']}"],
-                       [f"batched B={ta['batch_size']}", ta["seconds_batched"], ta["samples_per_s_batched"],
-                        f"{ta['tokens_batched']['tokens_selected']}/{ta['tokens_batched']['tokens_total']}"]])
-        print(f"ukmp fused_pass (entropy + Taylor in one forward), B={ta['batch_size']}: "
-              f"{ta['seconds_fused_both_passes']:.2f} s")
-        print(f"speed-up over the reference loop {ta['speedup']:.2f}x (target >= {TAYLOR_TARGET_SPEEDUP}x on CPU mid: "
-              f"{'met' if ta['speedup_meets_target'] else 'NOT met'}); max relative unit-score difference "
-              f"{ta['max_rel_diff_per_unit']:.2e} per unit, {ta['max_rel_diff_group_scale']:.2e} of the group "
-              f"scale (relative to each group's largest score; target <= {TAYLOR_TARGET_RELDIFF:g}: {'met' if ta['rel_diff_meets_target'] else 'NOT met'})")
-        print("max relative difference per unit, by group kind: " +
-              ", ".join(f"{k} {v:.1e}" for k, v in ta["max_rel_diff_per_unit_by_kind"].items()))
+        sec, sps = ta["seconds"], ta["samples_per_s"]
+        C.print_table(f"(a) UKMP scoring, N={ta['samples']} samples ({ta['dtype']} model)",
+                      ["variant", "seconds", "samples/s"],
+                      [[k, sec[k], sps[k]] for k in sec])
+        b16 = ta["bf16"]
+        print(f"speed-ups over the reference (batch 1, entropy pass + Taylor loop, {ref_desc(ta)}):\n"
+              f"  Taylor pass alone, batched B={ta['batch_size']}: {ta['speedup_taylor']:.2f}x "
+              f"(consecutive batches, no length grouping: {ta['speedup_taylor_plain_batches']:.2f}x)\n"
+              f"  whole scoring, fp32, separate passes: {ta['speedup_scoring_separate']:.2f}x; fused: "
+              f"{ta['speedup_scoring_fused']:.2f}x (target >= {TAYLOR_TARGET_SPEEDUP}x: "
+              f"{'met' if ta['speedup_meets_target'] else 'NOT met'})\n"
+              f"  whole scoring, bf16 compute (fp32 accumulators), fused: {ta['speedup_scoring_fused_bf16']:.2f}x")
+        print(f"fp32 score differences vs the reference: Taylor {ta['max_rel_diff_group_scale']:.2e} of the group scale "
+              f"(target <= {TAYLOR_TARGET_RELDIFF:g}: {'met' if ta['rel_diff_meets_target'] else 'NOT met'}), "
+              f"fused Taylor {ta['max_rel_diff_fused_taylor_group_scale']:.2e}, entropy max abs "
+              f"{ta['max_abs_diff_entropy_vs_reference']:.2e}, combined {ta['max_rel_diff_combined_fused_group_scale']:.2e}")
+        print(f"bf16 compute vs the fp32 reference: Taylor {b16['max_rel_diff_taylor_group_scale']:.2e}, combined "
+              f"{b16['max_rel_diff_combined_group_scale']:.2e} of the group scale; plans: " +
+              "; ".join(f"ratio {p['ratio']}: {100 * p['same_decision_fraction']:.2f} % same decisions "
+                        f"({p['units_differing']} units differ)" for p in b16["plans"]))
+        print("fp32 fused plans vs the reference: " +
+              "; ".join(f"ratio {p['ratio']}: {p['units_differing']} units differ" for p in ta["fp32_plans"]))
     else:
         missing.append("(a) Taylor batched vs batch-1 (section not selected)")
     if "b" in sections:
