@@ -12,6 +12,7 @@ b. Entropy pass peak memory for several N: it streams 100-bin histograms, so it 
    the memory the reference approach would need to keep every cosine (tokens x neurons, fp32) - computed, not run.
    On CPU each N runs in a fresh process (sampled RSS above the post-load baseline, plus ``ru_maxrss`` and
    ``tracemalloc``); on CUDA the allocator's ``max_memory_allocated`` above the resident model.
+d. bf16 compute against fp32 on the trained easy-VQA testbed model (skipped when it is not built).
 c. (CUDA) both passes together at 1000 samples: seconds and peak allocated memory (targets: <= 30 s, <= 40 GiB on an
    H100 with the full-size model in bf16).
 
@@ -330,6 +331,40 @@ def ref_desc(ta: dict[str, Any]) -> str:
     return f"{sec['reference_entropy']:.1f} + {sec['reference_taylor']:.1f} s"
 
 
+# ---------------------------------------------------------------------------------------------------- (d) bf16
+def section_trained_bf16(args) -> dict[str, Any]:
+    """bf16 compute against fp32 on a TRAINED model (the easy-VQA testbed, if built): random weights give logits
+    so large that bf16 rounding flips which tokens are selected; a trained model is the case that matters."""
+    from ukmp.config import load_config
+    from ukmp.models import adapter_for
+    from ukmp.models.blip2 import count_parameters
+    from ukmp.prune.allocate import combine
+    from ukmp.prune.scoring import fused_pass
+    from ukmp.prune.stage import calibration_batches
+    from ukmp.runtime import load_dense
+
+    cfg = load_config([str(C.ROOT / "benchmarks" / "testbed" / "testbed.yaml")], ["data.augment=false"])
+    if not Path(cfg.model.source).is_dir():
+        return {"skipped": f"no testbed model at {cfg.model.source} (run benchmarks/testbed/build.py)"}
+    model, processor = load_dense(cfg.model)
+    groups = adapter_for(model).groups()
+    batches, n_batches, _ = calibration_batches(cfg, processor, model)
+    T = cfg.prune.threshold
+    t32, (a_t, a_h, st32) = C.timed(lambda: fused_pass(model, groups, batches(1), T), torch.device("cpu"))
+    t16, (b_t, b_h, st16) = C.timed(lambda: fused_pass(model, groups, batches(1), T, compute_dtype=torch.bfloat16),
+                                    torch.device("cpu"))
+    kinds = {g.id: g.kind for g in groups}
+    fp32, bf16 = combine(a_t, a_h, groups), combine(b_t, b_h, groups)
+    total = count_parameters(model)
+    return {
+        "model": cfg.model.source, "samples": cfg.prune.num_samples, "batch_size": cfg.prune.batch_size,
+        "seconds_fp32": t32, "seconds_bf16": t16, "tokens_fp32": st32, "tokens_bf16": st16,
+        "max_rel_diff_taylor_group_scale": rel_diff(b_t, a_t, kinds)["max_rel_diff_group_scale"],
+        "max_rel_diff_combined_group_scale": rel_diff(bf16, fp32, kinds)["max_rel_diff_group_scale"],
+        "plans": [plan_agreement(bf16, fp32, groups, total, r) for r in (0.3, 0.5)],
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- output
 def figure(res: dict[str, Any]):
     fig, (a1, a2, a3) = C.new_figure(3)
@@ -375,13 +410,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.4, help="token-selection T of the Taylor loss")
     p.add_argument("--entropy-samples", default="8,16,32,64", help="comma-separated N values for section b")
     p.add_argument("--combined-samples", type=int, default=1000, help="N for section c")
-    p.add_argument("--sections", default=None, help="subset of a,b,c (default: a,b,c on CUDA, a,b on CPU)")
+    p.add_argument("--sections", default=None,
+                   help="subset of a,b,c,d (default: a,b,c,d on CUDA, a,b,d on CPU; d needs the testbed)")
     p.add_argument("--name", default="bench_scoring", help="results file stem")
     args = p.parse_args(argv)
     setup = C.resolve_setup(args)
     args.samples = args.samples or (1000 if setup.cuda else 32)
     args.entropy_samples = [int(x) for x in args.entropy_samples.split(",") if x.strip()]
-    sections = set((args.sections or ("a,b,c" if setup.cuda else "a,b")).split(","))
+    sections = set((args.sections or ("a,b,c,d" if setup.cuda else "a,b,d")).split(","))
 
     from ukmp.models import adapter_for
 
@@ -434,6 +470,17 @@ def main(argv: list[str] | None = None) -> int:
               ", ".join(f"{k} {v / C.GIB:.1f} GiB" for k, v in en["reference_store_all_1000_samples_bytes"].items()))
     else:
         missing.append("(b) entropy memory vs N (section not selected)")
+    if "d" in sections:
+        res["trained_bf16"] = tb = section_trained_bf16(args)
+        if "skipped" in tb:
+            print(f"(d) {tb['skipped']}")
+        else:
+            print(f"(d) trained testbed model, N={tb['samples']}: bf16 compute vs fp32: Taylor "
+                  f"{tb['max_rel_diff_taylor_group_scale']:.2e}, combined {tb['max_rel_diff_combined_group_scale']:.2e}"
+                  f" of the group scale; tokens selected {tb['tokens_bf16']['tokens_selected']} vs "
+                  f"{tb['tokens_fp32']['tokens_selected']}; plans: " +
+                  "; ".join(f"ratio {p['ratio']}: {100 * p['same_decision_fraction']:.2f} % same decisions "
+                            f"({p['units_differing']} units differ)" for p in tb["plans"]))
     if "c" in sections:
         res["combined"] = co = section_combined(setup, args, model, processor, groups)
         C.print_table(f"(c) both passes, N={co['samples']}", ["entropy s", "taylor s", "total s", "peak GiB"],
