@@ -202,3 +202,33 @@ def test_canonical_tokenizer_ignores_piece_order_and_score_noise():
     a, b = build.canonical_tokenizer(base), build.canonical_tokenizer(other)
     assert a.get_vocab() == b.get_vocab()
     assert a.convert_ids_to_tokens([0, 1, 2]) == ["<pad>", "</s>", "<unk>"]
+
+
+def test_training_labels_dihedral_views_and_attribute_loss(tmp_path):
+    build = _build_module()
+    out = write_testbed_data(tmp_path / "cache", source=fake_easy_vqa(tmp_path / "easy_vqa_data"))
+    vqa, caps = load_dataset(out["configs"]["vqa_train"]), load_dataset(out["configs"]["cc595k"])
+    model, processor = build.build_untrained(0, ["what color is the shape?", "red", "circle"])
+    batches = build.Batches(vqa, caps, processor, seed=0, caption_rows=True, max_text_tokens=64, dihedral=True)
+    # image 0: "what color" -> red, "what shape" -> circle; image 1: "is there a blue shape?" yes -> blue only
+    assert batches.shape.tolist() == [build.SHAPES.index("circle"), -1]
+    assert batches.colour.tolist() == [build.COLOURS.index("red"), build.COLOURS.index("blue")]
+    batches.pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # asymmetric content
+    views = {e: batches.images_for([0, 1], e) for e in range(6)}
+    symmetries = [torch.rot90(x, k, dims=(1, 2)) for x in [batches.pixels[0], batches.pixels[0].flip(2)]
+                  for k in range(4)]
+    for v in views.values():  # every view is one of the 8 symmetries of its image
+        assert any(torch.equal(v[0], s_) for s_ in symmetries)
+    assert torch.equal(batches.images_for([0, 1], 3), views[3])  # the same draw for the same (image, epoch)
+    assert len({tuple(v[0].flatten()[:4].tolist()) for v in views.values()}) > 1  # epochs draw different ones
+    batches.dihedral = False
+    assert torch.equal(batches.images_for([0, 1], 3), batches.pixels)
+    head = build.new_shape_head(model, 0)
+    tokens = torch.randn(2, 5, model.config.vision_config.hidden_size)
+    loss = build.attribute_loss(head, tokens, batches.shape, batches.colour)
+    logits = head(tokens.mean(dim=1))
+    ce = torch.nn.functional.cross_entropy
+    hand = ce(logits[:1, :3], batches.shape[:1]) + ce(logits[:, 3:], batches.colour)
+    assert torch.allclose(loss, hand, atol=1e-6)  # the unlabelled shape of image 1 is ignored
+    none = build.attribute_loss(head, tokens, torch.tensor([-1, -1]), torch.tensor([-1, -1]))
+    assert float(none.detach()) == 0.0 and none.requires_grad
