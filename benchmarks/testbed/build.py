@@ -6,7 +6,9 @@ evaluate it with the project's VQA evaluator and write everything to a cache dir
 Default DIR: $UKMP_TESTBED, else ${XDG_CACHE_HOME:-~/.cache}/ukmp/testbed. Then
 ``UKMP_TESTBED=DIR ukmp run benchmarks/testbed/testbed.yaml`` prunes, recovers and evaluates the trained model.
 
-Training is a fixed schedule (``--epochs`` over the 4000 train images); ``--minutes`` is only a wall-clock cap.
+Training is a fixed schedule: ``--vision-epochs`` of stage-1 shape+colour pre-training of the ViT (a training-only
+head; see :func:`pretrain_vision` for why), then ``--epochs`` of VQA training over the 4000 train images (with that
+head's loss kept as an auxiliary term); ``--minutes`` is only a wall-clock cap.
 Given the seed and the thread count the run is deterministic (seeded data order, fixed threads,
 ``torch.use_deterministic_algorithms``); a run stopped by the cap is marked ``"truncated": true`` in testbed.json.
 
