@@ -97,15 +97,14 @@ def set_determinism(seed: int, threads: int) -> None:
 
 
 def canonical_tokenizer(tokenizer):
-    """The same pieces in a fixed order with rounded scores: the Unigram trainer (Rust, hash-map order) may list
-    equal-score pieces differently and differ in the last digits of scores from one process to the next, which
-    would change token ids and so the whole training run."""
+    """The same pieces in a canonical order (``canonical_unigram_vocab``): the Unigram trainer's order and last
+    score digits vary from one process to the next, which would change token ids and so the whole training run."""
     from transformers import T5Tokenizer
 
+    from ukmp.models.build import canonical_unigram_vocab
+
     vocab = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["vocab"]
-    special, rest = vocab[:3], vocab[3:]
-    rest = sorted(((p, round(float(s), 6)) for p, s in rest), key=lambda ps: (-ps[1], ps[0]))
-    return T5Tokenizer(vocab=[(p, float(s)) for p, s in special] + rest, extra_ids=0)
+    return T5Tokenizer(vocab=canonical_unigram_vocab(vocab), extra_ids=0)
 
 
 def build_untrained(seed: int, corpus: list[str], arch: dict[str, Any] = ARCH):

@@ -232,3 +232,17 @@ def test_training_labels_dihedral_views_and_attribute_loss(tmp_path):
     assert torch.allclose(loss, hand, atol=1e-6)  # the unlabelled shape of image 1 is ignored
     none = build.attribute_loss(head, tokens, torch.tensor([-1, -1]), torch.tensor([-1, -1]))
     assert float(none.detach()) == 0.0 and none.requires_grad
+
+
+def test_canonical_vocab_sorts_the_trainers_fallback_band():
+    """Two processes gave the tail 'm c ck k' and 'c k ck m' on the same scores (1e-4 apart): one order results."""
+    from ukmp.models.build import canonical_unigram_vocab
+
+    head = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.9), ("circle", -9.667473)]
+    a = head + [("m", -11.818433), ("c", -11.818533), ("ck", -11.818633), ("k", -11.818633)]
+    b = head + [("c", -11.818433), ("k", -11.818533), ("ck", -11.818633), ("m", -11.818633)]
+    ca, cb = canonical_unigram_vocab(a), canonical_unigram_vocab(b)
+    assert ca == cb
+    assert [p for p, _ in ca[5:]] == ["c", "ck", "k", "m"] and [s for _, s in ca[5:]] == [-11.818433, -11.818533,
+                                                                                         -11.818633, -11.818633]
+    assert [p for p, _ in ca[:5]] == [p for p, _ in head]  # pieces far apart keep their score order

@@ -183,11 +183,32 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 160):
     )
     tok.train_from_iterator(texts * 4, trainer=trainer)
     vocab = json.loads(tok.to_str())["model"]["vocab"]
-    # the trainer may list equal-score pieces in hash-map order and differ in the last digits of scores between
-    # processes: a canonical order makes token ids a function of the corpus alone
-    special, rest = vocab[:3], vocab[3:]
-    rest = sorted(((p, round(float(s), 6)) for p, s in rest), key=lambda ps: (-ps[1], ps[0]))
-    return T5Tokenizer(vocab=[(p, float(s)) for p, s in special] + rest, extra_ids=0)
+    return T5Tokenizer(vocab=canonical_unigram_vocab(vocab), extra_ids=0)
+
+
+TAIL_BAND = 2.5e-4  # the trainer's fallback pieces come in score steps of 1e-4
+
+
+def canonical_unigram_vocab(vocab: list) -> list[tuple[str, float]]:
+    """``[(piece, score), ...]`` in an order that depends on the pieces and scores alone.
+
+    The Unigram trainer (Rust, hash-map order) lists equal-score pieces in any order, differs in the last digits
+    of scores from one process to the next, and gives the characters it must keep a run of scores 1e-4 apart in
+    hash order too. So: the three specials first, then pieces by score (6 decimals) and name; and within each run
+    of pieces whose neighbouring scores are less than ``TAIL_BAND`` apart, names in sorted order on the run's scores
+    (the same set of scores, handed out alphabetically). Token ids then follow from the corpus alone."""
+    special = [(str(p), float(s)) for p, s in vocab[:3]]
+    rest = sorted(((str(p), round(float(s), 6)) for p, s in vocab[3:]), key=lambda ps: (-ps[1], ps[0]))
+    out: list[tuple[str, float]] = []
+    i = 0
+    while i < len(rest):
+        j = i + 1
+        while j < len(rest) and rest[j - 1][1] - rest[j][1] < TAIL_BAND:
+            j += 1
+        band = rest[i:j]
+        out += list(zip(sorted(p for p, _ in band), (s for _, s in band)))
+        i = j
+    return special + out
 
 
 def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2Processor:
