@@ -89,12 +89,11 @@ def reference_loop(model, groups, batches, threshold: float):
 def reference_entropy(model, groups, batches) -> dict[str, torch.Tensor]:
     """The reference's entropy pass: no-grad forwards, one sample each, every cosine kept in a list per Linear,
     histograms and entropies at the end (ukmp's histogram arithmetic, so only the procedure differs)."""
-    from ukmp.importance.entropy import (StreamingAngleHistogram, bin_edges, cosines, histogram_counts,
-                                         histogram_entropy, unit_entropies)
+    from ukmp.importance.entropy import (bin_edges, cosines, entropy_modules, histogram_counts, histogram_entropy,
+                                         unit_entropies)
 
     language = [g for g in groups if g.modality == "language"]
-    with StreamingAngleHistogram(model, language) as probe:  # only for the module list
-        names = list(probe.counts)
+    names = entropy_modules(language)
     kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     hooks = []
     for n in names:

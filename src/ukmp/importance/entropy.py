@@ -138,7 +138,8 @@ class StreamingAngleHistogram:
     ``groups`` picks the Linears (see :func:`entropy_modules`); ``modules`` overrides the list. With
     ``exclude_padding=True`` the caller supplies token masks around each forward (see :meth:`token_masks`):
     encoder-side Linears (encoder q/k/v/wi and cross-attention k/v) use the encoder mask, the others the
-    decoder mask. The default includes every position, as the reference does. Run the model under
+    decoder mask. The class default counts every position; the scoring passes exclude padding by default, which
+    reproduces what one-sample (unpadded) batches see. Run the model under
     ``torch.no_grad()``.
     """
 

@@ -255,9 +255,6 @@ class Blip2T5Adapter:
         for g in groups:
             if g.id in plan.keep and plan.is_pruned(g) and g.unit_type == "heads":
                 self._update_attention_(model, g, sorted(plan.kept(g)))
-        if any(g.kind.startswith(("enc_", "dec_")) and g.unit_type == "heads" and g.id in plan.keep
-               and plan.is_pruned(g) for g in groups):
-            _guard_attn_switch(model)
         return removed
 
     @staticmethod
@@ -304,6 +301,7 @@ class Blip2T5Adapter:
         stack = _get(model, "language_model.decoder" if path.startswith(T5_DEC) else "language_model.encoder")
         impl = head_aware_implementation(stack.config._attn_implementation)
         stack.config._attn_implementation = impl
+        _guard_attn_switch(model)  # keep it head-aware through model.set_attn_implementation (idempotent)
 
     # ------------------------------------------------------------------ masking oracle
     @contextlib.contextmanager

@@ -64,6 +64,33 @@ def parse_compute_dtype(name: str) -> torch.dtype | None:
     return table[name]
 
 
+def _padding_masks(hist, batch: dict[str, torch.Tensor], exclude_padding: bool):
+    """The histograms' token masks for ``batch`` while the model runs (a no-op when padding is counted)."""
+    if hist is None or not exclude_padding:
+        return contextlib.nullcontext()
+    return hist.token_masks(batch["attention_mask"], batch.get("decoder_attention_mask"))
+
+
+def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], threshold: float | None, desc: str,
+                       total: int | None, compute_dtype: torch.dtype | None, hist=None,
+                       exclude_padding: bool = False) -> dict[str, int]:
+    """Forward every batch (feeding ``hist``'s hooks when given), back-propagate the selected-token loss into
+    ``scorer``; returns the token counts."""
+    from ukmp.importance.taylor import selected_loss
+
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    n_sel = n_valid = 0
+    for batch in _progress(batches, desc, total):
+        b = _to(batch, device, dtype)
+        with _padding_masks(hist, b, exclude_padding), compute_context(device, compute_dtype):
+            logits = model(**b).logits
+        loss, sel, valid = selected_loss(logits, b["labels"], threshold)
+        scorer.backward(loss)
+        n_sel += int(sel)
+        n_valid += int(valid)
+    return {"tokens_selected": n_sel, "tokens_total": n_valid}
+
+
 def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], angle: bool = False,
                  exclude_padding: bool = True, total: int | None = None,
                  compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -76,10 +103,7 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
         with torch.no_grad(), compute_context(device, compute_dtype):
             for batch in _progress(batches, "entropy pass", total):
                 b = _to(batch, device, dtype)
-                if exclude_padding:
-                    with hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")):
-                        model(**b)
-                else:
+                with _padding_masks(hist, b, exclude_padding):
                     model(**b)
         neuron = hist.entropy()
     return unit_entropies(neuron, language)
@@ -89,21 +113,11 @@ def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable
                 order: str = "first", total: int | None = None, compute_dtype: torch.dtype | None = None,
                 ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
     """Per-unit Taylor scores with the selected-token loss; gradients summed over samples in fp32."""
-    from ukmp.importance.taylor import TaylorScorer, row_sparse_head, selected_loss
+    from ukmp.importance.taylor import TaylorScorer, row_sparse_head
 
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    n_sel = n_valid = 0
     with TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
-        for batch in _progress(batches, "taylor pass", total):
-            b = _to(batch, device, dtype)
-            with compute_context(device, compute_dtype):
-                logits = model(**b).logits
-            loss, sel, valid = selected_loss(logits, b["labels"], threshold)
-            scorer.backward(loss)
-            n_sel += int(sel)
-            n_valid += int(valid)
-        scores = scorer.scores()
-    return scores, {"tokens_selected": n_sel, "tokens_total": n_valid}
+        stats = _selected_backward(model, scorer, batches, threshold, "taylor pass", total, compute_dtype)
+        return scorer.scores(), stats
 
 
 def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
@@ -114,26 +128,14 @@ def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[
     Equal to the two separate passes when both see the same inputs (augmentation off, or the same epoch); saves one
     forward per sample."""
     from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
-    from ukmp.importance.taylor import TaylorScorer, row_sparse_head, selected_loss
+    from ukmp.importance.taylor import TaylorScorer, row_sparse_head
 
     language = [g for g in groups if g.modality == "language"]
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    n_sel = n_valid = 0
     with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
             TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
-        for batch in _progress(batches, "fused pass", total):
-            b = _to(batch, device, dtype)
-            masks = (hist.token_masks(b["attention_mask"], b.get("decoder_attention_mask")) if exclude_padding
-                     else contextlib.nullcontext())
-            with masks, compute_context(device, compute_dtype):
-                logits = model(**b).logits
-            loss, sel, valid = selected_loss(logits, b["labels"], threshold)
-            scorer.backward(loss)
-            n_sel += int(sel)
-            n_valid += int(valid)
-        taylor = scorer.scores()
-        entropy = unit_entropies(hist.entropy(), language)
-    return taylor, entropy, {"tokens_selected": n_sel, "tokens_total": n_valid}
+        stats = _selected_backward(model, scorer, batches, threshold, "fused pass", total, compute_dtype, hist,
+                                   exclude_padding)
+        return scorer.scores(), unit_entropies(hist.entropy(), language), stats
 
 
 # ---------------------------------------------------------------------------------------------------- methods

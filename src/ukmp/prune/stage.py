@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 from dataclasses import fields
 from pathlib import Path
@@ -58,17 +59,16 @@ def calibration_batches(cfg: RunConfig, processor, model):
     collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
                                num_query_tokens=model.config.num_query_tokens)
     bs = cfg.prune.batch_size
-    chunks = [chosen[i: i + bs] for i in range(0, n, bs)]
 
     def batches(epoch: int):
         # the prefix split (and so each sample's length) depends on the epoch: group per epoch
         groups = (length_grouped(chosen, [collate.text_lengths(i, epoch) for i in chosen], bs)
-                  if cfg.prune.group_by_length else chunks)
+                  if cfg.prune.group_by_length else [chosen[i: i + bs] for i in range(0, n, bs)])
         for c in groups:
             yield collate(c, epoch)
 
     ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
-    return batches, len(chunks), ids
+    return batches, math.ceil(n / bs), ids
 
 
 def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg: AllocationConfig,
