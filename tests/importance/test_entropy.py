@@ -13,10 +13,12 @@ from ukmp.groups import ParamSlice, PrunableGroup
 from ukmp.importance.entropy import (
     StreamingAngleHistogram,
     bin_edges,
+    cosine_counts,
     cosines,
     entropy_modules,
     histogram_counts,
     histogram_entropy,
+    inverse_norms,
     unit_entropies,
     unit_entropy,
 )
@@ -48,6 +50,31 @@ def test_histogram_counts_equal_numpy(angle):
     # not vacuous: a plain float32 linspace edge set disagrees on the planted edge values
     bad = histogram_counts(vals, torch.linspace(*lo_hi, 101, dtype=torch.float32).double() + 1e-9)
     assert not torch.equal(bad, got)
+
+
+@pytest.mark.parametrize("angle", [False, True])
+def test_histogram_counts_next_to_every_edge_equal_numpy(angle):
+    """The fast binning re-bins values within 1e-3 bin widths of an edge against the float64 edges: the float32
+    neighbours just below, at and just above every edge land where numpy puts them; values outside the range
+    are dropped."""
+    edges = bin_edges(100, angle)
+    e32 = edges.float()
+    near = torch.cat([torch.nextafter(e32, torch.full_like(e32, -9.0)), e32,
+                      torch.nextafter(e32, torch.full_like(e32, 9.0))])
+    g = torch.Generator().manual_seed(1)
+    lo, hi = float(edges[0]), float(edges[-1])
+    bulk = torch.rand(794, generator=g) * (hi - lo) + lo
+    vals = torch.stack([torch.cat([near, bulk[:397]]), torch.cat([bulk[397:], near])], dim=1)  # [700, 2]
+    got = histogram_counts(vals, edges)
+    for j in range(2):
+        ref, _ = np.histogram(vals[:, j].double().numpy(), bins=100, range=(lo, hi))
+        assert np.array_equal(got[j].numpy(), ref.astype(np.float32)), j  # exact, tolerance 0
+    assert float(got.sum()) < 1400  # not vacuous: the values just outside the range were dropped
+    # not vacuous: plain floor((v - lo) / width) in float32, without the re-binning, differs from numpy here
+    naive = ((vals[:, 0] - lo) * (100 / (hi - lo))).long().clamp(0, 99)
+    inside = (vals[:, 0].double() >= lo) & (vals[:, 0].double() <= hi)
+    naive_counts = torch.bincount(naive[inside], minlength=100).float()
+    assert not torch.equal(naive_counts, got[0])
 
 
 def test_histogram_entropy_equals_numpy_and_is_bounded():
@@ -109,6 +136,64 @@ def test_streaming_equals_one_shot_and_numpy(angle):
         model(x[:1])
     short.close()
     assert not torch.equal(short.counts["lin"], one.counts["lin"])
+
+
+def test_bias_free_linear_reuses_its_output():
+    """A bias-free Linear's histograms come from its own output divided by the norms (no second product): the
+    counts are numpy's histogram of exactly those cosines, which agree with float64 cosines to 1e-6."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6, bias=False))
+    x = torch.randn(4, 30, 8)
+    hist = StreamingAngleHistogram(model, [], modules=["0"], chunk_elements=50)
+    calls = []
+    import ukmp.importance.entropy as E
+    real = E.cosine_counts
+
+    def spy(output, inv_x, inv_w, edges):
+        calls.append(output.shape)
+        return real(output, inv_x, inv_w, edges)
+
+    E.cosine_counts = spy
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        E.cosine_counts = real
+        hist.close()
+    assert sum(c[0] for c in calls) == 120 and len(calls) > 1  # every token, in chunks, from the Linear's output
+    X, W = x.reshape(-1, 8), model[0].weight.detach()
+    ours = cosines(X, W, output=X @ W.T)
+    X64, W64 = X.double().numpy(), W.double().numpy()
+    cos64 = (X64 @ W64.T) / (np.linalg.norm(X64, axis=1)[:, None] * np.linalg.norm(W64, axis=1)[None, :])
+    assert np.abs(ours.double().numpy() - cos64).max() <= 1e-6
+    ref = np.stack([np.histogram(ours[:, j].double().numpy(), bins=100, range=(-1, 1))[0] for j in range(6)])
+    assert np.array_equal(hist.counts["0"].numpy(), ref.astype(np.float32))
+    with pytest.raises(ValueError, match="output"):
+        cosines(X, W, output=(X @ W.T)[:, :3])
+
+
+def test_cosine_counts_equal_two_step_route_next_to_edges():
+    """``cosine_counts`` (bins straight from a Linear's output) equals ``histogram_counts(cosines(...))``
+    exactly, including cosines planted next to every bin edge and at +-1."""
+    edges = bin_edges(100, False)
+    e32 = edges.float()
+    planted = torch.cat([torch.nextafter(e32, torch.full_like(e32, -9.0)), e32,
+                         torch.nextafter(e32, torch.full_like(e32, 9.0))]).clamp(-1, 1)
+    g = torch.Generator().manual_seed(2)
+    y = torch.rand(303, 4, generator=g) * 2 - 1
+    y[:, 1] = planted  # unit norms below: the output is the cosine itself
+    ones_x, ones_w = torch.ones(303), torch.ones(4)
+    got = cosine_counts(y, ones_x, ones_w, edges)
+    ref = histogram_counts(y.clamp(-1, 1), edges)  # inverse norms 1: the cosines are the output itself
+    assert torch.equal(got, ref)  # exact, tolerance 0
+    # general norms: equal to the route through cosines() on a real product
+    x, w = torch.randn(50, 8, generator=g), torch.randn(6, 8, generator=g)
+    out = x @ w.T
+    assert torch.equal(cosine_counts(out, inverse_norms(x), inverse_norms(w), edges),
+                       histogram_counts(cosines(x, w, output=out), edges))
+    # not vacuous: the planted column is not what plain floor((c + 1) * 50) gives
+    naive = torch.bincount(((y[:, 1] + 1) * 50).long().clamp(0, 99), minlength=100).float()
+    assert not torch.equal(naive, got[1])
 
 
 def test_unit_entropy_hand():

@@ -275,22 +275,77 @@ def test_batched_scores_equal_batch1_loop(tiny, make_batch):
     assert math.isfinite(sum(float(s.sum()) for s in batched.values()))
 
 
-def test_row_sparse_linear_backward_equals_dense():
-    """The vocabulary projection's row-sparse backward: identical input gradient, zero rows stay zero."""
-    from ukmp.importance.taylor import _RowSparseLinear
+@pytest.mark.parametrize("zero_rows", [0, 4])
+def test_tracked_linear_backward_equals_dense(zero_rows):
+    """``_TrackedLinear``: the same output and input gradient as a Linear; the sink's factors give the weight
+    gradient; rows with no gradient are skipped (sparse branch below 90 % of rows, dense branch otherwise)."""
+    from ukmp.importance.taylor import _TrackedLinear
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(11, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(11, generator=g, dtype=torch.float64, requires_grad=True)
     up = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
-    up[0, 1] = 0
-    up[1, :3] = 0  # 4 of 10 rows carry no gradient
-    (gx_sparse,) = torch.autograd.grad(_RowSparseLinear.apply(x, w), x, up)
-    (gx_dense,) = torch.autograd.grad(x @ w.T, x, up)
-    assert torch.allclose(_RowSparseLinear.apply(x, w), x @ w.T, rtol=0, atol=1e-12)
-    assert torch.allclose(gx_sparse, gx_dense, rtol=0, atol=1e-12)
-    assert bool((gx_sparse[1, :3] == 0).all()) and bool((gx_sparse[0, 1] == 0).all())
-    assert float(gx_dense.abs().min(dim=-1).values.max()) > 0  # not vacuous: other rows are non-zero
+    up.view(10, 11)[torch.randperm(10, generator=g)[:zero_rows]] = 0
+    seen = []
+    y = _TrackedLinear.apply(x, w, bias, lambda gr, xr: seen.append((gr.clone(), xr.clone())), False)
+    gx, gb = torch.autograd.grad(y, (x, bias), up)
+    gx_d, gw_d, gb_d = torch.autograd.grad(torch.nn.functional.linear(x, w, bias), (x, w, bias), up)
+    assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), rtol=0, atol=1e-12)
+    assert torch.allclose(gx, gx_d, rtol=0, atol=1e-12)
+    assert torch.allclose(gb, gb_d, rtol=0, atol=1e-12)  # a bias that trains still gets its gradient
+    (gr, xr), = seen
+    assert gr.shape[0] == 10 - zero_rows  # 4 of 10 zero rows: the sparse branch hands on only the other 6
+    assert torch.allclose(gr.T @ xr, gw_d, rtol=0, atol=1e-12)
+    assert w.grad is None  # the weight's gradient goes to the sink only
+    assert float(gw_d.abs().max()) > 0 and float(gx_d.abs().max()) > 0  # not vacuous
+
+
+def test_tracked_linear_no_rows_and_autocast():
+    from ukmp.importance.taylor import _TrackedLinear
+
+    x = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(6, 4, requires_grad=True)
+    calls = []
+    gx, = torch.autograd.grad(_TrackedLinear.apply(x, w, None, lambda *a: calls.append(a), False), x,
+                              torch.zeros(3, 6))
+    assert calls == [] and float(gx.abs().max()) == 0  # no row with a gradient: nothing handed on
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = _TrackedLinear.apply(x, w.detach(), None, None, False)
+        y32 = _TrackedLinear.apply(x, w.detach(), None, None, True)  # at_least_fp32: the head's fp32 logits
+    assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32
+    with pytest.raises(ValueError, match="weight"):  # a trainable weight without a sink would lose its gradient
+        _TrackedLinear.apply(x, w, None, None, False)
+    gx16, = torch.autograd.grad(y16.float().sum(), x)
+    assert gx16.dtype == torch.float32  # the input's dtype, as autocast's cast would give
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("order", ["first", "second"])
+def test_tracked_linears_equal_grad_path(tiny, make_batch, order):
+    """The scorer's tracked Linears (sink straight into fp32 sums, zero rows skipped) give the ``.grad`` path's
+    scores to rounding (tolerance 1e-5 of each group's largest score)."""
+    model, processor, groups, images = tiny
+    batches = [make_batch(processor, images, [0, 1, 2]), make_batch(processor, images, [3])]
+    lin = model.get_submodule(next(s.module for s in groups[-1].slices))
+
+    def run(track):
+        with TaylorScorer(model, groups, order=order, track_linears=track) as sc:
+            assert ("forward" in vars(lin)) == track  # installed while open
+            for b in batches:
+                loss, _, _ = selected_loss(model(**b).logits, b["labels"], 0.4)
+                sc.backward(loss)
+            return sc.scores()
+
+    tracked, plain = run(True), run(False)
+    assert "forward" not in vars(lin)  # removed on close
+    assert _max_rel(tracked, plain) <= 1e-5
+    assert not any(p.grad is not None for p in model.parameters())
+    # not vacuous: one batch fewer changes the scores well beyond the tolerance
+    with TaylorScorer(model, groups, order=order) as sc:
+        loss, _, _ = selected_loss(model(**batches[0]).logits, batches[0]["labels"], 0.4)
+        sc.backward(loss)
+        assert _max_rel(sc.scores(), plain) > 1e-3
 
 
 @pytest.mark.integration

@@ -27,15 +27,26 @@ CHUNK_ELEMENTS = 1 << 22  # cosines materialised at once (tokens x neurons) per 
 
 
 # --------------------------------------------------------------------------------------------- pure functions
-def cosines(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def cosines(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-12,
+            output: torch.Tensor | None = None) -> torch.Tensor:
     """``[N, d_in] x [d_out, d_in] -> [N, d_out]``: cosine of every token with every weight row.
 
-    fp32, clamped to [-1, 1]; a zero token or zero row gets cosine 0.
+    fp32, clamped to [-1, 1]; a zero token or zero row gets cosine 0. ``output`` (``[N, d_out]``, optional) is
+    ``x @ weight.T`` already computed - a bias-free Linear's own output: the cosines are then that product divided
+    by the norms, with no second matrix product (they differ from the normalise-first product by rounding only).
     """
     xf, wf = x.float(), weight.float()
-    xn = xf / xf.norm(dim=1, keepdim=True).clamp(min=eps)
-    wn = wf / wf.norm(dim=1, keepdim=True).clamp(min=eps)
-    return (xn @ wn.T).clamp_(-1.0, 1.0)
+    inv_x, inv_w = inverse_norms(xf, eps), inverse_norms(wf, eps)
+    if output is None:
+        return ((xf * inv_x[:, None]) @ (wf * inv_w[:, None]).T).clamp_(-1.0, 1.0)
+    if tuple(output.shape) != (x.shape[0], weight.shape[0]):
+        raise ValueError(f"output: shape {tuple(output.shape)}, expected {(x.shape[0], weight.shape[0])}")
+    return (output.float() * inv_x[:, None]).mul_(inv_w[None, :]).clamp_(-1.0, 1.0)
+
+
+def inverse_norms(rows: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``[N, d] -> [N]``: ``1 / max(|row|, eps)`` in fp32 (a zero row gets a finite factor, so cosine 0)."""
+    return 1.0 / rows.float().norm(dim=1).clamp(min=eps)
 
 
 def bin_edges(bins: int, angle: bool, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -50,21 +61,76 @@ def bin_edges(bins: int, angle: bool, device: torch.device | str = "cpu") -> tor
     return edges
 
 
+NEAR_EDGE = 1e-3  # in bin widths: values this close to an edge are re-binned against the float64 edges
+
+
 def histogram_counts(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     """``values [N, d_out] -> counts [d_out, bins]`` (fp32) with ``np.histogram`` semantics.
 
     Bin ``b`` holds ``edges[b] <= v < edges[b+1]``; the last bin also holds ``v == edges[-1]``. Values outside
-    the range are dropped (cosines are clamped to [-1, 1], so none are).
+    the range are dropped (cosines are clamped to [-1, 1], so none are). ``edges`` must be equally spaced
+    (:func:`bin_edges`).
+
+    The bin is ``floor((v - lo) / width)`` in the values' precision (error a few 1e-5 bin widths at most); values
+    within ``NEAR_EDGE`` of a bin boundary - a small fraction - are re-binned by a search in the float64 edges,
+    so the counts are exactly numpy's while the bulk costs a handful of elementwise passes.
     """
     bins = edges.numel() - 1
     n, d_out = values.shape
-    v = values.to(torch.float64)
-    idx = torch.bucketize(v, edges, right=True) - 1  # number of edges <= v, minus one
-    idx = torch.where(v == edges[-1], torch.full_like(idx, bins - 1), idx)
-    inside = (idx >= 0) & (idx < bins)
-    flat = (idx + torch.arange(d_out, device=v.device)[None, :] * bins)[inside]
-    counts = torch.bincount(flat, minlength=d_out * bins)
-    return counts.view(d_out, bins).to(torch.float32)
+    v = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    lo, hi = float(edges[0]), float(edges[-1])
+    u = (v - lo).mul_(bins / (hi - lo))
+    idx = _bin_index(u, edges, lambda pos: v.reshape(-1)[pos])
+    if n and (float(v.min()) < lo or float(v.max()) > hi):  # rare (cosines are clamped): keep the inside ones
+        v64 = v.double()  # a Python float compared with a float32 tensor would be rounded to float32
+        inside = (v64 >= lo) & (v64 <= hi)
+        flat = idx[inside] + torch.nonzero(inside)[:, 1].to(torch.int32) * bins
+        return torch.bincount(flat, minlength=d_out * bins).view(d_out, bins).to(torch.float32)
+    return _count(idx, bins)
+
+
+def cosine_counts(output: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor,
+                  edges: torch.Tensor) -> torch.Tensor:
+    """``histogram_counts(cosines(x, W, output=output), edges)`` without materialising the cosines first.
+
+    ``output [N, d_out]`` is ``x @ W.T``, ``inv_x [N]`` and ``inv_w [d_out]`` the inverse norms as
+    :func:`cosines` computes them. The bulk is binned from ``output * (inv_x * bins/2) * inv_w + bins/2``; the
+    few values near an edge are re-binned from their cosines, computed exactly as :func:`cosines` does, so the
+    counts are identical to the two-step route (``edges`` on [-1, 1])."""
+    bins = edges.numel() - 1
+    y = output.float()
+    half = bins / 2.0
+    u = (y * (inv_x * half)[:, None]).mul_(inv_w[None, :]).add_(half).clamp_(0.0, float(bins))
+    d_out = y.shape[1]
+
+    def exact(pos: torch.Tensor) -> torch.Tensor:  # the cosines of these flat positions, as cosines() has them
+        r, c = pos // d_out, pos % d_out
+        return (y.reshape(-1)[pos] * inv_x[r] * inv_w[c]).clamp_(-1.0, 1.0)
+
+    return _count(_bin_index(u, edges, exact), bins)
+
+
+def _bin_index(u: torch.Tensor, edges: torch.Tensor, exact) -> torch.Tensor:
+    """int32 bins from positions ``u`` in bin widths (``>= 0``; error well under ``NEAR_EDGE``); the elements
+    within ``NEAR_EDGE`` of a boundary are re-binned from ``exact(flat positions)`` against the float64 edges."""
+    bins = edges.numel() - 1
+    idx = u.to(torch.int32).clamp_(0, bins - 1)  # u >= 0: truncation is the floor; v == hi -> the last bin
+    near = u.round().sub_(u).abs_() < NEAR_EDGE
+    pos = near.view(-1).nonzero().squeeze(1)
+    if pos.numel():
+        v = exact(pos).to(torch.float64)
+        e = edges.to(device=v.device, dtype=torch.float64)
+        b = torch.bucketize(v, e, right=True) - 1  # number of edges <= v, minus one
+        b = torch.where(v == e[-1], torch.full_like(b, bins - 1), b).clamp_(0, bins - 1)
+        idx.view(-1)[pos] = b.to(torch.int32)
+    return idx
+
+
+def _count(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    """Per-column counts ``[d_out, bins]`` (fp32) of the int32 bins ``idx [N, d_out]``."""
+    d_out = idx.shape[1]
+    idx += torch.arange(0, d_out * bins, bins, dtype=torch.int32, device=idx.device)
+    return torch.bincount(idx.view(-1), minlength=d_out * bins).view(d_out, bins).to(torch.float32)
 
 
 def histogram_entropy(counts: torch.Tensor) -> torch.Tensor:
@@ -168,6 +234,7 @@ class StreamingAngleHistogram:
         self.streams = {n: streams.get(n, "decoder" if ".decoder." in n else "encoder") for n in names}
         self.counts: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] | None = None
+        self._row_cache: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._handles = []
         for n in names:
             try:
@@ -188,6 +255,7 @@ class StreamingAngleHistogram:
         """Masks ``[B, L]`` (1 = real token) for the next forward; ``None`` clears them."""
         both_none = encoder is None and decoder is None
         self._masks = None if both_none else {"encoder": encoder, "decoder": decoder}
+        self._row_cache = {}
 
     @contextlib.contextmanager
     def token_masks(self, encoder: torch.Tensor | None, decoder: torch.Tensor | None) -> Iterator[None]:
@@ -200,35 +268,53 @@ class StreamingAngleHistogram:
     # ------------------------------------------------------------------ hook
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs, output) -> None:
-            self.observe(name, inputs[0], module.weight)
+            # a bias-free Linear's output is x @ W.T: the cosines reuse it instead of a second product
+            reuse = module.bias is None and isinstance(output, torch.Tensor)
+            self.observe(name, inputs[0], module.weight, output if reuse else None)
         return hook
 
-    def _tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        d_in = x.shape[-1]
+    def _rows(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the real (unpadded) tokens of ``x [..., d_in]``; ``None`` = every token."""
         if not self.exclude_padding:
-            return x.reshape(-1, d_in)
+            return None
         stream = self.streams[name]
         mask = None if self._masks is None else self._masks.get(stream)
         if mask is None:
             raise ValueError(f"exclude_padding: no {stream} token mask set for {name!r} (use token_masks())")
         if tuple(mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of "
-                             f"{name!r} "
-                             f"{tuple(x.shape[:-1])}")
-        return x[mask.to(x.device).bool()]
+                             f"{name!r} {tuple(x.shape[:-1])}")
+        key = (stream, x.device)
+        if key not in self._row_cache:  # one nonzero per stream and forward, shared by that stream's Linears
+            self._row_cache[key] = mask.to(x.device).reshape(-1).nonzero().squeeze(1)
+        return self._row_cache[key]
 
     @torch.no_grad()
-    def observe(self, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
-        """Add the tokens ``x [..., d_in]`` seen by Linear ``name`` to its histograms, in chunks."""
-        tokens = self._tokens(name, x.detach())
+    def observe(self, name: str, x: torch.Tensor, weight: torch.Tensor,
+                output: torch.Tensor | None = None) -> None:
+        """Add the tokens ``x [..., d_in]`` seen by Linear ``name`` to its histograms, in chunks.
+
+        ``output`` (optional): ``x @ weight.T`` as the Linear computed it (bias-free), reused for the cosines."""
+        rows = self._rows(name, x)
+        tokens = x.detach().reshape(-1, x.shape[-1])
+        out = None if output is None else output.detach().reshape(-1, output.shape[-1])
+        if rows is not None:
+            tokens = tokens.index_select(0, rows)
+            out = None if out is None else out.index_select(0, rows)
         w = weight.detach().float()
         dev = self.counts[name].device
         if dev not in self._edges:
             self._edges[dev] = bin_edges(self.bins, self.angle, dev)
         edges = self._edges[dev]
         step = max(1, self.chunk_elements // max(w.shape[0], 1))
+        inv_w = inverse_norms(w) if out is not None and not self.angle else None
         for start in range(0, tokens.shape[0], step):
-            c = cosines(tokens[start:start + step].to(w.device), w)
+            part = None if out is None else out[start:start + step].to(w.device)
+            if inv_w is not None:  # cosines binned straight from the Linear's output
+                x = tokens[start:start + step].to(w.device)
+                self.counts[name] += cosine_counts(part, inverse_norms(x), inv_w, edges.to(w.device)).to(dev)
+                continue
+            c = cosines(tokens[start:start + step].to(w.device), w, output=part)
             values = torch.arccos(c) if self.angle else c
             self.counts[name] += histogram_counts(values.to(dev), edges)
 

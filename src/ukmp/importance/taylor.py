@@ -16,7 +16,7 @@ bf16).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -94,57 +94,120 @@ def selected_loss(
     return loss, n_sel, n_valid
 
 
-# ------------------------------------------------------------------------------ row-sparse output projection
-class _RowSparseLinear(torch.autograd.Function):
-    """``x @ W.T`` (no bias) whose backward multiplies only the non-zero rows of the incoming gradient.
+# -------------------------------------------------------------------------------- row-sparse tracked Linears
+SPARSE_ROWS = 0.9  # below this fraction of rows with a gradient, the backward multiplies only those rows
+GradSink = Callable[[torch.Tensor, torch.Tensor], None]  # (grad_out rows [n, d_out], inputs [n, d_in])
 
-    With token selection most logit rows get an exactly-zero gradient (unselected or padded positions), so the
-    ``[rows, vocab] x [vocab, d]`` product of the vocabulary projection shrinks to the selected rows; the result
-    is identical (zero rows give zero input gradients). ``W`` must not need a gradient.
 
-    The product runs in fp32 even under autocast: the logits decide which tokens are selected, and bf16 logits
-    (8-bit mantissa) would change that choice wherever two positions' confidences are close."""
+def _matmul_dtype(x: torch.Tensor, weight: torch.Tensor, at_least_fp32: bool) -> torch.dtype:
+    """What the Linear's product runs in: autocast's dtype when autocast is on (as ``F.linear`` would), else the
+    promoted input/weight dtype; ``at_least_fp32`` raises it to fp32."""
+    dev = x.device.type
+    dt = (torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev)
+          else torch.promote_types(x.dtype, weight.dtype))
+    return torch.promote_types(dt, torch.float32) if at_least_fp32 else dt
+
+
+class _TrackedLinear(torch.autograd.Function):
+    """``F.linear(x, W, b)`` whose backward (1) multiplies only the rows of the incoming gradient that are not
+    all zero and (2) hands the weight-gradient factors to ``sink`` instead of returning a gradient for ``W``.
+
+    (1) With token selection many positions get an exactly-zero gradient (unselected vocabulary rows; decoder
+    positions after a sample's last selected token; padding), so the products shrink to the rows that matter;
+    the result is the same up to summation order (zero rows add exact zeros). (2) lets the scorer fold
+    ``grad_out.T @ x`` straight into its fp32 accumulator (one ``addmm_``), with no ``.grad`` tensor per batch.
+    ``sink=None`` computes no weight gradient at all (a frozen projection such as the vocabulary head).
+
+    Autocast is honoured explicitly (the product runs in :func:`_matmul_dtype`), so the saved inputs are the
+    ones the product used."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.x_shape = x.shape
-        dt = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)  # >= fp32
+    def forward(ctx, x, weight, bias, sink, at_least_fp32):
+        if sink is None and weight.requires_grad:
+            raise ValueError("weight: needs a gradient, so its Linear needs a sink")
+        dt = _matmul_dtype(x, weight, at_least_fp32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.to(dt), weight.to(dt))
+            xc, wc = x.to(dt), weight.to(dt)
+            y = F.linear(xc, wc, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc if sink is not None else None, wc)
+        ctx.sink, ctx.x_dtype = sink, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        rows = g.ne(0).any(dim=1).nonzero().squeeze(1)
-        dt = torch.promote_types(torch.promote_types(g.dtype, weight.dtype), torch.float32)
-        gx = g.new_zeros(g.shape[0], weight.shape[1], dtype=dt)
-        if rows.numel():
-            gx[rows] = g[rows].to(dt) @ weight.to(dt)
-        return gx.view(*ctx.x_shape[:-1], weight.shape[1]), None
+    def backward(ctx, grad):
+        xc, wc = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(wc.dtype)
+        n = g.shape[0]
+        if g.shape[1] == 0:
+            rows = torch.zeros(0, dtype=torch.long, device=g.device)
+        else:  # rows not all zero; a NaN row counts as non-zero
+            rows = (g.amax(dim=1).ne(0) | g.amin(dim=1).ne(0)).nonzero().squeeze(1)
+        sparse = rows.numel() < SPARSE_ROWS * n
+        g_rows = g.index_select(0, rows) if sparse else g
+        gx = None
+        if ctx.needs_input_grad[0]:
+            if sparse:
+                gx = g.new_zeros(n, wc.shape[1])
+                if rows.numel():
+                    gx.index_copy_(0, rows, g_rows @ wc)
+            else:
+                gx = g @ wc
+            gx = gx.view(*grad.shape[:-1], wc.shape[1]).to(ctx.x_dtype)
+        if ctx.sink is not None and rows.numel():
+            x2 = xc.reshape(-1, xc.shape[-1])
+            ctx.sink(g_rows, x2.index_select(0, rows) if sparse else x2)
+        gb = g_rows.sum(dim=0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # bias trained elsewhere
+        return gx, None, gb, None, None
+
+
+def _accumulate_into(acc: torch.Tensor) -> GradSink:
+    """A sink adding ``grad_out.T @ x`` to the fp32 ``acc`` (fused into the product when the dtypes agree)."""
+    def sink(g: torch.Tensor, x: torch.Tensor) -> None:
+        if g.dtype == acc.dtype:
+            acc.addmm_(g.T, x)
+        else:
+            acc.add_((g.T @ x).to(acc.dtype))
+    return sink
+
+
+class _tracked:
+    """Installs :class:`_TrackedLinear` as the ``forward`` of some Linears (an instance attribute, removed by
+    :meth:`remove`)."""
+
+    def __init__(self):
+        self.modules: list[nn.Linear] = []
+
+    def install(self, lin: nn.Linear, sink: GradSink | None, at_least_fp32: bool = False) -> None:
+        lin.forward = lambda x: _TrackedLinear.apply(x, lin.weight, lin.bias, sink, at_least_fp32)
+        self.modules.append(lin)
+
+    def remove(self) -> None:
+        for lin in self.modules:
+            vars(lin).pop("forward", None)
+        self.modules = []
 
 
 class row_sparse_head:
-    """Context manager: the model's output projection (``get_output_embeddings()``) back-propagates only the
-    rows with a non-zero gradient. A no-op when that projection is not a bias-free Linear or its weight needs a
-    gradient."""
+    """Context manager: the model's output projection (``get_output_embeddings()``) back-propagates only the rows
+    with a non-zero gradient, and computes its product in fp32 even under autocast (the logits pick the selected
+    tokens; bf16 logits, with an 8-bit mantissa, would change that choice wherever two positions' confidences are
+    close). A no-op when that projection is not a bias-free Linear or its weight needs a gradient."""
 
     def __init__(self, model: nn.Module):
         get = getattr(model, "get_output_embeddings", None)
         head = get() if callable(get) else None
         ok = isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
         self.head = head if ok else None
+        self._patch = _tracked()
 
     def __enter__(self) -> "row_sparse_head":
         if self.head is not None:
-            head = self.head
-            head.forward = lambda x: _RowSparseLinear.apply(x, head.weight)  # instance attribute, undone on exit
+            self._patch.install(self.head, None, at_least_fp32=True)
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.head is not None:
-            del self.head.forward
+        self._patch.remove()
 
 
 # --------------------------------------------------------------------------------------------- unit reduction
@@ -240,6 +303,11 @@ class TaylorScorer:
     scored weights do not depend on which other parameters require grad. For ``order="second"/"mix"`` each
     :meth:`collect` adds the square of that batch's gradient; this is the per-sample empirical Fisher only
     when batches hold one sample.
+
+    With ``track_linears`` (the default) a scored weight that belongs to an ``nn.Linear`` never gets a ``.grad``:
+    the Linear runs as :class:`_TrackedLinear` while the scorer is open, whose backward adds
+    ``grad_out.T @ x`` over the rows with a gradient straight into the fp32 accumulator. Other scored weights
+    go through ``.grad`` as usual.
     """
 
     def __init__(
@@ -248,6 +316,7 @@ class TaylorScorer:
         groups: list[PrunableGroup],
         order: TaylorOrder = "first",
         freeze_others: bool = True,
+        track_linears: bool = True,
     ):
         if order not in ("first", "second", "mix"):
             raise ValueError(f"order: unknown value {order!r} (choose 'first', 'second' or 'mix')")
@@ -276,6 +345,17 @@ class TaylorScorer:
             if order != "first" else None
         )
         self.n_batches = 0
+        # per-batch fp32 gradient of tracked weights when the squares are needed; else straight into grad_sum
+        self._batch: dict[str, torch.Tensor] = {}
+        self._tracked = _tracked()
+        if track_linears:
+            for n, p in self.params.items():
+                owner = model.get_submodule(n.rsplit(".", 1)[0]) if n.endswith(".weight") else None
+                if not isinstance(owner, nn.Linear) or owner.weight is not p:
+                    continue
+                if self.sq_sum is not None:
+                    self._batch[n] = torch.zeros_like(self.grad_sum[n])
+                self._tracked.install(owner, _accumulate_into(self._batch.get(n, self.grad_sum[n])))
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` followed by :meth:`collect`."""
@@ -286,13 +366,18 @@ class TaylorScorer:
     def collect(self) -> None:
         """Add the current ``.grad`` of every scored weight to the fp32 accumulators and clear it."""
         for n, p in self.params.items():
-            if p.grad is None:  # the weight took no part in this loss: a zero gradient
+            g = None if p.grad is None else p.grad.float()  # None: no part in this loss, or tracked
+            p.grad = None
+            buf = self._batch.get(n)  # a tracked weight's gradient of this batch (second/mix only)
+            if buf is not None:
+                g = buf if g is None else buf.add_(g)
+            if g is None:
                 continue
-            g = p.grad.float()
             self.grad_sum[n].add_(g)
             if self.sq_sum is not None:
                 self.sq_sum[n].add_(g * g)
-            p.grad = None
+            if buf is not None:
+                buf.zero_()
         self.n_batches += 1
 
     def _saliency(self, name: str) -> torch.Tensor:
@@ -318,6 +403,7 @@ class TaylorScorer:
 
     def close(self) -> None:
         """Restore every parameter's ``requires_grad`` and drop leftover gradients of the scored weights."""
+        self._tracked.remove()
         for p, flag in self._saved_flags.values():
             p.requires_grad_(flag)
         for p in self.params.values():
