@@ -10,8 +10,9 @@ Pure parts:
   (sum over the unit's weight slices / their number of weights; biases are ignored).
 
 Stateful shell: :class:`TaylorScorer` keeps fp32 accumulators of the gradients of every Linear weight touched
-by the groups, reads ``.grad`` after each backward and clears it (so a bf16 model never sums gradients in
-bf16).
+by the groups (so a bf16 model never sums gradients in bf16). While it is open the scored Linears run as
+:class:`_TrackedLinear`, whose backward adds ``grad_out.T @ x`` over the rows that carry a gradient straight into
+those accumulators; any other scored weight is read from ``.grad`` after each backward.
 """
 
 from __future__ import annotations
@@ -364,7 +365,8 @@ class TaylorScorer:
 
     @torch.no_grad()
     def collect(self) -> None:
-        """Add the current ``.grad`` of every scored weight to the fp32 accumulators and clear it."""
+        """Close one batch: add the current ``.grad`` of every scored weight (and, for second/mix, the tracked
+        Linears' per-batch sums) to the fp32 accumulators, then clear them."""
         for n, p in self.params.items():
             g = None if p.grad is None else p.grad.float()  # None: no part in this loss, or tracked
             p.grad = None
