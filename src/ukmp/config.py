@@ -56,6 +56,7 @@ class PruneConfig:
     exact_stop: bool = False  # scope=global: cut the last step at the target (the reference may overshoot a step)
     entropy_exclude_padding: bool = True  # padded positions stay out of the histograms (as at batch size 1)
     group_by_length: bool = True  # calibration batches of similar text length (less padding; the sums are unchanged)
+    prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)
     compute_dtype: str = ""  # '' = the model's dtype; bfloat16 | float16: autocast matmuls, fp32 accumulators
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
@@ -184,6 +185,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"prune.ratio: must be in [0, 1), got {cfg.prune.ratio}")
     if not 0.0 < cfg.prune.threshold <= 1.0:
         raise ConfigError(f"prune.threshold: must be in (0, 1], got {cfg.prune.threshold}")
+    if cfg.prune.prefetch < 0:
+        raise ConfigError(f"prune.prefetch: must be >= 0, got {cfg.prune.prefetch}")
     for section, key in (("prune", "num_samples"), ("prune", "batch_size"), ("finetune", "batch_size"),
                          ("eval", "batch_size"), ("finetune", "r")):
         if getattr(getattr(cfg, section), key) < 1:

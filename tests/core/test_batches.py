@@ -87,3 +87,50 @@ def test_length_grouped_batches():
 
     arrival = [idx[i: i + 3] for i in range(0, len(idx), 3)]
     assert padding(got) < padding(arrival)  # 4 vs 18 padded decoder positions
+
+
+def test_prefetched_keeps_order_errors_and_early_close():
+    import threading
+    import time
+
+    from ukmp.data.batches import prefetched
+
+    assert list(prefetched(iter(range(20)), depth=3)) == list(range(20))
+    assert list(prefetched(iter(range(5)), depth=0)) == list(range(5))  # inline
+    main = threading.get_ident()
+    seen = []
+
+    def gen():
+        for i in range(4):
+            seen.append(threading.get_ident())
+            yield i
+
+    assert list(prefetched(gen(), depth=2)) == [0, 1, 2, 3]
+    assert seen and all(t != main for t in seen)  # not vacuous: produced off the main thread
+
+    def failing():
+        yield 1
+        raise ValueError("image 7: cannot identify image file")
+
+    it = prefetched(failing(), depth=2)
+    assert next(it) == 1
+    with pytest.raises(ValueError, match="image 7"):
+        next(it)
+
+    produced = []
+
+    def endless():
+        i = 0
+        while True:
+            produced.append(i)
+            yield i
+            i += 1
+
+    it = prefetched(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()  # stops the producer: at most depth + 2 items beyond those taken are ever built
+    time.sleep(0.2)
+    n = len(produced)
+    time.sleep(0.2)
+    assert len(produced) == n <= 3 + 2 + 2
+

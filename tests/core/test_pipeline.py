@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from ukmp.cli import main
-from ukmp.config import load_config
+from ukmp.config import ConfigError, load_config, validate
 from ukmp.io import load_pruned, read_plan
 from ukmp.pipeline import run
 from ukmp.plan import PruningPlan
@@ -168,6 +168,26 @@ def test_length_grouped_calibration_keeps_the_scores(tmp_path):
     assert float(diffs.max()) <= 2e-2 and float((diffs <= 1e-6).float().mean()) >= 0.95, diffs.max()
     padded = entropy_pass(model, groups, plain(0), exclude_padding=False)  # not vacuous: padding counted
     assert float((torch.cat([(padded[k] - eb[k]).abs() for k in eb]) > 1e-6).float().mean()) > 0.5
+
+
+def test_calibration_batches_same_with_and_without_prefetch(tmp_path):
+    """The prefetching thread (prune.prefetch, default 2) hands over exactly the batches an inline loop builds."""
+    import torch
+
+    from ukmp.prune.stage import calibration_batches
+    from ukmp.runtime import load_dense
+
+    cfg = _demo_cfg(tmp_path, "prune.batch_size=3")
+    model, processor = load_dense(cfg.model)
+    ahead, n, _ = calibration_batches(cfg, processor, model)
+    inline, _, _ = calibration_batches(_demo_cfg(tmp_path, "prune.batch_size=3", "prune.prefetch=0"), processor, model)
+    for epoch in (0, 1):
+        a, b = list(ahead(epoch)), list(inline(epoch))
+        assert len(a) == len(b) == n > 1
+        for x, y in zip(a, b):
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    with pytest.raises(ConfigError, match="prune.prefetch"):
+        validate(_demo_cfg(tmp_path, "prune.prefetch=-1"))
 
 
 def test_stage_commands_and_run_share_stage_hashes(tmp_path):

@@ -6,14 +6,18 @@
   the prefix is the encoder text (after the query tokens), the rest is the target.
 * :class:`PrefixLMCollator` — records -> {pixel_values, input_ids, attention_mask, labels, decoder_attention_mask};
   every random choice is a function of (seed, sample index, epoch), so a batch can be rebuilt exactly on resume.
+* :func:`prefetched` — runs a batch generator ahead in a background thread (image decoding and tokenisation
+  overlap the model's work).
 """
 
 from __future__ import annotations
 
 import math
+import queue
 import random
+import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -150,3 +154,58 @@ def index_batches(n: int, batch_size: int, seed: int | None = None, epoch: int =
     if seed is not None:
         random.Random(seed * 31 + epoch).shuffle(order)
     return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+
+
+T = TypeVar("T")
+
+
+class _End:
+    def __init__(self, error: BaseException | None = None):
+        self.error = error
+
+
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """The items of ``items`` in order, produced by a background thread up to ``depth`` items ahead.
+
+    Collating a batch (opening and resizing images, tokenising) releases the GIL for most of its time, so it
+    overlaps the model's forward and backward. An exception in the producer is raised here, at the item where it
+    happened; closing this generator early stops the producer after the item it is building. ``depth <= 0``
+    iterates inline. The collators draw their randomness per (seed, sample, epoch), so the batches are the same
+    either way."""
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(_End())
+        except BaseException as e:  # handed to the consumer
+            put(_End(e))
+
+    worker = threading.Thread(target=produce, name="ukmp-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            x = q.get()
+            if isinstance(x, _End):
+                if x.error is not None:
+                    raise x.error
+                return
+            yield x
+    finally:
+        stop.set()
+        worker.join(timeout=5.0)

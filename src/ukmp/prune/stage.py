@@ -43,7 +43,7 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
 
 def calibration_batches(cfg: RunConfig, processor, model):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
-    from ukmp.data.batches import PrefixLMCollator, length_grouped
+    from ukmp.data.batches import PrefixLMCollator, length_grouped, prefetched
     from ukmp.data.loaders import load_dataset
 
     ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
@@ -64,8 +64,7 @@ def calibration_batches(cfg: RunConfig, processor, model):
         # the prefix split (and so each sample's length) depends on the epoch: group per epoch
         groups = (length_grouped(chosen, [collate.text_lengths(i, epoch) for i in chosen], bs)
                   if cfg.prune.group_by_length else [chosen[i: i + bs] for i in range(0, n, bs)])
-        for c in groups:
-            yield collate(c, epoch)
+        return prefetched((collate(c, epoch) for c in groups), cfg.prune.prefetch)
 
     ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
     return batches, math.ceil(n / bs), ids
