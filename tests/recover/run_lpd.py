@@ -35,11 +35,12 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the student, bf16 teacher")
+    ap.add_argument("--prefetch", type=int, default=2, help="micro-batches collated ahead (0: inline)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     student, teacher = student_teacher(seed=0, dropout=args.dropout)
     cfg = TrainConfig(lr=args.lr, warmup_steps=2, batch_size=args.batch, grad_accum=args.grad_accum,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed, prefetch=args.prefetch,
                       mixed_precision="bf16" if args.bf16 else "no", teacher_dtype="bf16" if args.bf16 else None,
                       schedule=ScheduleConfig(sample_scale=SAMPLE_SCALE))
 

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ukmp.data.batches import prefetched
 from ukmp.io import atomic_write_json
 from ukmp.recover import checkpoint as ckpt
 from ukmp.recover.losses import lpd_loss
@@ -58,6 +59,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     stages: tuple[int, ...] | None = None  # 0-based sub-stage indices to run (default: all seven)
     resume: bool = True
+    prefetch: int = 2  # micro-batches collated ahead in a background thread (0: inline); the batches are the same
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
@@ -68,6 +70,8 @@ class TrainConfig:
             raise ValueError(f"train.lr_schedule: unknown value {self.lr_schedule!r} (choose from {LR_SCHEDULES})")
         if self.teacher_dtype not in (None, "bf16"):
             raise ValueError(f"train.teacher_dtype: must be null or 'bf16', got {self.teacher_dtype!r}")
+        if int(self.prefetch) < 0:
+            raise ValueError(f"train.prefetch: must be >= 0, got {self.prefetch}")
         for name in ("batch_size", "grad_accum", "checkpoint_every", "epochs_per_stage"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"train.{name}: must be >= 1, got {getattr(self, name)}")
@@ -337,7 +341,7 @@ def train_lpd(
                 make_loader(stage.index, stage.n_samples, derive_seed(cfg.seed, stage.index, epoch)))
             if epoch == epoch0 and skip:
                 loader = acc.skip_first_batches(loader, skip * cfg.grad_accum)
-            it = _iter_rng_neutral(loader)
+            it = prefetched(_iter_rng_neutral(loader), cfg.prefetch)
             in_epoch = skip if epoch == epoch0 else 0
             while in_epoch < per_epoch and step < total:
                 running = torch.zeros((), device=acc.device)
