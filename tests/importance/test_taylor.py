@@ -275,10 +275,12 @@ def test_batched_scores_equal_batch1_loop(tiny, make_batch):
     assert math.isfinite(sum(float(s.sum()) for s in batched.values()))
 
 
+@pytest.mark.parametrize("sparse", [None, False])
 @pytest.mark.parametrize("zero_rows", [0, 4])
-def test_tracked_linear_backward_equals_dense(zero_rows):
+def test_tracked_linear_backward_equals_dense(zero_rows, sparse):
     """``_TrackedLinear``: the same output and input gradient as a Linear; the sink's factors give the weight
-    gradient; rows with no gradient are skipped (sparse branch below 90 % of rows, dense branch otherwise)."""
+    gradient; rows with no gradient are skipped (sparse branch below 90 % of rows, dense branch otherwise);
+    ``sparse=False`` (a GPU's default: no host synchronisation) multiplies every row."""
     from ukmp.importance.taylor import _TrackedLinear
 
     g = torch.Generator().manual_seed(0)
@@ -288,14 +290,15 @@ def test_tracked_linear_backward_equals_dense(zero_rows):
     up = torch.randn(2, 5, 11, generator=g, dtype=torch.float64)
     up.view(10, 11)[torch.randperm(10, generator=g)[:zero_rows]] = 0
     seen = []
-    y = _TrackedLinear.apply(x, w, bias, lambda gr, xr: seen.append((gr.clone(), xr.clone())), False)
+    y = _TrackedLinear.apply(x, w, bias, lambda gr, xr: seen.append((gr.clone(), xr.clone())), False, sparse)
     gx, gb = torch.autograd.grad(y, (x, bias), up)
     gx_d, gw_d, gb_d = torch.autograd.grad(torch.nn.functional.linear(x, w, bias), (x, w, bias), up)
     assert torch.allclose(y, torch.nn.functional.linear(x, w, bias), rtol=0, atol=1e-12)
     assert torch.allclose(gx, gx_d, rtol=0, atol=1e-12)
     assert torch.allclose(gb, gb_d, rtol=0, atol=1e-12)  # a bias that trains still gets its gradient
     (gr, xr), = seen
-    assert gr.shape[0] == 10 - zero_rows  # 4 of 10 zero rows: the sparse branch hands on only the other 6
+    # 4 of 10 zero rows: the sparse branch hands on only the other 6; without the search, all 10
+    assert gr.shape[0] == (10 if sparse is False else 10 - zero_rows)
     assert torch.allclose(gr.T @ xr, gw_d, rtol=0, atol=1e-12)
     assert w.grad is None  # the weight's gradient goes to the sink only
     assert float(gw_d.abs().max()) > 0 and float(gx_d.abs().max()) > 0  # not vacuous

@@ -120,10 +120,11 @@ class _TrackedLinear(torch.autograd.Function):
     ``sink=None`` computes no weight gradient at all (a frozen projection such as the vocabulary head).
 
     Autocast is honoured explicitly (the product runs in :func:`_matmul_dtype`), so the saved inputs are the
-    ones the product used."""
+    ones the product used. ``sparse``: look for zero rows (True), never (False), or ``None`` = on the CPU only:
+    finding them costs a device-to-host synchronisation, which on a GPU would stall every Linear's backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, sink, at_least_fp32):
+    def forward(ctx, x, weight, bias, sink, at_least_fp32, sparse=None):
         if sink is None and weight.requires_grad:
             raise ValueError("weight: needs a gradient, so its Linear needs a sink")
         dt = _matmul_dtype(x, weight, at_least_fp32)
@@ -132,6 +133,7 @@ class _TrackedLinear(torch.autograd.Function):
             y = F.linear(xc, wc, None if bias is None else bias.to(dt))
         ctx.save_for_backward(xc if sink is not None else None, wc)
         ctx.sink, ctx.x_dtype = sink, x.dtype
+        ctx.sparse = (x.device.type == "cpu") if sparse is None else bool(sparse)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -140,11 +142,13 @@ class _TrackedLinear(torch.autograd.Function):
         xc, wc = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(wc.dtype)
         n = g.shape[0]
-        if g.shape[1] == 0:
+        if not ctx.sparse:
+            rows = None
+        elif g.shape[1] == 0:
             rows = torch.zeros(0, dtype=torch.long, device=g.device)
         else:  # rows not all zero; a NaN row counts as non-zero
             rows = (g.amax(dim=1).ne(0) | g.amin(dim=1).ne(0)).nonzero().squeeze(1)
-        sparse = rows.numel() < SPARSE_ROWS * n
+        sparse = rows is not None and rows.numel() < SPARSE_ROWS * n
         g_rows = g.index_select(0, rows) if sparse else g
         gx = None
         if ctx.needs_input_grad[0]:
@@ -155,11 +159,11 @@ class _TrackedLinear(torch.autograd.Function):
             else:
                 gx = g @ wc
             gx = gx.view(*grad.shape[:-1], wc.shape[1]).to(ctx.x_dtype)
-        if ctx.sink is not None and rows.numel():
+        if ctx.sink is not None and (rows is None or rows.numel()):
             x2 = xc.reshape(-1, xc.shape[-1])
             ctx.sink(g_rows, x2.index_select(0, rows) if sparse else x2)
         gb = g_rows.sum(dim=0).to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None  # bias trained elsewhere
-        return gx, None, gb, None, None
+        return gx, None, gb, None, None, None
 
 
 def _accumulate_into(acc: torch.Tensor) -> GradSink:
@@ -179,8 +183,9 @@ class _tracked:
     def __init__(self):
         self.modules: list[nn.Linear] = []
 
-    def install(self, lin: nn.Linear, sink: GradSink | None, at_least_fp32: bool = False) -> None:
-        lin.forward = lambda x: _TrackedLinear.apply(x, lin.weight, lin.bias, sink, at_least_fp32)
+    def install(self, lin: nn.Linear, sink: GradSink | None, at_least_fp32: bool = False,
+                sparse: bool | None = None) -> None:
+        lin.forward = lambda x: _TrackedLinear.apply(x, lin.weight, lin.bias, sink, at_least_fp32, sparse)
         self.modules.append(lin)
 
     def remove(self) -> None:
@@ -204,7 +209,7 @@ class row_sparse_head:
 
     def __enter__(self) -> "row_sparse_head":
         if self.head is not None:
-            self._patch.install(self.head, None, at_least_fp32=True)
+            self._patch.install(self.head, None, at_least_fp32=True, sparse=True)  # one sync per batch
         return self
 
     def __exit__(self, *exc) -> None:
