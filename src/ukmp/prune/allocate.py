@@ -161,11 +161,12 @@ def _flatten(scores: Mapping[str, torch.Tensor], groups: list[PrunableGroup]) ->
                  modalities)
 
 
-def _stats(score: torch.Tensor, cand: torch.Tensor, mod: torch.Tensor, n_mod: int, mode: str) -> list[tuple]:
-    """Per modality ``(shift, scale)`` over the candidate units, so that normalised = (I - shift) / scale."""
+def _stats(score: torch.Tensor, cand: torch.Tensor, masks: list[torch.Tensor], mode: str) -> list[tuple]:
+    """Per modality ``(shift, scale)`` over the candidate units, so that normalised = (I - shift) / scale.
+    ``masks[m]``: the units of modality ``m``."""
     out = []
-    for m in range(n_mod):
-        v = score[cand & (mod == m)]
+    for mask in masks:
+        v = score[cand & mask]
         if v.numel() == 0:
             out.append((0.0, 1.0))
         elif mode in ("mean_iterative", "mean_once"):
@@ -183,8 +184,10 @@ def _stats(score: torch.Tensor, cand: torch.Tensor, mod: torch.Tensor, n_mod: in
 
 
 def _apply_stats(score: torch.Tensor, mod: torch.Tensor, stats: list[tuple]) -> torch.Tensor:
-    shift = torch.tensor([s[0] for s in stats], dtype=torch.float64)[mod]
     scale = torch.tensor([s[1] for s in stats], dtype=torch.float64)[mod]
+    if all(s[0] == 0.0 for s in stats):  # x - 0.0 == x exactly: skip the subtraction
+        return score / scale
+    shift = torch.tensor([s[0] for s in stats], dtype=torch.float64)[mod]
     return (score - shift) / scale
 
 
@@ -238,15 +241,12 @@ def allocate(
     return _plan(flat, alive, meta)
 
 
-def _group_counts(flat: _Flat, alive: torch.Tensor) -> torch.Tensor:
-    return torch.bincount(flat.gidx[alive], minlength=len(flat.order))
-
-
 def _enforce_min_units(
-    flat: _Flat, alive: torch.Tensor, sel: torch.Tensor, norm: torch.Tensor, keep_min: int
+    flat: _Flat, remaining: torch.Tensor, sel: torch.Tensor, norm: torch.Tensor, keep_min: int
 ) -> torch.Tensor:
-    """Drop from ``sel`` the best-ranked units of any group that the step would leave below ``keep_min``."""
-    after = _group_counts(flat, alive & ~sel)
+    """Drop from ``sel`` the best-ranked units of any group that the step would leave below ``keep_min``
+    (``remaining``: alive units per group before the step)."""
+    after = remaining - torch.bincount(flat.gidx[sel], minlength=len(flat.order))
     for i in (after < keep_min).nonzero().flatten().tolist():
         members = (sel & (flat.gidx == i)).nonzero().flatten()  # ascending (group order, unit index)
         order = torch.sort(norm[members], stable=True).indices  # ascending (score, unit index)
@@ -262,15 +262,22 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
     keep_min = int(cfg.min_units_per_group)
     target = cfg.target_ratio
     alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    # state kept across steps instead of recomputed over every unit: alive units per group, and the candidates
+    # (alive units of groups not frozen; a group never unfreezes, since its count only falls)
+    remaining = n_units.clone()
+    frozen = torch.zeros(len(flat.order), dtype=torch.bool)
+    cand = alive.clone()
+    masks = [flat.mod == m for m in range(len(flat.modalities))]
     removed = 0
     once_stats = None
     history: list[list[float]] = []
     last_step_params = 0
     reached = removed / total >= target
     while not reached:
-        remaining = _group_counts(flat, alive)
-        frozen = (remaining.double() < floor) | (remaining <= keep_min) | (n_units <= keep_min)
-        cand = alive & ~frozen[flat.gidx]
+        now = (remaining.double() < floor) | (remaining <= keep_min) | (n_units <= keep_min)
+        if bool((now & ~frozen).any()):
+            cand &= ~now[flat.gidx]
+            frozen = now
         if not bool(cand.any()):
             break
         ratio = removed / total
@@ -278,15 +285,17 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         k = int(cfg.fine_units_per_step if fine else cfg.units_per_step)
         if cfg.normalization == "mean_once":
             if once_stats is None:
-                once_stats = _stats(flat.score, cand, flat.mod, len(flat.modalities), "mean_once")
+                once_stats = _stats(flat.score, cand, masks, "mean_once")
             stats = once_stats
         else:
-            stats = _stats(flat.score, cand, flat.mod, len(flat.modalities), cfg.normalization)
+            stats = _stats(flat.score, cand, masks, cfg.normalization)
         norm = _apply_stats(flat.score, flat.mod, stats)
         cvals = norm[cand]
-        theta = torch.kthvalue(cvals, min(k, cvals.numel())).values  # the k-th smallest normalised score
+        # the k-th smallest normalised score: the largest of the k smallest (topk with a small k is a single
+        # partial pass, several times faster than a selection over every candidate)
+        theta = torch.topk(cvals, min(k, cvals.numel()), largest=False, sorted=False).values.max()
         sel = cand & (norm <= theta)
-        sel = _enforce_min_units(flat, alive, sel, norm, keep_min)
+        sel = _enforce_min_units(flat, remaining, sel, norm, keep_min)
         if not bool(sel.any()):
             break
         if cfg.exact_stop and removed + int(flat.ppu[sel].sum()) > target * total:
@@ -299,6 +308,8 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
             sel = torch.zeros_like(sel)
             sel[order[: min(n_take, order.numel())]] = True
         alive &= ~sel
+        cand &= ~sel
+        remaining -= torch.bincount(flat.gidx[sel], minlength=len(flat.order))
         last_step_params = int(flat.ppu[sel].sum())
         removed += last_step_params
         history.append([k, int(sel.sum()), removed / total])
