@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 
 DESCRIPTION = """\
@@ -31,11 +32,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+_OVERRIDE = re.compile(r"[A-Za-z_][\w.\-]*=")  # a dotted key, then '=' (the value may be a .yaml path)
+
+
 def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
-    """CONFIG files (``*.yaml``/``*.yml``) and ``key=value`` overrides, in any order."""
+    """CONFIG files and ``key=value`` overrides, in any order: ``data.calibration=/x/cc595k.yaml`` is an override,
+    ``configs/ukmp_0.5.yaml`` (no ``key=``) a file."""
     configs, overrides = [], []
     for it in items:
-        (overrides if "=" in it and not it.endswith((".yaml", ".yml")) else configs).append(it)
+        (overrides if _OVERRIDE.match(it) else configs).append(it)
     return configs, overrides
 
 

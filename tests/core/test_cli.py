@@ -41,3 +41,14 @@ def test_inspect_pruned_dir_and_errors(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope.json")]) == 2
     err = capsys.readouterr().err.strip()
     assert "nope.json" in err and "\n" not in err
+
+
+def test_config_files_and_overrides_split():
+    """An override whose value is a YAML path stays an override; a path with no ``key=`` is a config file."""
+    from ukmp.cli import _split_config_args
+
+    configs, overrides = _split_config_args(
+        ["configs/ukmp_0.5.yaml", "data.calibration=/data/cc595k.yaml", "prune.ratio=0.3", "extra.yml",
+         "/runs/a=b.yaml"])
+    assert configs == ["configs/ukmp_0.5.yaml", "extra.yml", "/runs/a=b.yaml"]
+    assert overrides == ["data.calibration=/data/cc595k.yaml", "prune.ratio=0.3"]
