@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import time
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -163,13 +164,30 @@ def plot_kept_width(groups: list[PrunableGroup], plan: PruningPlan, path: Path, 
     tmp.replace(path)
 
 
+class _Clock:
+    """Seconds per phase: ``lap(name)`` records the time since the previous lap."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._t, 3)
+        self._t = now
+        return self.laps[name]
+
+
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
+    clock = _Clock()
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
     groups = adapter.groups()
     total = count_parameters(model)
     before = parameter_breakdown(model)
+    log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
+             clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
     if cfg.prune.scores_from:
         result, ids, n_batches = cached_scores(cfg.prune.scores_from, groups, total), [], 0
     else:
@@ -179,9 +197,15 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         else:
             batches, n_batches, ids = calibration_batches(cfg, processor, model)
         result = method(model, groups, batches, cfg.prune, n_batches)
+    sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
+           if "tokens_selected" in result.stats else "")
+    log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
+             cfg.prune.method if not cfg.prune.scores_from else "cached", len(ids), n_batches, clock.lap("score"), sel)
     acfg = allocation_config(cfg.prune, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
+    log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
+             f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
     save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
     model.zero_grad(set_to_none=True)
     if result.pre_apply is not None:
@@ -193,6 +217,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     plan.save(out / "plan.json")
     plot_kept_width(groups, plan, out / "kept_width.png",
                     f"{cfg.prune.method}: kept width at ratio {cfg.prune.ratio}")
+    clock.lap("apply_and_save")
     summary = {
         "method": cfg.prune.method,
         "target_ratio": cfg.prune.ratio,
@@ -206,8 +231,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "allocation": acfg.to_dict(),
         "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config",)},
         "prune_config": {f.name: getattr(cfg.prune, f.name) for f in fields(cfg.prune)},
+        "seconds": clock.laps,
     }
     atomic_write_json(out / "summary.json", summary)
-    log.info("prune: removed %.2f%% of %s parameters (target %.2f%%)", 100 * summary["achieved_ratio"],
-             f"{total:,}", 100 * cfg.prune.ratio)
+    log.info("prune: removed %.2f%% of %s parameters (target %.2f%%); applied and saved in %.1f s",
+             100 * summary["achieved_ratio"], f"{total:,}", 100 * cfg.prune.ratio, clock.laps["apply_and_save"])
     return {"achieved_ratio": summary["achieved_ratio"], "plan_digest": plan.digest()}
