@@ -273,3 +273,31 @@ def test_entropy_pass_batched_equals_batch1_loop(tiny, make_batch):
     assert all(torch.allclose(batched[k], single[k], rtol=0, atol=1e-5) for k in single)
     padded = entropy_pass(model, groups, [full], exclude_padding=False)
     assert max(float((padded[k] - single[k]).abs().max()) for k in single) > 1e-3
+
+
+@pytest.mark.integration
+def test_entropy_pass_skips_the_vocabulary_projection(tiny, make_batch):
+    """The entropy pass needs no logits: the vocabulary projection returns zeros while it runs (its product is
+    skipped), the histograms are unchanged, and the projection is restored afterwards."""
+    import contextlib
+
+    from ukmp.prune import scoring
+
+    model, processor, groups, images = tiny
+    batch = make_batch(processor, images, [0, 1, 2])
+    head = model.get_output_embeddings()
+    seen = []
+    handle = head.register_forward_hook(lambda m, i, o: seen.append(float(o.abs().max())))
+    try:
+        skipped = scoring.entropy_pass(model, groups, [batch])
+        real = scoring._vocabulary_skipped
+        scoring._vocabulary_skipped = lambda m, h: contextlib.nullcontext()
+        try:
+            full = scoring.entropy_pass(model, groups, [batch])
+        finally:
+            scoring._vocabulary_skipped = real
+    finally:
+        handle.remove()
+    assert seen[0] == 0.0 and seen[1] > 0  # zeros while skipped; not vacuous: the real logits are not zero
+    assert "forward" not in vars(head)
+    assert all(torch.equal(skipped[k], full[k]) for k in full)

@@ -91,6 +91,23 @@ def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], thresh
     return {"tokens_selected": n_sel, "tokens_total": n_valid}
 
 
+@contextlib.contextmanager
+def _vocabulary_skipped(model: nn.Module, histogrammed: Iterable[str]) -> Iterator[None]:
+    """The entropy pass needs no logits: while open, the vocabulary projection (``get_output_embeddings()``, a
+    Linear that is not histogrammed) returns zeros of the logits' shape instead of its product."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    names = {id(model.get_submodule(n)) for n in histogrammed}
+    if not isinstance(head, nn.Linear) or id(head) in names:
+        yield
+        return
+    head.forward = lambda x: x.new_zeros(*x.shape[:-1], head.out_features)
+    try:
+        yield
+    finally:
+        del head.forward
+
+
 def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], angle: bool = False,
                  exclude_padding: bool = True, total: int | None = None,
                  compute_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -99,7 +116,8 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
 
     language = [g for g in groups if g.modality == "language"]
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist:
+    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
+            _vocabulary_skipped(model, hist.counts):
         with torch.no_grad(), compute_context(device, compute_dtype):
             for batch in _progress(batches, "entropy pass", total):
                 b = _to(batch, device, dtype)
