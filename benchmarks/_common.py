@@ -153,12 +153,9 @@ def make_batches(collate, n: int, batch_size: int, group_by_length: bool = False
                  epoch: int = 0) -> list[dict[str, torch.Tensor]]:
     """Batches of sample indices 0..n-1 (built once, kept on the CPU): consecutive, or grouped by text length as
     ``calibration_batches`` does (``prune.group_by_length``, the default there)."""
-    from ukmp.data.batches import length_grouped
+    from ukmp.data.batches import calibration_chunks
 
-    idx = list(range(n))
-    chunks = (length_grouped(idx, [collate.text_lengths(i, epoch) for i in idx], batch_size) if group_by_length
-              else [idx[s: s + batch_size] for s in range(0, n, batch_size)])
-    return [collate(c, epoch) for c in chunks]
+    return [collate(c, epoch) for c in calibration_chunks(range(n), batch_size, collate, epoch, group_by_length)]
 
 
 def generation_inputs(model, processor, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

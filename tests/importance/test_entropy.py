@@ -301,3 +301,23 @@ def test_entropy_pass_skips_the_vocabulary_projection(tiny, make_batch):
     assert seen[0] == 0.0 and seen[1] > 0  # zeros while skipped; not vacuous: the real logits are not zero
     assert "forward" not in vars(head)
     assert all(torch.equal(skipped[k], full[k]) for k in full)
+
+
+def test_gpu_style_binning_without_host_sync_gives_the_same_counts(monkeypatch):
+    """Off the CPU the near-edge values are re-binned with a ``where`` over every value instead of a looked-up
+    position list (no host synchronisation); forced on the CPU here, the counts are identical."""
+    import ukmp.importance.entropy as E
+
+    edges = bin_edges(100, False)
+    e32 = edges.float()
+    planted = torch.cat([torch.nextafter(e32, torch.full_like(e32, -9.0)), e32,
+                         torch.nextafter(e32, torch.full_like(e32, 9.0))])
+    g = torch.Generator().manual_seed(3)
+    vals = torch.stack([planted.clamp(-1, 1), torch.rand(303, generator=g) * 2 - 1], dim=1)
+    x, w = torch.randn(40, 8, generator=g), torch.randn(5, 8, generator=g)
+    out = x @ w.T
+    cpu = (histogram_counts(vals, edges), cosine_counts(out, inverse_norms(x), inverse_norms(w), edges))
+    monkeypatch.setattr(E, "_host_synchronising", lambda device: False)
+    gpu_style = (histogram_counts(vals, edges), cosine_counts(out, inverse_norms(x), inverse_norms(w), edges))
+    assert all(torch.equal(a, b) for a, b in zip(cpu, gpu_style))  # exact, tolerance 0
+    assert float(cpu[0][0].sum()) == 303  # not vacuous: the planted column is all counted

@@ -148,6 +148,15 @@ def length_grouped(indices: Sequence[int], lengths: Sequence[tuple[int, int]], b
     return [ranked[i: i + batch_size] for i in range(0, len(ranked), batch_size)]
 
 
+def calibration_chunks(indices: Sequence[int], batch_size: int, collate: "PrefixLMCollator", epoch: int,
+                       by_length: bool) -> list[list[int]]:
+    """``indices`` cut into calibration batches: grouped by this epoch's text lengths (:func:`length_grouped`;
+    the prefix split, and so each length, changes with the epoch) or consecutive."""
+    if by_length:
+        return length_grouped(indices, [collate.text_lengths(i, epoch) for i in indices], batch_size)
+    return [list(indices[i: i + batch_size]) for i in range(0, len(indices), batch_size)]
+
+
 def index_batches(n: int, batch_size: int, seed: int | None = None, epoch: int = 0) -> list[list[int]]:
     """Sample indices 0..n-1 (shuffled with (seed, epoch) when a seed is given) cut into batches."""
     order = list(range(n))

@@ -80,7 +80,7 @@ def histogram_counts(values: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     v = values if values.dtype in (torch.float32, torch.float64) else values.float()
     lo, hi = float(edges[0]), float(edges[-1])
     u = (v - lo).mul_(bins / (hi - lo))
-    idx = _bin_index(u, edges, lambda pos: v.reshape(-1)[pos])
+    idx = _bin_index(u, edges, lambda pos: v.reshape(-1) if pos is None else v.reshape(-1)[pos])
     if n and (float(v.min()) < lo or float(v.max()) > hi):  # rare (cosines are clamped): keep the inside ones
         v64 = v.double()  # a Python float compared with a float32 tensor would be rounded to float32
         inside = (v64 >= lo) & (v64 <= hi)
@@ -103,7 +103,9 @@ def cosine_counts(output: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor
     u = (y * (inv_x * half)[:, None]).mul_(inv_w[None, :]).add_(half).clamp_(0.0, float(bins))
     d_out = y.shape[1]
 
-    def exact(pos: torch.Tensor) -> torch.Tensor:  # the cosines of these flat positions, as cosines() has them
+    def exact(pos: torch.Tensor | None) -> torch.Tensor:  # cosines of these flat positions (None: all), as cosines()
+        if pos is None:
+            return (y * inv_x[:, None] * inv_w[None, :]).clamp_(-1.0, 1.0).view(-1)
         r, c = pos // d_out, pos % d_out
         return (y.reshape(-1)[pos] * inv_x[r] * inv_w[c]).clamp_(-1.0, 1.0)
 
@@ -112,18 +114,32 @@ def cosine_counts(output: torch.Tensor, inv_x: torch.Tensor, inv_w: torch.Tensor
 
 def _bin_index(u: torch.Tensor, edges: torch.Tensor, exact) -> torch.Tensor:
     """int32 bins from positions ``u`` in bin widths (``>= 0``; error well under ``NEAR_EDGE``); the elements
-    within ``NEAR_EDGE`` of a boundary are re-binned from ``exact(flat positions)`` against the float64 edges."""
+    within ``NEAR_EDGE`` of a boundary are re-binned from their exact values against the float64 edges.
+
+    ``exact(flat positions)`` gives those values (``exact(None)``: every value, flat). On the CPU only the few
+    near-edge positions are looked up; elsewhere (a GPU) every value is searched and the near ones taken with a
+    ``where``, since listing the positions would synchronise with the host on every call."""
     bins = edges.numel() - 1
     idx = u.to(torch.int32).clamp_(0, bins - 1)  # u >= 0: truncation is the floor; v == hi -> the last bin
     near = u.round().sub_(u).abs_() < NEAR_EDGE
+    e = edges.to(device=u.device, dtype=torch.float64)
+
+    def search(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(torch.float64)
+        b = torch.bucketize(v, e, right=True) - 1  # number of edges <= v, minus one
+        return torch.where(v == e[-1], torch.full_like(b, bins - 1), b).clamp_(0, bins - 1).to(torch.int32)
+
+    if not _host_synchronising(u.device):
+        return torch.where(near, search(exact(None)).view_as(idx), idx)
     pos = near.view(-1).nonzero().squeeze(1)
     if pos.numel():
-        v = exact(pos).to(torch.float64)
-        e = edges.to(device=v.device, dtype=torch.float64)
-        b = torch.bucketize(v, e, right=True) - 1  # number of edges <= v, minus one
-        b = torch.where(v == e[-1], torch.full_like(b, bins - 1), b).clamp_(0, bins - 1)
-        idx.view(-1)[pos] = b.to(torch.int32)
+        idx.view(-1)[pos] = search(exact(pos))
     return idx
+
+
+def _host_synchronising(device: torch.device) -> bool:
+    """Whether looking up the near-edge positions (a data-dependent ``nonzero``) is cheap: on the CPU it is."""
+    return device.type == "cpu"
 
 
 def _count(idx: torch.Tensor, bins: int) -> torch.Tensor:
@@ -303,20 +319,20 @@ class StreamingAngleHistogram:
             out = None if out is None else out.index_select(0, rows)
         w = weight.detach().float()
         dev = self.counts[name].device
-        if dev not in self._edges:
-            self._edges[dev] = bin_edges(self.bins, self.angle, dev)
-        edges = self._edges[dev]
+        if w.device not in self._edges:
+            self._edges[w.device] = bin_edges(self.bins, self.angle, w.device)
+        edges = self._edges[w.device]
         step = max(1, self.chunk_elements // max(w.shape[0], 1))
         inv_w = inverse_norms(w) if out is not None and not self.angle else None
         for start in range(0, tokens.shape[0], step):
+            x = tokens[start:start + step].to(w.device)
             part = None if out is None else out[start:start + step].to(w.device)
             if inv_w is not None:  # cosines binned straight from the Linear's output
-                x = tokens[start:start + step].to(w.device)
-                self.counts[name] += cosine_counts(part, inverse_norms(x), inv_w, edges.to(w.device)).to(dev)
-                continue
-            c = cosines(tokens[start:start + step].to(w.device), w, output=part)
-            values = torch.arccos(c) if self.angle else c
-            self.counts[name] += histogram_counts(values.to(dev), edges)
+                counts = cosine_counts(part, inverse_norms(x), inv_w, edges)
+            else:
+                c = cosines(x, w, output=part)
+                counts = histogram_counts(torch.arccos(c) if self.angle else c, edges)
+            self.counts[name] += counts.to(dev)
 
     # ------------------------------------------------------------------ results
     def entropy(self) -> dict[str, torch.Tensor]:

@@ -176,22 +176,32 @@ def _accumulate_into(acc: torch.Tensor) -> GradSink:
     return sink
 
 
-class _tracked:
-    """Installs :class:`_TrackedLinear` as the ``forward`` of some Linears (an instance attribute, removed by
-    :meth:`remove`)."""
+class ForwardPatches:
+    """Replaces the ``forward`` of some modules (an instance attribute each) until :meth:`remove`."""
 
     def __init__(self):
-        self.modules: list[nn.Linear] = []
+        self.modules: list[nn.Module] = []
 
-    def install(self, lin: nn.Linear, sink: GradSink | None, at_least_fp32: bool = False,
-                sparse: bool | None = None) -> None:
-        lin.forward = lambda x: _TrackedLinear.apply(x, lin.weight, lin.bias, sink, at_least_fp32, sparse)
-        self.modules.append(lin)
+    def install(self, module: nn.Module, forward: Callable) -> None:
+        module.forward = forward
+        self.modules.append(module)
+
+    def track(self, lin: nn.Linear, sink: GradSink | None, at_least_fp32: bool = False,
+              sparse: bool | None = None) -> None:
+        """Run ``lin`` as :class:`_TrackedLinear`."""
+        self.install(lin, lambda x: _TrackedLinear.apply(x, lin.weight, lin.bias, sink, at_least_fp32, sparse))
 
     def remove(self) -> None:
-        for lin in self.modules:
-            vars(lin).pop("forward", None)
+        for m in self.modules:
+            vars(m).pop("forward", None)
         self.modules = []
+
+
+def output_projection(model: nn.Module) -> nn.Linear | None:
+    """The model's vocabulary projection (``get_output_embeddings()``) when it is a bias-free Linear, else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Linear) and head.bias is None else None
 
 
 class row_sparse_head:
@@ -201,15 +211,13 @@ class row_sparse_head:
     close). A no-op when that projection is not a bias-free Linear or its weight needs a gradient."""
 
     def __init__(self, model: nn.Module):
-        get = getattr(model, "get_output_embeddings", None)
-        head = get() if callable(get) else None
-        ok = isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
-        self.head = head if ok else None
-        self._patch = _tracked()
+        head = output_projection(model)
+        self.head = head if head is not None and not head.weight.requires_grad else None
+        self._patch = ForwardPatches()
 
     def __enter__(self) -> "row_sparse_head":
         if self.head is not None:
-            self._patch.install(self.head, None, at_least_fp32=True, sparse=True)  # one sync per batch
+            self._patch.track(self.head, None, at_least_fp32=True, sparse=True)  # one sync per batch
         return self
 
     def __exit__(self, *exc) -> None:
@@ -353,7 +361,7 @@ class TaylorScorer:
         self.n_batches = 0
         # per-batch fp32 gradient of tracked weights when the squares are needed; else straight into grad_sum
         self._batch: dict[str, torch.Tensor] = {}
-        self._tracked = _tracked()
+        self._tracked = ForwardPatches()
         if track_linears:
             for n, p in self.params.items():
                 owner = model.get_submodule(n.rsplit(".", 1)[0]) if n.endswith(".weight") else None
@@ -361,7 +369,7 @@ class TaylorScorer:
                     continue
                 if self.sq_sum is not None:
                     self._batch[n] = torch.zeros_like(self.grad_sum[n])
-                self._tracked.install(owner, _accumulate_into(self._batch.get(n, self.grad_sum[n])))
+                self._tracked.track(owner, _accumulate_into(self._batch.get(n, self.grad_sum[n])))
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` followed by :meth:`collect`."""

@@ -56,12 +56,14 @@ def compute_context(device: torch.device, compute_dtype: torch.dtype | None):
 
 
 def parse_compute_dtype(name: str) -> torch.dtype | None:
-    """``prune.compute_dtype``: '' (the model's dtype) | bfloat16 | float16."""
-    table = {"": None, "model": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
+    """``prune.compute_dtype``: '' (the model's dtype) | bfloat16 | float16 (names as :data:`DTYPES`)."""
+    from ukmp.models.build import DTYPES
+
+    if name in ("", "model"):
+        return None
+    if DTYPES.get(name) not in (torch.bfloat16, torch.float16):
         raise ValueError(f"prune.compute_dtype: unknown value {name!r} (choose '', bfloat16 or float16)")
-    return table[name]
+    return DTYPES[name]
 
 
 def _padding_masks(hist, batch: dict[str, torch.Tensor], exclude_padding: bool):
@@ -93,19 +95,18 @@ def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], thresh
 
 @contextlib.contextmanager
 def _vocabulary_skipped(model: nn.Module, histogrammed: Iterable[str]) -> Iterator[None]:
-    """The entropy pass needs no logits: while open, the vocabulary projection (``get_output_embeddings()``, a
-    Linear that is not histogrammed) returns zeros of the logits' shape instead of its product."""
-    get = getattr(model, "get_output_embeddings", None)
-    head = get() if callable(get) else None
-    names = {id(model.get_submodule(n)) for n in histogrammed}
-    if not isinstance(head, nn.Linear) or id(head) in names:
-        yield
-        return
-    head.forward = lambda x: x.new_zeros(*x.shape[:-1], head.out_features)
+    """The entropy pass needs no logits: while open, the vocabulary projection (when it is a bias-free Linear that
+    is not histogrammed) returns zeros of the logits' shape instead of its product."""
+    from ukmp.importance.taylor import ForwardPatches, output_projection
+
+    head = output_projection(model)
+    patches = ForwardPatches()
+    if head is not None and not any(model.get_submodule(n) is head for n in histogrammed):
+        patches.install(head, lambda x: x.new_zeros(*x.shape[:-1], head.out_features))
     try:
         yield
     finally:
-        del head.forward
+        patches.remove()
 
 
 def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], angle: bool = False,

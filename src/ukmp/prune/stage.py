@@ -44,7 +44,7 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
 
 def calibration_batches(cfg: RunConfig, processor, model):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
-    from ukmp.data.batches import PrefixLMCollator, length_grouped, prefetched
+    from ukmp.data.batches import PrefixLMCollator, calibration_chunks, prefetched
     from ukmp.data.loaders import load_dataset
 
     ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
@@ -62,10 +62,8 @@ def calibration_batches(cfg: RunConfig, processor, model):
     bs = cfg.prune.batch_size
 
     def batches(epoch: int):
-        # the prefix split (and so each sample's length) depends on the epoch: group per epoch
-        groups = (length_grouped(chosen, [collate.text_lengths(i, epoch) for i in chosen], bs)
-                  if cfg.prune.group_by_length else [chosen[i: i + bs] for i in range(0, n, bs)])
-        return prefetched((collate(c, epoch) for c in groups), cfg.prune.prefetch)
+        chunks = calibration_chunks(chosen, bs, collate, epoch, cfg.prune.group_by_length)
+        return prefetched((collate(c, epoch) for c in chunks), cfg.prune.prefetch)
 
     ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
     return batches, math.ceil(n / bs), ids
