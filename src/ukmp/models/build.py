@@ -1,4 +1,4 @@
-"""Building and loading BLIP-2 FlanT5 models and their processors.
+"""Building and loading models of every registered architecture, and the processors of the tiny builds.
 
 * :func:`load_model` — a hub id (``Salesforce/blip2-flan-t5-xl``) or a local ``save_pretrained`` directory, in a
   chosen dtype/device; or a shipped config name (``blip2-flan-t5-xl``, ``mid``, ``tiny``) or a config JSON file,
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+from transformers import Blip2Config, Blip2Processor
 
 try:  # transformers >= 5 ships a PIL backend; the default one needs torchvision, which this project avoids
     from transformers import BlipImageProcessorPil as _ImageProcessor
@@ -53,8 +53,9 @@ def shipped_config_path(name: str) -> Path:
     return Path(str(resources.files("ukmp.models") / "configs" / SHIPPED_CONFIGS[name]))
 
 
-def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
-    """A ``Blip2Config`` from a shipped name, a JSON file, or a directory holding ``config.json``."""
+def load_config(source: str | os.PathLike, **overrides: Any):
+    """A model config (``Blip2Config``, ``LlamaConfig``, ...) from a shipped name, a JSON file, or a directory
+    holding ``config.json``; its ``model_type`` must be one ukmp has an adapter for."""
     s = str(source)
     if s in SHIPPED_CONFIGS:
         path = shipped_config_path(s)
@@ -66,18 +67,36 @@ def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
 
     d = read_json_file(path, "model config")
     d.update(overrides)
-    return Blip2Config.from_dict(d)
+    return config_from_dict(d, str(path))
+
+
+def config_from_dict(d: dict, source: str = "model config"):
+    """The transformers config class of ``d['model_type']``, refused in one line when ukmp has no adapter for it."""
+    from transformers import AutoConfig
+
+    from ukmp.models.registry import MODELS
+
+    t = d.get("model_type")
+    if t not in MODELS:
+        raise ValueError(f"{source}: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
+    if t == "blip-2":
+        return Blip2Config.from_dict(d)
+    d = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+    return AutoConfig.for_model(t, **d)
 
 
 def build_model(
-    config: Blip2Config,
+    config,
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     seed: int | None = 0,
     attn_implementation: str = "sdpa",
-) -> Blip2ForConditionalGeneration:
+) -> torch.nn.Module:
     """A model with random weights (``device='meta'``: structure only, instant, no memory)."""
+    from ukmp.models.registry import adapter_for
+
+    cls = adapter_for(config).model_class()
     dt = parse_dtype(dtype)
     if seed is not None:
         torch.manual_seed(seed)
@@ -86,9 +105,11 @@ def build_model(
     torch.set_default_dtype(dt)
     try:
         with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(prev)
+    if not hasattr(model, "query_tokens"):
+        return model.eval()
     if untie_lm_head_(model) and device != "meta":
         with torch.no_grad():  # T5's own init for an untied lm_head; random builds then look like real FlanT5
             model.language_model.lm_head.weight.normal_(0.0, config.text_config.initializer_factor)
@@ -102,13 +123,13 @@ def build_model(
     return model.eval()
 
 
-def untie_lm_head_(model: Blip2ForConditionalGeneration) -> bool:
+def untie_lm_head_(model) -> bool:
     """FlanT5 (T5 v1.1) has an ``lm_head`` separate from the token embeddings, but transformers 5 ties every T5
     ``lm_head`` when a model is built from a config. ``scale_decoder_outputs == False`` is transformers' own marker
     of a v1.1 checkpoint; for those give ``lm_head`` its own copy so that shapes, parameter counts and training match
     the real model."""
     lm = model.language_model
-    if getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
+    if not hasattr(lm, "shared") or getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
         return False
     lm.lm_head.weight = torch.nn.Parameter(lm.shared.weight.detach().clone())
     for owner, key in ((model, "language_model.lm_head.weight"), (lm, "lm_head.weight")):
@@ -130,12 +151,14 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     random_weights_device: str | None = None,
-) -> Blip2ForConditionalGeneration:
-    """Load a dense BLIP-2 FlanT5.
+    gguf_file: str | None = None,
+) -> torch.nn.Module:
+    """Load a dense model of a registered architecture (BLIP-2 with T5 / OPT / Llama-family LMs, causal LMs).
 
     ``name_or_path``: a directory written by ``save_pretrained`` (weights must be safetensors), a hub id such as
     ``Salesforce/blip2-flan-t5-xl`` (honours ``HF_HUB_OFFLINE``), a shipped config name, or a config ``.json`` file.
-    Config-only sources give random weights (``random_weights_device='meta'`` for structure only).
+    Config-only sources give random weights (``random_weights_device='meta'`` for structure only). ``gguf_file``:
+    a GGUF file inside ``name_or_path`` read by transformers' GGUF loader (dequantised to ``dtype``).
     """
     s = str(name_or_path)
     if s in SHIPPED_CONFIGS or s.endswith(".json"):
@@ -148,10 +171,18 @@ def load_model(
 
     if is_pruned_dir(s):
         raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")
-    model = Blip2ForConditionalGeneration.from_pretrained(
-        s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
-    )
-    untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
+    from transformers import AutoConfig
+
+    from ukmp.models.registry import adapter_for
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
+    config = AutoConfig.from_pretrained(s, **({"gguf_file": gguf_file} if gguf_file else {}))
+    cls = adapter_for(config).model_class()
+    model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
+    if gguf_file and hasattr(model.config, "quantization_config"):  # dequantised: saved configs must not say GGUF
+        del model.config.quantization_config
+    if hasattr(model, "query_tokens"):
+        untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()
 
 
