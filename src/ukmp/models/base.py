@@ -127,7 +127,7 @@ class ModelAdapter:
 
     def _part_of(self, group: PrunableGroup) -> Part:
         for p in self.parts:
-            if group.slices and group.slices[0].module.startswith(p.prefix + "."):
+            if group.slices and (not p.prefix or group.slices[0].module.startswith(p.prefix + ".")):
                 return p
         raise ValueError(f"group {group.id!r}: no part owns it")
 
@@ -172,7 +172,7 @@ class ModelAdapter:
 
     def modality_of_param(self, name: str) -> str:
         for p in self.parts:
-            if name.startswith(p.prefix + "."):
+            if not p.prefix or name.startswith(p.prefix + "."):
                 return p.modality
         return "bridge"
 

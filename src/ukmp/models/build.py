@@ -28,9 +28,18 @@ log = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = {
     "blip2-flan-t5-xl": "blip2-flan-t5-xl.json",
+    "blip2-opt-2.7b": "blip2-opt-2.7b.json",
+    "smollm2-135m": "smollm2-135m.json",
+    "llama-3-8b": "llama-3-8b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
+    "tiny-blip2-opt": "blip2-opt-tiny.json",
+    "tiny-blip2-llama": "blip2-llama-tiny.json",
+    "tiny-llama": "llama-tiny.json",
+    "tiny-opt": "opt-tiny.json",
+    "tiny-qwen2": "qwen2-tiny.json",
 }
+TINY = tuple(n for n in SHIPPED_CONFIGS if n == "tiny" or n.startswith("tiny-"))  # rebuilt with a fresh tokenizer
 HUB_DEFAULT = "Salesforce/blip2-flan-t5-xl"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -252,17 +261,28 @@ def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2P
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
-def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None, **text_overrides):
-    """(model, processor) for tests and the demo: the shipped tiny config, its vocabulary fitted to a fresh
-    tokenizer (``image_token_index`` = the processor's ``<image>`` id)."""
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None,
+               name: str = "tiny", **text_overrides):
+    """(model, processor) for tests and the demo: a shipped tiny config (``tiny`` = BLIP-2 T5, ``tiny-blip2-opt``,
+    ``tiny-blip2-llama``; plain causal LMs ``tiny-llama``, ``tiny-opt``, ``tiny-qwen2``, whose "processor" is the
+    tokenizer), its vocabulary fitted to a fresh tokenizer (``image_token_index`` = the processor's ``<image>`` id).
+    ``text_overrides`` set attributes of the language model's config."""
+    if name not in TINY:
+        raise ValueError(f"tiny model: unknown name {name!r} (choose from {', '.join(TINY)})")
     tokenizer = build_tokenizer(corpus)
-    cfg = load_config("tiny")
+    cfg = load_config(name)
+    if cfg.model_type != "blip-2":  # a plain causal LM
+        for k, v in text_overrides.items():
+            setattr(cfg, k, v)
+        if cfg.vocab_size < len(tokenizer):
+            raise ValueError(f"{name} config: vocab_size {cfg.vocab_size} must be at least {len(tokenizer)}")
+        return build_model(cfg, seed=seed, attn_implementation=attn_implementation), tokenizer
     processor = build_processor(tokenizer, cfg.num_query_tokens, cfg.vision_config.image_size)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     cfg.image_token_index = int(image_id)
     for k, v in text_overrides.items():
         setattr(cfg.text_config, k, v)
     if cfg.text_config.vocab_size <= image_id:
-        raise ValueError(f"tiny config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
+        raise ValueError(f"{name} config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
     model = build_model(cfg, seed=seed, attn_implementation=attn_implementation)
     return model, processor
