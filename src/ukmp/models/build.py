@@ -117,6 +117,8 @@ def build_model(
             model = cls(config)
     finally:
         torch.set_default_dtype(prev)
+    if str(device) == "meta":
+        materialize_rotary_buffers_(model)
     if not hasattr(model, "query_tokens"):
         return model.eval()
     if untie_lm_head_(model) and device != "meta":
@@ -130,6 +132,24 @@ def build_model(
             q = torch.randn(model.query_tokens.shape, generator=g) * config.initializer_range
             model.query_tokens.copy_(q.to(model.query_tokens.dtype))
     return model.eval()
+
+
+def materialize_rotary_buffers_(model) -> None:
+    """Compute the rotary embeddings' ``inv_freq`` buffers of a meta-built model on the CPU (a few floats).
+
+    They are non-persistent (never saved), so a model built on the meta device whose weights are assigned later
+    (:func:`ukmp.io.load_pruned`) would otherwise keep them on meta. transformers' own ``_init_weights`` computes
+    them from the config, as ``from_pretrained`` does; other non-persistent buffers stay on meta (and are reported
+    by ``load_pruned``)."""
+    rotary = {}
+    for name, buf in list(model.named_non_persistent_buffers()):
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        if buf.is_meta and "RotaryEmbedding" in type(module).__name__:
+            module.register_buffer(attr, torch.empty(buf.shape, dtype=buf.dtype, device="cpu"), persistent=False)
+            rotary[path] = module
+    for module in rotary.values():
+        model._init_weights(module)
 
 
 def untie_lm_head_(model) -> bool:
