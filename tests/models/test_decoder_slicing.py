@@ -41,7 +41,8 @@ BUILDERS["mistral"] = lambda seed, impl: _build_config(
     _llama_dict(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=8,
                 num_attention_heads=6, num_key_value_heads=3, head_dim=16, hidden_size=96),
     seed, impl)
-BUILDERS["llama-biases"] = lambda seed, impl: _build_config(_llama_dict(attention_bias=True, mlp_bias=True), seed, impl)
+BUILDERS["llama-biases"] = lambda seed, impl: _build_config(
+    _llama_dict(attention_bias=True, mlp_bias=True), seed, impl)
 FAMILIES = list(BUILDERS)
 BIASED = {"lm_heads": ("tiny-blip2-opt", "tiny-opt", "tiny-qwen2", "llama-biases"),
           "lm_mlp": ("tiny-blip2-opt", "tiny-opt", "llama-biases")}

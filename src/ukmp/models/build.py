@@ -83,15 +83,21 @@ def config_from_dict(d: dict, source: str = "model config"):
     """The transformers config class of ``d['model_type']``, refused in one line when ukmp has no adapter for it."""
     from transformers import AutoConfig
 
-    from ukmp.models.registry import MODELS
+    from ukmp.models.registry import MODELS, adapter_for
 
     t = d.get("model_type")
     if t not in MODELS:
         raise ValueError(f"{source}: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
     if t == "blip-2":
-        return Blip2Config.from_dict(d)
-    d = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
-    return AutoConfig.for_model(t, **d)
+        config = Blip2Config.from_dict(d)
+    else:
+        kw = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+        config = AutoConfig.for_model(t, **kw)
+    try:  # the registry also refuses what only the adapter sees: BLIP-2's language model type, uneven KV groups
+        adapter_for(config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {str(e).removeprefix('model config: ')}") from None
+    return config
 
 
 def build_model(
