@@ -146,6 +146,9 @@ def test_sliced_equals_masked_logits_and_cached_generation(family, mode, impl):
     assert torch.equal(sliced_tokens.sequences, masked_tokens.sequences)
     assert sliced_tokens.sequences.shape[1] == gen_inputs["input_ids"].shape[1] + N_NEW  # ran the full length
     assert len(sliced_tokens.scores) == N_NEW
+    cache = sliced_tokens.cache  # the decoding really went through a cache of the pruned KV heads
+    assert cache.get_seq_length() == gen_inputs["input_ids"].shape[1] + N_NEW - 1
+    assert [cache.layers[g.layer].keys.shape[1] for g in lm_heads] == [kept[g.id] for g in lm_heads]
     assert (_scores(sliced_tokens) - _scores(masked_tokens)).abs().max().item() <= TOL
     # not vacuous: the cached steps score differently once the plan is applied (random tiny models often repeat
     # one token, so the token ids alone cannot show it)
