@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 
 from ukmp.inspect import format_inspect, inspect_model
-from ukmp.models.build import build_model, load_config
+from ukmp.io import save_pruned
+from ukmp.models import adapter_for, count_parameters
+from ukmp.models.build import build_model, build_tiny, load_config
+from ukmp.testing import random_plan
 
 # name -> {kind: (layers, units per layer, params per unit, unit note)}, params per unit by hand:
 #   a KV group of r query heads (head dim hd, width E): q rows + o columns 2*E*r*hd, k and v rows 2*E*hd;
@@ -66,3 +69,19 @@ def test_llama_3_8b_total():
     p = inspect_model("llama-3-8b")["parameters"]
     assert p["total"] == 8_030_261_248
     assert p["not_prunable"] == 2 * 128_256 * 4096 + (2 * 32 + 1) * 4096
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-blip2-opt"])
+def test_inspect_pruned_decoder_directory(name, tmp_path):
+    model, _ = build_tiny(name=name, seed=4)
+    adapter = adapter_for(model)
+    groups = adapter.groups()
+    plan = random_plan(groups, seed=4, force={"lm_heads": "one"})
+    dense_total = count_parameters(model)
+    adapter.apply_(model, plan)
+    r = inspect_model(save_pruned(model, plan, tmp_path / "p"))
+    k = r["group_kinds"]["lm_heads"]
+    assert r["pruned"] and k["units_kept"] == k["layers"] < k["units_total"]  # one KV group / head per layer
+    p = r["parameters"]
+    assert p["total"] == count_parameters(model) and p["dense_total"] == dense_total
+    assert p["removed"] == plan.removed_params(groups) == dense_total - p["total"] > 0
