@@ -226,3 +226,37 @@ def test_save_load_round_trip(family, tmp_path, monkeypatch):
     # identical up to BLAS kernel choice: the loaded tensors are views into one safetensors buffer, whose
     # alignment can select another summation order (cloned, they give bit-identical logits)
     assert out.dtype == torch.float64 and (out - ref).abs().max().item() <= 1e-12
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_removed_slices_reassemble_the_dense_weights(family):
+    """``removed_weights`` (read without pruning) == what ``apply_`` returns, and kept + removed rebuild every dense
+    weight and bias exactly (recovery's P tensors); the pruned model still trains."""
+    model, _ = _build(family, 7, "sdpa")
+    adapter = adapter_for(model)
+    groups = adapter.groups()
+    plan = _plan(adapter, "random", 7)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    n0 = count_parameters(model)
+    read = adapter.removed_weights(model, plan)
+    assert all(torch.equal(dense[k], v) for k, v in model.state_dict().items())  # untouched
+    removed = adapter.apply_(model, plan)
+    assert read.slices.keys() == removed.slices.keys() and removed.slices
+    assert count_parameters(model) == n0 - removed.numel() == n0 - plan.removed_params(groups)
+    for path, sl in removed.slices.items():
+        r = read.slices[path]
+        assert torch.equal(r.weight, sl.weight) and torch.equal(r.kept, sl.kept) and torch.equal(r.removed, sl.removed)
+        lin = model.get_submodule(path)
+        rebuilt = torch.empty_like(dense[f"{path}.weight"])
+        rebuilt.index_copy_(sl.dim, sl.kept, lin.weight.detach())
+        rebuilt.index_copy_(sl.dim, sl.removed, sl.weight)
+        assert torch.equal(rebuilt, dense[f"{path}.weight"]), path
+        assert (sl.bias is None) == (r.bias is None) == (sl.dim == 1 or lin.bias is None)
+        if sl.bias is not None:
+            assert torch.equal(sl.bias, r.bias) and torch.equal(dense[f"{path}.bias"][sl.removed], sl.bias)
+            assert torch.equal(dense[f"{path}.bias"][sl.kept], lin.bias.detach())
+    inputs = _inputs(model, 7)
+    model.train()
+    model(**inputs).logits.square().mean().backward()
+    lm_linears = [m for g in groups if g.kind in ("lm_heads", "lm_mlp") for m in g.linear_modules()]
+    assert all(model.get_submodule(m).weight.grad.abs().sum() > 0 for m in lm_linears)
