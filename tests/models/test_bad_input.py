@@ -16,7 +16,7 @@ from ukmp.io import save_pruned
 from ukmp.models import adapter_for, register_language_model, register_model
 from ukmp.models.build import build_tiny, load_config, shipped_config_path
 from ukmp.models.registry import LANGUAGE_MODELS, MODELS
-from ukmp.plan import PlanError, PruningPlan
+from ukmp.plan import PlanError
 from ukmp.testing import make_inputs, random_plan
 
 
