@@ -25,6 +25,21 @@ from ukmp.plan import PlanError, PruningPlan
 Layout = Literal["encoder_decoder", "decoder_only"]
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """What batch builders need to know of a model: where targets sit and how images enter the text."""
+
+    decoder_only: bool  # targets follow the prompt in ``input_ids`` (else: encoder ids + decoder labels)
+    image_tokens: int = 0  # image placeholder tokens before the text (0: no image input)
+    image_token_id: int | None = None
+    image_size: int | None = None  # the vision tower's input size (None: no images)
+    patch_size: int | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_size is not None
+
+
 @dataclass
 class RemovedSlice:
     """What :meth:`ModelAdapter.apply_` cut out of one Linear: the rows (``dim=0``) or columns (``dim=1``)."""
@@ -197,6 +212,14 @@ class ModelAdapter:
         for p in self.parts:
             out.update(p.unit_notes())
         return out
+
+    def batch_layout(self) -> BatchLayout:
+        return BatchLayout(decoder_only=self.layout == "decoder_only")
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model inside ``model`` (the model itself for a plain LM)."""
+        lm = [p for p in self.parts if p.modality == "language"]
+        return model.get_submodule(lm[0].prefix) if lm and lm[0].prefix else model
 
     # ------------------------------------------------------------------ checks
     def _check_dense(self, model: nn.Module, groups: list[PrunableGroup], plan: PruningPlan) -> None:

@@ -312,3 +312,14 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterabl
         raise ValueError(f"{name} config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
     model = build_model(cfg, seed=seed, attn_implementation=attn_implementation)
     return model, processor
+
+
+def random_weights_processor(source: str, config):
+    """A throwaway processor (tokenizer for a plain LM) for a config-only source (a shipped name or a ``.json``):
+    random weights know no vocabulary. ``None`` for a real model directory or hub id (load its own processor)."""
+    if not (source in SHIPPED_CONFIGS or str(source).endswith(".json")):
+        return None
+    tokenizer = build_tokenizer()
+    if not hasattr(config, "vision_config"):
+        return tokenizer
+    return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size)
