@@ -46,7 +46,8 @@ def evaluate_perplexity(model: nn.Module, processor, dataset, *, batch_size: int
             for r, (_, w) in enumerate(chunk):
                 ids[r, : len(w)] = torch.tensor(w)
                 mask[r, : len(w)] = 1
-            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+            logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # NLLs in fp32 at least
             nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none").cpu()
             for r, (start, w) in enumerate(chunk):
                 first = max(1, scored_upto - start)  # local index of the first token not scored yet
