@@ -27,7 +27,7 @@ def random_plan(groups, seed: int, force: dict | None = None) -> PruningPlan:
 
 def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed: int = 0) -> dict:
     """pixel_values, input_ids (with the image tokens first), a padded attention mask, decoder ids (encoder-decoder
-    models only). A plain causal LM gets input_ids and a padded attention mask."""
+    models only), InstructBLIP's Q-Former prompt ids and (padded) mask. A plain causal LM gets input_ids and a padded attention mask."""
     from ukmp.models import is_decoder_only
 
     g = torch.Generator().manual_seed(seed)
@@ -53,4 +53,10 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
     }
     if is_decoder_only(cfg):
         del out["decoder_input_ids"]
+    if hasattr(cfg, "qformer_config") and cfg.model_type == "instructblip":  # the Q-Former reads the prompt too
+        q = torch.randint(3, cfg.qformer_config.vocab_size, (batch, text_len), generator=g)
+        qm = torch.ones_like(q)
+        if batch > 1:
+            qm[1, -3:] = 0
+        out["qformer_input_ids"], out["qformer_attention_mask"] = q, qm
     return out

@@ -11,7 +11,9 @@
   the token position ``t`` predicts): the suffix and ``eos`` are targets, image and prompt positions never are.
 * :class:`TextWindowCollator` — token windows of a plain text (``format: text``) with aligned labels: every position
   predicts the next token.
-* :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`.
+* :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`; when the
+  layout says ``qformer_text`` (InstructBLIP) both collators add the prompt for the Q-Former
+  (``qformer_input_ids`` / ``qformer_attention_mask``, :func:`qformer_inputs`).
 * :func:`prefetched` — runs a batch generator ahead in a background thread (image decoding and tokenisation
   overlap the model's work).
 """
@@ -98,8 +100,9 @@ class PrefixLMCollator:
     """Build prefix-LM batches from a dataset with ``records[i].caption`` and ``open_image(i)``."""
 
     def __init__(self, dataset, processor, image_size: int, max_text_tokens: int = 32, augment: bool = True,
-                 seed: int = 42, num_query_tokens: int | None = None):
+                 seed: int = 42, num_query_tokens: int | None = None, qformer_tokenizer=None):
         self.dataset = dataset
+        self.qformer_tokenizer = qformer_tokenizer
         self.tokenizer = processor.tokenizer
         self.image_token = getattr(processor, "image_token", None)
         self.num_query_tokens = num_query_tokens if num_query_tokens is not None else processor.num_query_tokens
@@ -141,7 +144,29 @@ class PrefixLMCollator:
             labels[r, : len(d)] = torch.tensor(d)
             dec_mask[r, : len(d)] = 1
         return {"pixel_values": torch.stack(pix), "input_ids": input_ids, "attention_mask": attention,
-                "labels": labels, "decoder_attention_mask": dec_mask}
+                "labels": labels, "decoder_attention_mask": dec_mask, **self._qformer(indices, epoch)}
+
+    def _qformer(self, indices: Sequence[int], epoch: int) -> dict[str, torch.Tensor]:
+        """InstructBLIP: the prompt (the caption prefix) for the Q-Former too; nothing for other models."""
+        if self.qformer_tokenizer is None:
+            return {}
+        return qformer_inputs(self.qformer_tokenizer, [self.texts(int(i), epoch)[0] for i in indices],
+                              self.max_text_tokens)
+
+
+def qformer_inputs(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    """``qformer_input_ids`` / ``qformer_attention_mask`` (right-padded, the tokenizer's special tokens) as
+    ``InstructBlipProcessor`` builds them from the prompts."""
+    rows = [list(tokenizer(p, add_special_tokens=True, truncation=max_length is not None,
+                           max_length=max_length)["input_ids"]) for p in prompts]
+    length = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), length), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[r, : len(row)] = 1
+    return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
 
 
 def prompt_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
@@ -160,9 +185,10 @@ class DecoderOnlyCollator(PrefixLMCollator):
     aligned with the logits (see the module docstring). The prefix/suffix split is :class:`PrefixLMCollator`'s."""
 
     def __init__(self, dataset, tokenizer, image_size: int | None, image_tokens: int, image_token_id: int | None,
-                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42):
+                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42, qformer_tokenizer=None):
         self.dataset = dataset
         self.tokenizer = tokenizer
+        self.qformer_tokenizer = qformer_tokenizer
         self.num_query_tokens = image_tokens
         self.image_token_id = image_token_id
         self.transform = ImageTransform(image_size, train=augment) if image_size else None
@@ -192,7 +218,7 @@ class DecoderOnlyCollator(PrefixLMCollator):
             tail = self._target(suffix)
             rows.append(head + tail)
             spans.append((len(head), len(head) + len(tail)))
-        batch = aligned_batch(rows, spans, self.tokenizer.pad_token_id)
+        batch = {**aligned_batch(rows, spans, self.tokenizer.pad_token_id), **self._qformer(indices, epoch)}
         if pix:
             batch = {"pixel_values": torch.stack(pix), **batch}
         return batch
@@ -250,11 +276,15 @@ def make_collator(dataset, processor, layout, image_size: int | None = None, max
             raise ValueError(f"dataset {dataset.name!r}: plain text needs a decoder-only language model")
         return TextWindowCollator(dataset, tokenizer)
     size = (image_size or layout.image_size) if layout.has_images else None
+    qformer_tok = getattr(processor, "qformer_tokenizer", None) if layout.qformer_text else None
+    if layout.qformer_text and qformer_tok is None:
+        raise ValueError(f"processor: {type(processor).__name__} has no qformer_tokenizer, which the model's "
+                         f"Q-Former needs for the prompt (an InstructBlipProcessor has one)")
     if layout.decoder_only:
         return DecoderOnlyCollator(dataset, tokenizer, size, layout.image_tokens, layout.image_token_id,
-                                   max_text_tokens, augment, seed)
+                                   max_text_tokens, augment, seed, qformer_tokenizer=qformer_tok)
     return PrefixLMCollator(dataset, processor, size, max_text_tokens, augment, seed,
-                            num_query_tokens=layout.image_tokens)
+                            num_query_tokens=layout.image_tokens, qformer_tokenizer=qformer_tok)
 
 
 def dataset_size(dataset, collate) -> int:

@@ -122,8 +122,10 @@ def generate_texts(
     max_new_tokens: int,
     min_new_tokens: int,
     length_penalty: float,
+    qformer_tokenizer=None,
 ) -> list[str]:
-    """Beam-search one text per image, conditioned on the image and its prompt; decoded without special tokens."""
+    """Beam-search one text per image, conditioned on the image and its prompt; decoded without special tokens.
+    ``qformer_tokenizer``: the processor's, for a model whose Q-Former reads the prompt (InstructBLIP)."""
     if len(prompts) != pixel_values.shape[0]:
         raise ValueError(f"prompts: {len(prompts)} prompts for {pixel_values.shape[0]} images")
     from ukmp.models import adapter_for
@@ -135,6 +137,12 @@ def generate_texts(
     kwargs: dict[str, Any] = {}
     if _interpolate(model, image_size):
         kwargs["interpolate_pos_encoding"] = True
+    if layout.qformer_text:  # InstructBLIP: the Q-Former reads the prompt too
+        from ukmp.data.batches import qformer_inputs
+
+        if qformer_tokenizer is None:
+            raise ValueError("qformer_tokenizer: the model's Q-Former reads the prompt; pass the processor's")
+        kwargs.update({k: v.to(device) for k, v in qformer_inputs(qformer_tokenizer, prompts).items()})
     out = model.generate(
         pixel_values=pixel_values.to(device), input_ids=ids.to(device), attention_mask=mask.to(device),
         num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -187,7 +195,7 @@ def evaluate_vqa(
             answers = generate_texts(
                 model, tokenizer, image_batch(dataset, idx, transform), prompts, image_size=image_size,
                 num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                length_penalty=length_penalty,
+                length_penalty=length_penalty, qformer_tokenizer=getattr(processor, "qformer_tokenizer", None),
             )
             predictions += [{"question_id": r.question_id, "question": r.question, "answer": a}
                             for r, a in zip(records, answers)]
@@ -247,6 +255,7 @@ def evaluate_caption(
                 model, tokenizer, image_batch(dataset, idx, transform), [prompt] * len(idx),
                 image_size=image_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens, length_penalty=length_penalty,
+                qformer_tokenizer=getattr(processor, "qformer_tokenizer", None),
             )
             for i, caption in zip(idx, captions):
                 text = strip_prompt(caption, prompt) if strip_echo else caption

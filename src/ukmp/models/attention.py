@@ -1,8 +1,8 @@
 """Attention pieces that make head-pruned BLIP-2 modules run under stock transformers 5.
 
-* :class:`HeadPrunedBlip2Attention` — a ``Blip2Attention`` subclass whose forward reshapes the fused qkv output with
-  the stored ``head_dim`` instead of deriving it from the input width (the stock forward divides the *input* width by
-  ``num_heads``, which is wrong once heads are gone).
+* :class:`HeadPrunedBlip2Attention` / :class:`HeadPrunedInstructBlipAttention` — subclasses of the stock ViT
+  attentions whose forward reshapes the fused qkv output with the stored ``head_dim`` instead of deriving it from the
+  input width (the stock forward divides the *input* width by ``num_heads``, which is wrong once heads are gone).
 * ``ukmp_eager`` / ``ukmp_sdpa`` — attention functions registered in both ``AttentionInterface`` and
   ``AttentionMaskInterface``. T5 computes a relative position bias for all original heads in block 0 and shares it
   with every later block; a layer with pruned heads selects its own heads' columns (its ``ukmp_kept_heads`` buffer).
@@ -20,14 +20,19 @@ from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.blip_2.modeling_blip_2 import Blip2Attention
 from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward as blip2_eager
+from transformers.models.instructblip.modeling_instructblip import InstructBlipAttention
+from transformers.models.instructblip.modeling_instructblip import eager_attention_forward as instructblip_eager
 from transformers.models.t5.modeling_t5 import eager_attention_forward as t5_eager
 
 KEPT_HEADS = "ukmp_kept_heads"  # non-persistent buffer name on a head-pruned T5Attention
 PREFIX = "ukmp_"
 
 
-class HeadPrunedBlip2Attention(Blip2Attention):
-    """``Blip2Attention`` with ``num_heads`` kept heads of width ``head_dim`` (fused qkv of 3·num_heads·head_dim)."""
+class _HeadPrunedFusedQKV:
+    """The fused-qkv ViT attention of BLIP-2 and InstructBLIP with ``num_heads`` kept heads of width ``head_dim``
+    (qkv of 3·num_heads·head_dim rows). Mixed into a subclass of the stock class, listed first."""
+
+    eager: Callable = staticmethod(blip2_eager)
 
     def __init__(self, config, num_heads: int, head_dim: int):
         nn.Module.__init__(self)
@@ -46,13 +51,30 @@ class HeadPrunedBlip2Attention(Blip2Attention):
         bsz, tgt_len, _ = hidden_states.size()
         mixed = self.qkv(hidden_states).reshape(bsz, tgt_len, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         query, key, value = mixed[0], mixed[1], mixed[2]
-        attn_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, blip2_eager)
+        attn_fn: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         out, weights = attn_fn(
             self, query, key, value, attention_mask=None,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scale, **kwargs,
         )
         out = out.reshape(bsz, tgt_len, -1).contiguous()
         return self.projection(out), weights
+
+
+class HeadPrunedBlip2Attention(_HeadPrunedFusedQKV, Blip2Attention):
+    """``Blip2Attention`` with ``num_heads`` kept heads of width ``head_dim`` (fused qkv of 3·num_heads·head_dim)."""
+
+
+class HeadPrunedInstructBlipAttention(_HeadPrunedFusedQKV, InstructBlipAttention):
+    """``InstructBlipAttention`` (same layout as BLIP-2's; its forward also derives the head size from the input
+    width) with ``num_heads`` kept heads of width ``head_dim``."""
+
+    eager: Callable = staticmethod(instructblip_eager)
+
+
+HEAD_PRUNED_VIT_ATTENTION: dict[type, type] = {
+    Blip2Attention: HeadPrunedBlip2Attention,
+    InstructBlipAttention: HeadPrunedInstructBlipAttention,
+}
 
 
 def _select_heads(module: nn.Module, query: torch.Tensor, position_bias: torch.Tensor | None):

@@ -34,6 +34,7 @@ class BatchLayout:
     image_token_id: int | None = None
     image_size: int | None = None  # the vision tower's input size (None: no images)
     patch_size: int | None = None
+    qformer_text: bool = False  # the prompt is also tokenised for the Q-Former (InstructBLIP: qformer_input_ids)
 
     @property
     def has_images(self) -> bool:

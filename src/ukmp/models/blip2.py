@@ -1,4 +1,6 @@
-"""BLIP-2 (ViT + Q-Former + language model): the ViT part plus a T5, OPT or Llama-family language-model part.
+"""BLIP-2 and InstructBLIP (ViT + Q-Former + language model): the ViT part plus a T5, OPT or Llama-family
+language-model part. InstructBLIP has BLIP-2's module layout; its Q-Former also reads the prompt
+(``qformer_input_ids``), which :class:`~ukmp.models.base.BatchLayout` ``qformer_text`` tells batch builders.
 
 Group ids::
 
@@ -31,14 +33,16 @@ __all__ = ["Blip2Adapter", "Blip2T5Adapter", "RemovedSlice", "RemovedWeights", "
 
 
 class Blip2Adapter(ModelAdapter):
-    """Structure of a ``Blip2ForConditionalGeneration`` (or an InstructBLIP) given its language-model part."""
+    """Structure of a ``Blip2ForConditionalGeneration`` or an ``InstructBlipForConditionalGeneration`` (the same
+    module layout; InstructBLIP's Q-Former also reads the prompt) given its language-model part."""
 
     modalities = ("vision", "language")
 
     def __init__(self, config, lm_family: str, lm_part):
         super().__init__(config)
         self.lm_family = lm_family
-        self.name = f"blip2-{lm_family}"
+        self.instruct = config.model_type == "instructblip"
+        self.name = f"{'instructblip' if self.instruct else 'blip2'}-{lm_family}"
         self.layout = "decoder_only" if isinstance(lm_part, DecoderPart) else "encoder_decoder"
         self.vision = Blip2VisionPart(config.vision_config, "vision_model")
         self.lm = lm_part
@@ -56,13 +60,12 @@ class Blip2Adapter(ModelAdapter):
         vc = self.config.vision_config
         return BatchLayout(decoder_only=self.layout == "decoder_only", image_tokens=int(self.config.num_query_tokens),
                            image_token_id=getattr(self.config, "image_token_index", None),
-                           image_size=int(vc.image_size), patch_size=int(vc.patch_size))
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), qformer_text=self.instruct)
 
-    @staticmethod
-    def model_class():
-        from transformers import Blip2ForConditionalGeneration
+    def model_class(self):
+        from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-        return Blip2ForConditionalGeneration
+        return InstructBlipForConditionalGeneration if self.instruct else Blip2ForConditionalGeneration
 
 
 class Blip2T5Adapter(Blip2Adapter):

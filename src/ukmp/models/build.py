@@ -31,10 +31,14 @@ SHIPPED_CONFIGS = {
     "blip2-opt-2.7b": "blip2-opt-2.7b.json",
     "smollm2-135m": "smollm2-135m.json",
     "llama-3-8b": "llama-3-8b.json",
+    "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.json",
+    "instructblip-vicuna-7b": "instructblip-vicuna-7b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
     "tiny-blip2-opt": "blip2-opt-tiny.json",
     "tiny-blip2-llama": "blip2-llama-tiny.json",
+    "tiny-instructblip-t5": "instructblip-t5-tiny.json",
+    "tiny-instructblip-llama": "instructblip-llama-tiny.json",
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
@@ -90,6 +94,10 @@ def config_from_dict(d: dict, source: str = "model config"):
         raise ValueError(f"{source}: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
     if t == "blip-2":
         config = Blip2Config.from_dict(d)
+    elif t == "instructblip":
+        from transformers import InstructBlipConfig
+
+        config = InstructBlipConfig.from_dict(d)
     else:
         kw = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
         config = AutoConfig.for_model(t, **kw)
@@ -146,12 +154,15 @@ def materialize_rotary_buffers_(model) -> None:
     They are non-persistent (never saved), so a model built on the meta device whose weights are assigned later
     (:func:`ukmp.io.load_pruned`) would otherwise keep them on meta. transformers' own ``_init_weights`` computes
     them from the config, as ``from_pretrained`` does; other non-persistent buffers stay on meta (and are reported
-    by ``load_pruned``)."""
+    by ``load_pruned``). ``position_ids`` tables (``[1, n]`` aranges of the Q-Former's and CLIP's embeddings) are
+    rebuilt too."""
     rotary = {}
     for name, buf in list(model.named_non_persistent_buffers()):
         path, _, attr = name.rpartition(".")
         module = model.get_submodule(path)
-        if buf.is_meta and "RotaryEmbedding" in type(module).__name__:
+        if buf.is_meta and attr == "position_ids" and buf.dim() == 2 and buf.shape[0] == 1:  # Q-Former, CLIP: arange
+            module.register_buffer(attr, torch.arange(buf.shape[1], dtype=buf.dtype).unsqueeze(0), persistent=False)
+        elif buf.is_meta and "RotaryEmbedding" in type(module).__name__:
             module.register_buffer(attr, torch.empty(buf.shape, dtype=buf.dtype, device="cpu"), persistent=False)
             rotary[path] = module
     for module in rotary.values():
@@ -277,14 +288,29 @@ def canonical_unigram_vocab(vocab: list) -> list[tuple[str, float]]:
     return special + out
 
 
-def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2Processor:
-    """A ``Blip2Processor`` (CLIP mean/std, bicubic resize) that prepends ``num_query_tokens`` image tokens."""
+def build_processor(tokenizer, num_query_tokens: int, image_size: int, qformer_tokenizer=None):
+    """A ``Blip2Processor`` (CLIP mean/std, bicubic resize) that prepends ``num_query_tokens`` image tokens; with a
+    ``qformer_tokenizer``, an ``InstructBlipProcessor`` (which also tokenises the prompt for the Q-Former)."""
     image_processor = _ImageProcessor(
         size={"height": image_size, "width": image_size},
         image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
         do_convert_rgb=True,
     )
+    if qformer_tokenizer is not None:
+        from transformers import InstructBlipProcessor
+
+        return InstructBlipProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                     qformer_tokenizer=qformer_tokenizer, num_query_tokens=num_query_tokens)
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+
+
+def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
+    """The processor of a random-weights build of ``config``: the tokenizer alone for a plain LM; for InstructBLIP
+    a second tokenizer (trained the same way) reads the prompt for the Q-Former."""
+    if not hasattr(config, "vision_config"):
+        return tokenizer
+    qformer_tok = build_tokenizer(corpus) if config.model_type == "instructblip" else None
+    return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size, qformer_tok)
 
 
 def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None,
@@ -297,13 +323,17 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterabl
         raise ValueError(f"tiny model: unknown name {name!r} (choose from {', '.join(TINY)})")
     tokenizer = build_tokenizer(corpus)
     cfg = load_config(name)
-    if cfg.model_type != "blip-2":  # a plain causal LM
+    if not hasattr(cfg, "vision_config"):  # a plain causal LM
         for k, v in text_overrides.items():
             setattr(cfg, k, v)
         if cfg.vocab_size < len(tokenizer):
             raise ValueError(f"{name} config: vocab_size {cfg.vocab_size} must be at least {len(tokenizer)}")
         return build_model(cfg, seed=seed, attn_implementation=attn_implementation), tokenizer
-    processor = build_processor(tokenizer, cfg.num_query_tokens, cfg.vision_config.image_size)
+    processor = processor_for(cfg, tokenizer, corpus)
+    qformer_tok = getattr(processor, "qformer_tokenizer", None)
+    if qformer_tok is not None and cfg.qformer_config.vocab_size < len(qformer_tok):
+        raise ValueError(f"{name} config: qformer vocab_size {cfg.qformer_config.vocab_size} must be at least "
+                         f"{len(qformer_tok)}")
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     cfg.image_token_index = int(image_id)
     for k, v in text_overrides.items():
@@ -319,7 +349,4 @@ def random_weights_processor(source: str, config):
     random weights know no vocabulary. ``None`` for a real model directory or hub id (load its own processor)."""
     if not (source in SHIPPED_CONFIGS or str(source).endswith(".json")):
         return None
-    tokenizer = build_tokenizer()
-    if not hasattr(config, "vision_config"):
-        return tokenizer
-    return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size)
+    return processor_for(config, build_tokenizer())

@@ -43,7 +43,7 @@ def _blip2(config) -> ModelAdapter:
 
     from ukmp.models.blip2 import Blip2T5Adapter
 
-    family, part = _language_part(config.text_config, "language_model", "blip-2")
+    family, part = _language_part(config.text_config, "language_model", config.model_type)
     if family == "t5":
         return Blip2T5Adapter(config)
     return Blip2Adapter(config, family, part)
@@ -63,6 +63,7 @@ for _t in ("llama", "mistral", "qwen2"):
     register_language_model(_t, "llama", lambda c, p: DecoderPart(c, p, LLAMA))
 register_language_model("opt", "opt", lambda c, p: DecoderPart(c, p, OPT))
 register_model("blip-2", _blip2)
+register_model("instructblip", _blip2)  # BLIP-2's layout; the adapter names the model class and the Q-Former text
 for _t in ("llama", "mistral", "qwen2", "opt"):
     register_model(_t, _causal_lm)
 
@@ -78,7 +79,7 @@ def adapter_for(model_or_config) -> ModelAdapter:
 
 def is_decoder_only(config) -> bool:
     """Whether the model's language model is decoder-only (targets sit in ``input_ids``, after the prompt)."""
-    if getattr(config, "model_type", None) == "blip-2":
+    if getattr(config, "model_type", None) in ("blip-2", "instructblip"):
         return bool(getattr(config, "use_decoder_only_language_model", False))
     return not bool(getattr(config, "is_encoder_decoder", False))
 

@@ -35,7 +35,8 @@ from ukmp.recover.schedule import FeatureTaps, ScheduleConfig, Stage, build_sche
 from ukmp.recover.wr_lora import WRLoRALinear, adapter_state_dict, load_adapter_state_dict_, named_lora_parameters
 from ukmp.recover.wr_lora import save_adapter
 
-BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "decoder_attention_mask")
+BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "decoder_attention_mask",
+              "qformer_input_ids", "qformer_attention_mask")  # the last two: InstructBLIP's Q-Former prompt
 PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 

@@ -1,4 +1,4 @@
-"""The BLIP-2 ViT (``Blip2VisionModel``): fused ``qkv`` with separate q/v biases, ``projection``, ``fc1``/``fc2``.
+"""The BLIP-2 / InstructBLIP ViT (``Blip2VisionModel``, ``InstructBlipVisionModel``): fused ``qkv`` with separate q/v biases, ``projection``, ``fc1``/``fc2``.
 
 Groups ``vision.layers.{i}.attn`` (heads: q, k, v thirds of the fused ``qkv`` rows + ``projection`` columns) and
 ``vision.layers.{i}.mlp`` (channels: ``fc1`` row and bias + ``fc2`` column).
@@ -52,11 +52,14 @@ class Blip2VisionPart(Part):
         return out
 
     def update_attention_(self, model: nn.Module, group: PrunableGroup, kept: list[int]) -> None:
-        from ukmp.models.attention import HeadPrunedBlip2Attention
+        from ukmp.models.attention import HEAD_PRUNED_VIT_ATTENTION
 
         path = group.slices[-1].module.rsplit(".", 1)[0]
         attn = model.get_submodule(path)
-        new = HeadPrunedBlip2Attention(attn.config, num_heads=len(kept), head_dim=self.head_dim)
+        stock = next((c for c in type(attn).__mro__ if c in HEAD_PRUNED_VIT_ATTENTION), None)
+        if stock is None:
+            raise TypeError(f"{path}: attention {type(attn).__name__} has no head-pruned variant")
+        new = HEAD_PRUNED_VIT_ATTENTION[stock](attn.config, num_heads=len(kept), head_dim=self.head_dim)
         new.qkv, new.projection = attn.qkv, attn.projection
         new.train(attn.training)
         parent, child = path.rsplit(".", 1)
