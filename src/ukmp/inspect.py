@@ -53,11 +53,13 @@ def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
         }
     dense_total = sum(g.total_params for g in groups)
     total = count_parameters(model)
-    removed = plan.removed_params(groups) if plan is not None else 0
+    removed = plan.removed_params(groups) + plan.dropped_params() if plan is not None else 0
     return {
         "model": source,
         "pruned": plan is not None,
         "group_kinds": kinds,
+        "unused_layers": {"vision": adapter.unused_vision_layers()},  # outputs never reach the model's output
+        "dropped_layers": dict(plan.drop_layers) if plan is not None else {},
         "parameters": {
             "total": total,
             "prunable": dense_total - removed,
@@ -83,6 +85,10 @@ def format_inspect(report: dict[str, Any]) -> str:
         )
     lines += [f"  {kind}: one unit = {k['unit_note']}" for kind, k in report["group_kinds"].items()
               if k.get("unit_note")]
+    lines += [f"  {stack} layers {layers} never reach the output (the prune stage drops them)"
+              for stack, layers in report.get("unused_layers", {}).items() if layers]
+    lines += [f"  {stack}: dropped all layers from {d['keep']} ({d['params']:,} parameters)"
+              for stack, d in report.get("dropped_layers", {}).items()]
     p = report["parameters"]
     lines += [
         "",

@@ -2,6 +2,10 @@
 
 Indices always refer to the *original* (dense) numbering of a group's units, so a plan can be applied to a fresh
 dense model, replayed, diffed and reloaded. Groups absent from ``keep`` are kept whole.
+
+Version 2 adds ``drop_layers``: ``{stack id: {"keep": n, "params": p}}`` — the stack (a part's group-id prefix such
+as ``vision``) keeps its first ``n`` layers and loses the rest outright (``p`` parameters): layers whose output never
+reaches the model's output (LLaVA's vision layers after ``vision_feature_layer``). Version 1 plans read as before.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 from ukmp.groups import PrunableGroup, groups_by_id
 
 PLAN_FORMAT = "ukmp.pruning_plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 1  # written for plans without drop_layers, so their files stay readable by earlier ukmp
+DROP_LAYERS_VERSION = 2  # written for plans with drop_layers
+READABLE_VERSIONS = (1, 2)
 
 
 class PlanError(ValueError):
@@ -30,6 +36,7 @@ class PruningPlan:
     meta: dict[str, Any] = field(default_factory=dict)
     version: int = PLAN_VERSION
     out_bias: list[str] = field(default_factory=list)  # Linear paths that gain an output bias (FLAP compensation)
+    drop_layers: dict[str, dict[str, int]] = field(default_factory=dict)  # stack id -> {"keep": n, "params": p}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -63,21 +70,32 @@ class PruningPlan:
         return [i for i in range(group.n_units) if i not in k]
 
     def removed_params(self, groups: list[PrunableGroup]) -> int:
+        """Parameters of the removed units (the layers of ``drop_layers`` are counted by :meth:`dropped_params`)."""
         return sum(len(self.removed(g)) * g.params_per_unit for g in groups if g.id in self.keep)
+
+    def dropped_params(self) -> int:
+        """Parameters of the layers that ``drop_layers`` removes outright."""
+        return sum(int(d["params"]) for d in self.drop_layers.values())
 
     def digest(self) -> str:
         """Stable hash of the structural content (not of ``meta``)."""
         content: dict[str, Any] = {"keep": self.keep, "units": self.units}
         if self.out_bias:
             content["out_bias"] = sorted(self.out_bias)
+        if self.drop_layers:
+            content["drop_layers"] = self.drop_layers
         blob = json.dumps(content, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     # ------------------------------------------------------------------ validation
     def validate(self, groups: list[PrunableGroup]) -> None:
         """Raise :class:`PlanError` (one line, naming the group/index) unless the plan fits ``groups``."""
-        if self.version != PLAN_VERSION:
-            raise PlanError(f"plan: unsupported version {self.version!r} (expected {PLAN_VERSION})")
+        if self.version not in READABLE_VERSIONS:
+            raise PlanError(f"plan: unsupported version {self.version!r} (expected one of {READABLE_VERSIONS})")
+        for sid, d in self.drop_layers.items():
+            if not isinstance(d, dict) or set(d) != {"keep", "params"} or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in d.values()) or d["keep"] < 1:
+                raise PlanError(f"plan: drop_layers[{sid!r}] must be {{'keep': n >= 1, 'params': p >= 0}}, got {d!r}")
         by_id = groups_by_id(groups)
         outputs = {s.module for g in groups for s in g.slices if s.dim == 1 and s.param == "weight"}
         for m in self.out_bias:
@@ -109,17 +127,18 @@ class PruningPlan:
         """Same plan with sorted indices (slicing keeps units in original order)."""
         return PruningPlan(
             keep={k: sorted(v) for k, v in self.keep.items()}, units=dict(self.units), meta=dict(self.meta),
-            version=self.version, out_bias=list(self.out_bias),
+            version=self.version, out_bias=list(self.out_bias), drop_layers=dict(self.drop_layers),
         )
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": PLAN_FORMAT,
-            "version": self.version,
+            "version": DROP_LAYERS_VERSION if self.drop_layers else self.version,
             "units": dict(self.units),
             "keep": {k: list(v) for k, v in self.keep.items()},
             "out_bias": list(self.out_bias),
+            **({"drop_layers": self.drop_layers} if self.drop_layers else {}),
             "meta": self.meta,
         }
 
@@ -132,6 +151,8 @@ class PruningPlan:
         for key in ("version", "keep"):
             if key not in d:
                 raise PlanError(f"{source}: missing field {key!r}")
+        if d.get("drop_layers") and d["version"] != DROP_LAYERS_VERSION:
+            raise PlanError(f"{source}: field 'drop_layers' needs version {DROP_LAYERS_VERSION}, got {d['version']!r}")
         if not isinstance(d["keep"], dict):
             raise PlanError(f"{source}: field 'keep' must be an object of group id -> index list")
         return cls(
@@ -140,6 +161,7 @@ class PruningPlan:
             meta=dict(d.get("meta", {})),
             version=d["version"],
             out_bias=[str(m) for m in d.get("out_bias", [])],
+            drop_layers={str(k): dict(v) if isinstance(v, dict) else v for k, v in d.get("drop_layers", {}).items()},
         )
 
     def save(self, path: str | os.PathLike) -> None:

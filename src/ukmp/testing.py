@@ -38,10 +38,12 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
         if batch > 1:
             am[1, -2:] = 0
         return {"input_ids": ids, "attention_mask": am}
-    size = cfg.vision_config.image_size
-    nq = cfg.num_query_tokens
-    ids = torch.randint(3, cfg.image_token_index, (batch, nq + text_len), generator=g)
-    ids[:, :nq] = cfg.image_token_index
+    from ukmp.models import adapter_for
+
+    layout = adapter_for(cfg).batch_layout()
+    size, nq, image_id = layout.image_size, layout.image_tokens, layout.image_token_id
+    ids = torch.randint(3, image_id, (batch, nq + text_len), generator=g)
+    ids[:, :nq] = image_id
     am = torch.ones_like(ids)
     if batch > 1:
         am[1, -2:] = 0
@@ -49,7 +51,7 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
         "pixel_values": torch.randn(batch, 3, size, size, generator=g),
         "input_ids": ids,
         "attention_mask": am,
-        "decoder_input_ids": torch.randint(3, cfg.image_token_index, (batch, dec_len), generator=g),
+        "decoder_input_ids": torch.randint(3, image_id, (batch, dec_len), generator=g),
     }
     if is_decoder_only(cfg):
         del out["decoder_input_ids"]

@@ -275,6 +275,9 @@ def make_collator(dataset, processor, layout, image_size: int | None = None, max
         if not layout.decoder_only:
             raise ValueError(f"dataset {dataset.name!r}: plain text needs a decoder-only language model")
         return TextWindowCollator(dataset, tokenizer)
+    if layout.fixed_image_size and image_size and image_size != layout.image_size:
+        raise ValueError(f"data.image_size: {image_size} differs from the model's {layout.image_size}, which fixes "
+                         f"the number of image tokens ({layout.image_tokens}); leave it 0")
     size = (image_size or layout.image_size) if layout.has_images else None
     qformer_tok = getattr(processor, "qformer_tokenizer", None) if layout.qformer_text else None
     if layout.qformer_text and qformer_tok is None:

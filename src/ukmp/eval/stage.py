@@ -49,7 +49,7 @@ def task_image_size(model, task: Task) -> int:
     if not layout.has_images:
         raise ValueError(f"eval task {task.name!r}: the model has no vision tower (a plain language model "
                          f"evaluates 'perplexity' only)")
-    if task.image_scale == 1.0:
+    if task.image_scale == 1.0 or layout.fixed_image_size:  # LLaVA: another size would change the image tokens
         return layout.image_size
     size = layout.image_size * task.image_scale
     return max(layout.patch_size, int(round(size / layout.patch_size)) * layout.patch_size)

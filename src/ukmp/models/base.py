@@ -35,6 +35,7 @@ class BatchLayout:
     image_size: int | None = None  # the vision tower's input size (None: no images)
     patch_size: int | None = None
     qformer_text: bool = False  # the prompt is also tokenised for the Q-Former (InstructBLIP: qformer_input_ids)
+    fixed_image_size: bool = False  # one image token per patch (LLaVA): images are always read at image_size
 
     @property
     def has_images(self) -> bool:
@@ -124,6 +125,7 @@ class ModelAdapter:
 
     name = "abstract"
     layout: Layout = "decoder_only"
+    drops_layers = False  # whether apply_ honours a plan's drop_layers (the subclass truncates, then slices)
     modalities: tuple[str, ...] = ("language",)
 
     def __init__(self, config):
@@ -217,6 +219,14 @@ class ModelAdapter:
     def batch_layout(self) -> BatchLayout:
         return BatchLayout(decoder_only=self.layout == "decoder_only")
 
+    def unused_vision_layers(self) -> list[int]:
+        """Vision layers whose output never reaches the model's output (none unless an adapter says so)."""
+        return []
+
+    def drop_unused(self, model: nn.Module) -> dict[str, dict[str, int]]:
+        """The ``drop_layers`` entry of a plan that removes :meth:`unused_vision_layers` (``{}``: nothing to drop)."""
+        return {}
+
     def language_model(self, model: nn.Module) -> nn.Module:
         """The language model inside ``model`` (the model itself for a plain LM)."""
         lm = [p for p in self.parts if p.modality == "language"]
@@ -268,6 +278,8 @@ class ModelAdapter:
         """
         groups = self.groups()
         plan.validate(groups)
+        if plan.drop_layers and not self.drops_layers:
+            raise PlanError(f"plan: drop_layers {sorted(plan.drop_layers)} but {self.name} has no layers to drop")
         self._check_dense(model, groups, plan)
         keep = self._param_keep(model, groups, plan)
         self.add_out_biases_(model, plan.out_bias)

@@ -33,12 +33,14 @@ SHIPPED_CONFIGS = {
     "llama-3-8b": "llama-3-8b.json",
     "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.json",
     "instructblip-vicuna-7b": "instructblip-vicuna-7b.json",
+    "llava-1.5-7b": "llava-1.5-7b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
     "tiny-blip2-opt": "blip2-opt-tiny.json",
     "tiny-blip2-llama": "blip2-llama-tiny.json",
     "tiny-instructblip-t5": "instructblip-t5-tiny.json",
     "tiny-instructblip-llama": "instructblip-llama-tiny.json",
+    "tiny-llava": "llava-tiny.json",
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
@@ -304,11 +306,30 @@ def build_processor(tokenizer, num_query_tokens: int, image_size: int, qformer_t
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
+def build_llava_processor(tokenizer, config):
+    """A ``LlavaProcessor`` (CLIP mean/std, bicubic resize) whose ``<image>`` expands to the patch tokens."""
+    from transformers import LlavaProcessor
+
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    size = int(config.vision_config.image_size)
+    image_processor = _ImageProcessor(
+        size={"height": size, "width": size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                          patch_size=int(config.vision_config.patch_size),
+                          vision_feature_select_strategy=config.vision_feature_select_strategy,
+                          num_additional_image_tokens=1)  # CLIP's CLS ("default" then drops it)
+
+
 def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
     """The processor of a random-weights build of ``config``: the tokenizer alone for a plain LM; for InstructBLIP
     a second tokenizer (trained the same way) reads the prompt for the Q-Former."""
     if not hasattr(config, "vision_config"):
         return tokenizer
+    if config.model_type == "llava":
+        return build_llava_processor(tokenizer, config)
     qformer_tok = build_tokenizer(corpus) if config.model_type == "instructblip" else None
     return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size, qformer_tok)
 

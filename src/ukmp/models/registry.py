@@ -6,6 +6,7 @@ config's ``model_type``. :func:`register_model` / :func:`register_language_model
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from ukmp.models.base import ModelAdapter, Part
@@ -49,6 +50,17 @@ def _blip2(config) -> ModelAdapter:
     return Blip2Adapter(config, family, part)
 
 
+def _llava(config) -> ModelAdapter:
+    from ukmp.models.llava import LlavaAdapter
+
+    if getattr(config.text_config, "model_type", None) not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"model config: llava with language model type {config.text_config.model_type!r} is not "
+                         f"supported (supported: llama, mistral, qwen2)")
+    # the language model is a base model at model.language_model: its layers sit at "layers", not "model.layers"
+    return LlavaAdapter(config, "llama", DecoderPart(config.text_config, "model.language_model",
+                                                     replace(LLAMA, layers="layers")))
+
+
 def _causal_lm(config) -> ModelAdapter:
     from ukmp.models.causal_lm import CausalLMAdapter
 
@@ -63,7 +75,8 @@ for _t in ("llama", "mistral", "qwen2"):
     register_language_model(_t, "llama", lambda c, p: DecoderPart(c, p, LLAMA))
 register_language_model("opt", "opt", lambda c, p: DecoderPart(c, p, OPT))
 register_model("blip-2", _blip2)
-register_model("instructblip", _blip2)  # BLIP-2's layout; the adapter names the model class and the Q-Former text
+register_model("instructblip", _blip2)
+register_model("llava", _llava)  # BLIP-2's layout; the adapter names the model class and the Q-Former text
 for _t in ("llama", "mistral", "qwen2", "opt"):
     register_model(_t, _causal_lm)
 

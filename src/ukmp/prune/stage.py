@@ -12,7 +12,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,30 +181,43 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
-    groups = adapter.groups()
     total = count_parameters(model)
     before = adapter.parameter_breakdown(model)
+    drop = adapter.drop_unused(model) if cfg.prune.drop_unused_layers else {}
+    pc = cfg.prune
+    if drop:  # removed before scoring; the units then make up the rest of the ratio of the whole (dense) model
+        adapter.apply_(model, PruningPlan(keep={}, drop_layers=drop))
+        adapter = adapter_for(model)
+        dropped = sum(d["params"] for d in drop.values())
+        pc = replace(pc, ratio=max(0.0, (cfg.prune.ratio * total - dropped) / (total - dropped)))
+        log.info("prune: dropped %s unused layers (%s parameters, %.2f%%) before scoring", drop, f"{dropped:,}",
+                 100 * dropped / total)
+    groups = adapter.groups()
+    scored_total = count_parameters(model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
-    if cfg.prune.scores_from:
-        result, ids, n_batches = cached_scores(cfg.prune.scores_from, groups, total), [], 0
+    if pc.scores_from:
+        result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total), [], 0
     else:
-        method = get_method(cfg.prune.method)
-        if cfg.prune.method in DATA_FREE:
+        method = get_method(pc.method)
+        if pc.method in DATA_FREE:
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
             batches, n_batches, ids = calibration_batches(cfg, processor, model)
-        result = method(model, groups, batches, cfg.prune, n_batches)
+        result = method(model, groups, batches, pc, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
              cfg.prune.method if not cfg.prune.scores_from else "cached", len(ids), n_batches, clock.lap("score"), sel)
-    acfg = allocation_config(cfg.prune, result.allocation)
-    plan = result.plan if result.plan is not None else allocate(result.scores, groups, total, acfg)
+    acfg = allocation_config(pc, result.allocation)
+    plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
+    if drop:
+        plan.drop_layers = drop
+        plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=cfg.prune.ratio)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
-    save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
+    save_scores(out / "scores.safetensors", result, model.config, scored_total, acfg, cfg.prune.method)
     model.zero_grad(set_to_none=True)
     if result.pre_apply is not None:
         adapter.add_out_biases_(model, plan.out_bias)

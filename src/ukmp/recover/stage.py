@@ -87,7 +87,8 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     teacher.requires_grad_(False)
     adapter = adapter_for(teacher)
     removed = adapter.removed_weights(teacher, plan)
-    trainable = inject_wr_lora_(student, removed, adapter.lora_targets(), r=fc.r, r_recall=fc.r_recall,
+    # the student's own targets: a plan's drop_layers (LLaVA's unused vision layers) leave the student shorter
+    trainable = inject_wr_lora_(student, removed, adapter_for(student).lora_targets(), r=fc.r, r_recall=fc.r_recall,
                                 alpha=fc.alpha, dropout=fc.dropout, plain_lora=fc.adapter == "lora")
     n_trainable = sum(p.numel() for p in trainable)
 

@@ -1,0 +1,115 @@
+"""LLaVA (``LlavaForConditionalGeneration``): a CLIP vision tower, a two-layer MLP projector and a Llama-family
+language model (transformers 5 nests ``model.vision_tower``, ``model.multi_modal_projector`` and
+``model.language_model``, a base model, under ``model``; ``lm_head`` sits at the top).
+
+Group ids::
+
+    vision.layers.{i}.attn     CLIP heads (q, k, v rows and biases + out_proj columns)
+    vision.layers.{i}.mlp      CLIP MLP channels (fc1 row + bias, fc2 column)
+    lm.layers.{i}.attn         language-model KV groups
+    lm.layers.{i}.mlp          language-model MLP channels
+
+The language model reads the vision hidden state of ``vision_feature_layer`` (LLaVA-1.5: -2), so the vision layers
+after it never reach the output: :meth:`LlavaAdapter.unused_vision_layers` names them and a plan's ``drop_layers``
+(:meth:`LlavaAdapter.drop_unused`) removes them outright in :meth:`LlavaAdapter.apply_`, which also rewrites
+``vision_feature_layer`` as an absolute index (a negative one would then point at another layer).
+Never pruned: the patch and position embeddings, layer norms, the projector, embeddings and ``lm_head``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ukmp.models.base import BatchLayout, ModelAdapter, RemovedWeights
+from ukmp.models.parts.clip import ClipVisionPart
+from ukmp.plan import PlanError, PruningPlan
+
+
+class LlavaAdapter(ModelAdapter):
+    layout = "decoder_only"
+    modalities = ("vision", "language")
+    drops_layers = True
+
+    def __init__(self, config, lm_family: str, lm_part):
+        super().__init__(config)
+        self.lm_family = lm_family
+        self.name = f"llava-{lm_family}"
+        self.vision = ClipVisionPart(config.vision_config, "model.vision_tower")
+        self.lm = lm_part
+        self.parts = [self.vision, self.lm]
+
+    def modality_of_param(self, name: str) -> str:
+        if name.startswith("lm_head."):
+            return "language"
+        return super().modality_of_param(name)
+
+    def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {"vision": None, "lm": batch.get("attention_mask")}
+
+    def batch_layout(self) -> BatchLayout:
+        vc = self.config.vision_config
+        patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
+        cls = 1 if self.config.vision_feature_select_strategy == "full" else 0  # "default" drops CLS
+        return BatchLayout(decoder_only=True, image_tokens=patches + cls,
+                           image_token_id=getattr(self.config, "image_token_index", None),
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
+
+    def model_class(self):
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    # ------------------------------------------------------------------ layers that never reach the output
+    def feature_layers(self) -> list[int]:
+        """Absolute indices into the vision tower's hidden states (0: embeddings, i: after layer i-1) it reads."""
+        fl = self.config.vision_feature_layer
+        n = self.vision.n_layers
+        return [i if i >= 0 else n + 1 + i for i in ([fl] if isinstance(fl, int) else list(fl))]
+
+    def unused_vision_layers(self) -> list[int]:
+        """Vision layers whose output the language model never sees (LLaVA-1.5: the last one)."""
+        return list(range(max(self.feature_layers()), self.vision.n_layers))
+
+    def drop_unused(self, model: nn.Module) -> dict[str, dict[str, int]]:
+        """The ``drop_layers`` entry of a plan that removes :meth:`unused_vision_layers` (``{}`` when none)."""
+        unused = self.unused_vision_layers()
+        if not unused:
+            return {}
+        return {self.vision.gid: {"keep": unused[0], "params": self.vision.layer_params(model, unused[0])}}
+
+    def truncate_vision_(self, model: nn.Module, keep: int) -> None:
+        """Drop the vision layers from ``keep`` on, with every dependent attribute (``num_hidden_layers``,
+        ``vision_feature_layer`` made absolute)."""
+        absolute = self.feature_layers()
+        if max(absolute) > keep:
+            raise PlanError(f"plan: drop_layers keeps {keep} vision layers but the model reads hidden state "
+                            f"{max(absolute)}")
+        self.vision.truncate_(model, keep)
+        fl = absolute[0] if isinstance(self.config.vision_feature_layer, int) else absolute
+        for m in model.modules():
+            cfg = getattr(m, "config", None)
+            if cfg is not None and hasattr(cfg, "vision_feature_layer"):
+                cfg.vision_feature_layer = fl
+        self.config.vision_feature_layer = fl
+        self.vision = ClipVisionPart(self.config.vision_config, self.vision.prefix, self.vision.gid)
+        self.parts = [self.vision, self.lm]
+
+    def apply_(self, model: nn.Module, plan: PruningPlan) -> RemovedWeights:
+        """Drop the plan's unused layers (nothing when the model is already that short), then slice."""
+        extra = set(plan.drop_layers) - {self.vision.gid}
+        if extra:
+            raise PlanError(f"plan: drop_layers names unknown stacks {sorted(extra)} (this model: "
+                            f"{self.vision.gid!r})")
+        d = plan.drop_layers.get(self.vision.gid)
+        if d is not None:
+            plan.validate(self.groups())
+            dropped = [gid for gid in plan.keep if any(gid.startswith(f"{self.vision.gid}.layers.{i}.")
+                                                         for i in range(int(d["keep"]), self.vision.n_layers))]
+            if dropped:
+                raise PlanError(f"plan: group {dropped[0]!r} belongs to a layer that drop_layers removes")
+            if self.vision.n_layers > int(d["keep"]):
+                self.truncate_vision_(model, int(d["keep"]))
+        return super().apply_(model, plan)
