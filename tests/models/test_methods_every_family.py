@@ -28,7 +28,8 @@ from ukmp.models.build import build_tiny
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.scoring import get_method
 
-FAMILIES = ("tiny-blip2-opt", "tiny-blip2-llama", "tiny-llama")
+FAMILIES = ("tiny-blip2-opt", "tiny-blip2-llama", "tiny-llama", "tiny-instructblip-t5", "tiny-instructblip-llama",
+            "tiny-llava")
 METHODS = ("ukmp", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp", "flap", "upop", "magnitude_sp",
            "wanda_sp", "random")
 FAST = {"upop": {"upop": {"steps": 4, "update_every": 2}}, "ecoflap_sp": {"ecoflap": {"zo_samples": 4}}}
@@ -86,7 +87,10 @@ def test_every_method_reaches_the_ratio_and_reloads(family, method, families, tm
     ratio = math.ceil(0.5 * prunable / count_parameters(model) * 1e6) / 1e6  # ρ' just above ½: exact for P1
     pc = replace(PruneConfig(), method=method, ratio=ratio, num_samples=8, options=FAST.get(method, {}))
     plan, achieved = run_method(model, lambda epoch: iter(batches), pc)
-    assert abs(achieved - ratio) <= 0.005, f"{family}/{method}: achieved {achieved:.4f} for {ratio} (tol 0.5 pp)"
+    # the families added with InstructBLIP / LLaVA: a ViT head of their tiny towers is ~1 pp of the model, and a
+    # method may end on one such unit, so their tolerance is one largest unit where that exceeds 0.5 pp
+    tol = 0.005 if family in FAMILIES[:3] else max(0.005, max(g.params_per_unit for g in groups) / count_parameters(dense))
+    assert abs(achieved - ratio) <= tol, f"{family}/{method}: achieved {achieved:.4f} for {ratio} (tol {tol:.4f})"
     assert all(len(plan.kept(g)) >= 1 for g in groups)
     if method in ("llm_pruner_local", "magnitude_sp", "wanda_sp"):  # P1: half of every group, KV groups too
         assert all(len(plan.kept(g)) == g.n_units // 2 for g in groups)

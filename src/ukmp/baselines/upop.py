@@ -101,7 +101,7 @@ class Gates:
                 self._pre(model, out.module, z, out.unit_size)
             elif head_gate == "output":
                 self._pre(model, out.module, z, out.unit_size)
-            elif g.kind == "vit_heads":
+            elif g.slices[0].module == g.slices[1].module:  # fused qkv (the BLIP-2 ViT; CLIP's are separate)
                 self.handles.append(model.get_submodule(g.slices[0].module).register_forward_hook(
                     self._fused_qkv(z, out.unit_size)))
             else:
