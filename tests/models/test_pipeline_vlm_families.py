@@ -1,0 +1,60 @@
+"""``ukmp run`` and ``ukmp compare`` on tiny InstructBLIP (T5 and Llama language models) and tiny LLaVA, through the
+CLI entry point, cut to the bone as in ``test_pipeline_families.py`` (VQA evaluations only: captioning metrics
+start a JVM). LLaVA's unused last vision layer is dropped by the prune stage and counted in the ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ukmp.cli import main
+from ukmp.io import load_pruned, read_plan
+from ukmp.models import adapter_for
+from ukmp.models.build import load_config
+
+from .test_pipeline_families import SMALL, demo_yaml
+
+FAMILIES = {
+    "tiny-instructblip-t5": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[gqa]"],
+    "tiny-instructblip-llama": ["data.calibration=sample:cc595k", "eval.after_prune=[gqa]",
+                                "eval.after_finetune=[okvqa]"],
+    "tiny-llava": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[gqa]"],
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_run_every_stage_then_skip(family, tmp_path, caplog):
+    args = ["run", demo_yaml(), f"output_dir={tmp_path}", f"name={family}", f"model.source={family}", *SMALL,
+            *FAMILIES[family]]
+    assert main(args) == 0
+    root = tmp_path / family
+    results = json.loads((root / "results.json").read_text())
+    for state in ("dense", "pruned", "recovered"):
+        assert results["metrics"][state], f"{family}: no {state} metrics"
+    summary = json.loads((root / "prune" / "summary.json").read_text())
+    biggest = max(g.params_per_unit for g in adapter_for(load_config(family)).groups())
+    total = summary["parameters"]["total_before"]
+    assert 0.5 - 0.005 <= summary["achieved_ratio"] <= 0.5 + biggest / total + 1e-9
+    plan = read_plan(root / "prune" / "model")
+    assert bool(plan.drop_layers) == (family == "tiny-llava")  # only LLaVA has a layer that never counts
+    for stage in ("prune", "finetune"):
+        model = load_pruned(root / stage / "model")
+        assert sum(p.numel() for p in model.parameters()) == summary["parameters"]["total_after"]
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    skipped = [r.getMessage() for r in caplog.records if "up to date" in r.getMessage()]
+    assert len(skipped) == 5, f"{family}: a second run re-ran a stage ({skipped})"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compare(family, tmp_path):
+    args = ["compare", demo_yaml(), f"output_dir={tmp_path}", f"name={family}", f"model.source={family}", *SMALL,
+            *FAMILIES[family], "finetune.enabled=false",
+            "--ratio", "0.3", "--methods", "ukmp,llm_pruner_local,flap,random"]
+    assert main(args) == 0
+    rows = json.loads(next(tmp_path.glob("*/comparison.json")).read_text())["methods"]
+    assert set(rows) == {"ukmp", "llm_pruner_local", "flap", "random"}
+    for m, r in rows.items():
+        assert 0.2 < r["achieved_ratio"] < 0.4, f"{family}/{m}: {r['achieved_ratio']}"
