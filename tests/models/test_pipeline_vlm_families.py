@@ -58,3 +58,16 @@ def test_compare(family, tmp_path):
     assert set(rows) == {"ukmp", "llm_pruner_local", "flap", "random"}
     for m, r in rows.items():
         assert 0.2 < r["achieved_ratio"] < 0.4, f"{family}/{m}: {r['achieved_ratio']}"
+
+
+@pytest.mark.parametrize("family, source", [("llava", "llava-hf/llava-1.5-7b-hf"),
+                                            ("instructblip", "Salesforce/instructblip-vicuna-7b")])
+def test_shipped_run_configs_parse(family, source):
+    from pathlib import Path
+
+    from ukmp.config import load_config as load_run_config
+
+    root = Path(__file__).resolve().parents[2]
+    cfg = load_run_config(root / "configs" / family / f"{family}_ukmp_0.2.yaml")
+    assert (cfg.model.source, cfg.prune.ratio, cfg.finetune.lr, cfg.prune.drop_unused_layers) == (source, 0.2, 1e-5, True)
+    assert (root / "scripts" / family / "ukmp_0.2.py").read_text().count(f'"{family}_ukmp_0.2.yaml"') == 1
