@@ -164,3 +164,22 @@ def test_inspect_llava_1_5_7b():
     # the projector 1024 -> 4096 -> 4096 (with biases) is the bridge
     assert p["by_modality"]["bridge"] == 1024 * 4096 + 4096 + 4096 * 4096 + 4096
     assert adapter_for(model).batch_layout().image_tokens == 576  # (336 / 14)^2 patches, CLS dropped
+
+
+def test_perplexity_on_text_alone(tmp_path):
+    """Perplexity reads the whole LLaVA model on text (its ``language_model`` has no ``lm_head``): the NLL equals a
+    hand computation from the base Llama's hidden states and ``lm_head``, to 1e-9 in float64."""
+    from ukmp.data.loaders import load_dataset
+    from ukmp.data.sample import write_sample_text
+    from ukmp.eval.perplexity import evaluate_perplexity
+
+    model, proc, _ = _build(8)
+    ds = load_dataset(write_sample_text(tmp_path, window=16))
+    metrics, records = evaluate_perplexity(model, proc, ds, batch_size=2, progress=False)
+    start, ids = ds.windows(proc.tokenizer)[0]
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        h = model.model.language_model(input_ids=x).last_hidden_state
+        nll = torch.nn.functional.cross_entropy(model.lm_head(h)[0, :-1], x[0, 1:])
+    assert start == 0 and abs(records[0]["nll"] - nll.item()) <= 1e-9
+    assert metrics["tokens"] > 0 and torch.isfinite(torch.tensor(metrics["perplexity"]))

@@ -57,6 +57,11 @@ class LlavaAdapter(ModelAdapter):
                            image_token_id=getattr(self.config, "image_token_index", None),
                            image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
 
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The whole model: ``model.language_model`` is a base model without ``lm_head``, and LLaVA gives the same
+        logits for text alone (no ``pixel_values``)."""
+        return model
+
     def model_class(self):
         from transformers import LlavaForConditionalGeneration
 
