@@ -12,6 +12,7 @@ from ukmp.cli import main
 from ukmp.io import load_pruned, read_plan
 from ukmp.models import adapter_for
 from ukmp.models.build import load_config
+from ukmp.prune.stage import replan
 
 from .test_pipeline_families import SMALL, demo_yaml
 
@@ -38,6 +39,8 @@ def test_run_every_stage_then_skip(family, tmp_path, caplog):
     assert 0.5 - 0.005 <= summary["achieved_ratio"] <= 0.5 + biggest / total + 1e-9
     plan = read_plan(root / "prune" / "model")
     assert bool(plan.drop_layers) == (family == "tiny-llava")  # only LLaVA has a layer that never counts
+    again = replan(root / "prune" / "scores.safetensors", 0.5)  # cached scores: the same plan, drop included
+    assert again.digest() == plan.digest() and again.drop_layers == plan.drop_layers
     for stage in ("prune", "finetune"):
         model = load_pruned(root / stage / "model")
         assert sum(p.numel() for p in model.parameters()) == summary["parameters"]["total_after"]

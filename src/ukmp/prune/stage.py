@@ -70,13 +70,17 @@ def calibration_batches(cfg: RunConfig, processor, model):
 
 
 def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg: AllocationConfig,
-                method: str) -> None:
+                method: str, drop_layers: dict[str, dict[str, int]] | None = None) -> None:
+    """``total_params`` and ``config`` are those of the scored model: after ``drop_layers`` (recorded, so that a
+    re-allocation drops them too and counts them in the whole-model ratio)."""
     tensors = {f"scores/{k}": v.float().cpu().clone() for k, v in result.scores.items()}
     for part, d in result.parts.items():
         tensors.update({f"{part}/{k}": v.float().cpu().clone() for k, v in d.items()})
     meta = {"format": SCORES_FORMAT, "version": "1", "method": method, "total_params": str(total_params),
             "allocation": json.dumps(acfg.to_dict()), "model_config": json.dumps(config.to_dict(), default=str),
             "stats": json.dumps(result.stats)}
+    if drop_layers:
+        meta["drop_layers"] = json.dumps(drop_layers)
     atomic_save_tensors(path, tensors, metadata=meta)
 
 
@@ -106,8 +110,11 @@ def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPl
     """Re-allocate from cached scores at another ratio (no model, no data)."""
     scores, _parts, groups, total, alloc, meta = load_scores(scores_path)
     alloc.update({k: v for k, v in overrides.items() if v is not None})
-    alloc["target_ratio"] = ratio
+    drop = json.loads(meta.get("drop_layers", "{}"))
+    dropped = sum(d["params"] for d in drop.values())  # ``ratio`` is of the whole dense model, dropped layers included
+    alloc["target_ratio"] = max(0.0, (ratio * (total + dropped) - dropped) / total)
     plan = allocate(scores, groups, total, AllocationConfig.from_dict(alloc))
+    plan.drop_layers = drop
     plan.meta["method"] = meta.get("method")
     plan.meta["scores_file"] = str(scores_path)
     return plan
@@ -217,7 +224,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=cfg.prune.ratio)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
-    save_scores(out / "scores.safetensors", result, model.config, scored_total, acfg, cfg.prune.method)
+    save_scores(out / "scores.safetensors", result, model.config, scored_total, acfg, cfg.prune.method, drop)
     model.zero_grad(set_to_none=True)
     if result.pre_apply is not None:
         adapter.add_out_biases_(model, plan.out_bias)
