@@ -183,3 +183,17 @@ def test_perplexity_on_text_alone(tmp_path):
         nll = torch.nn.functional.cross_entropy(model.lm_head(h)[0, :-1], x[0, 1:])
     assert start == 0 and abs(records[0]["nll"] - nll.item()) <= 1e-9
     assert metrics["tokens"] > 0 and torch.isfinite(torch.tensor(metrics["perplexity"]))
+
+
+@pytest.mark.parametrize("name, text_type, needle", [
+    ("llava-tiny.json", "opt", "llava with language model type 'opt' is not supported"),
+    ("instructblip-llama-tiny.json", "gpt2", "instructblip with language model type 'gpt2' is not supported"),
+])
+def test_unsupported_language_models_are_refused_in_one_line(name, text_type, needle):
+    from ukmp.models.build import config_from_dict, shipped_config_path
+
+    d = json.loads(shipped_config_path("tiny-llava").parent.joinpath(name).read_text())
+    d["text_config"] = {"model_type": text_type, "vocab_size": 192, "hidden_size": 64, "num_attention_heads": 4}
+    with pytest.raises(ValueError) as e:
+        config_from_dict(d, "cfg.json")
+    assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("cfg.json: ")
