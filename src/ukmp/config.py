@@ -60,7 +60,7 @@ class PruneConfig:
     prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)
     compute_dtype: str = ""  # '' = the model's dtype; bfloat16 | float16: autocast matmuls, fp32 accumulators
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
-    drop_unused_layers: bool = True  # remove layers whose output never reaches the model's (LLaVA's last ViT layer)
+    drop_unused_layers: bool = True  # drop layers whose output never reaches the output (LLaVA's last ViT layer)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
 

@@ -27,7 +27,8 @@ def random_plan(groups, seed: int, force: dict | None = None) -> PruningPlan:
 
 def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed: int = 0) -> dict:
     """pixel_values, input_ids (with the image tokens first), a padded attention mask, decoder ids (encoder-decoder
-    models only), InstructBLIP's Q-Former prompt ids and (padded) mask. A plain causal LM gets input_ids and a padded attention mask."""
+    models only), InstructBLIP's Q-Former prompt ids and (padded) mask. A plain causal LM gets input_ids and a
+    padded attention mask."""
     from ukmp.models import is_decoder_only
 
     g = torch.Generator().manual_seed(seed)

@@ -72,5 +72,6 @@ def test_shipped_run_configs_parse(family, source):
 
     root = Path(__file__).resolve().parents[2]
     cfg = load_run_config(root / "configs" / family / f"{family}_ukmp_0.2.yaml")
-    assert (cfg.model.source, cfg.prune.ratio, cfg.finetune.lr, cfg.prune.drop_unused_layers) == (source, 0.2, 1e-5, True)
+    got = (cfg.model.source, cfg.prune.ratio, cfg.finetune.lr, cfg.prune.drop_unused_layers)
+    assert got == (source, 0.2, 1e-5, True)
     assert (root / "scripts" / family / "ukmp_0.2.py").read_text().count(f'"{family}_ukmp_0.2.yaml"') == 1

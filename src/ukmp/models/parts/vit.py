@@ -1,4 +1,5 @@
-"""The BLIP-2 / InstructBLIP ViT (``Blip2VisionModel``, ``InstructBlipVisionModel``): fused ``qkv`` with separate q/v biases, ``projection``, ``fc1``/``fc2``.
+"""The BLIP-2 / InstructBLIP ViT (``Blip2VisionModel``, ``InstructBlipVisionModel``): fused ``qkv`` with separate
+q/v biases, ``projection``, ``fc1``/``fc2``.
 
 Groups ``vision.layers.{i}.attn`` (heads: q, k, v thirds of the fused ``qkv`` rows + ``projection`` columns) and
 ``vision.layers.{i}.mlp`` (channels: ``fc1`` row and bias + ``fc2`` column).
