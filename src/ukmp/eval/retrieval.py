@@ -41,6 +41,7 @@ __all__ = [
     "itm_scores",
     "load_retrieval_model",
     "rerank_topk",
+    "retrieval_predictions",
     "text_features",
     "tokenize_texts",
     "transplant_vision_",
@@ -211,6 +212,24 @@ def evaluate_retrieval(
     scores = metrics.recall_at_k(details["score_i2t"].numpy(), txt2img, img2txt,
                                  sim_t2i=details["score_t2i"].numpy())
     return scores, details
+
+
+def retrieval_predictions(details: dict[str, torch.Tensor], k: int = 10) -> dict[str, Any]:
+    """The readable form of ``evaluate_retrieval``'s details: per image its ``k`` best text ids and scores
+    (``i2t``), per text its ``k`` best image ids and scores (``t2i``), best first, as plain ints and floats.
+
+    Candidates outside a query's re-ranked top ``k_test`` (score -inf) are left out, so a list can be shorter.
+    """
+    out: dict[str, Any] = {"k": k}
+    for key, name, query, cand in (("score_i2t", "i2t", "image", "texts"), ("score_t2i", "t2i", "text", "images")):
+        sim = details[key].float()
+        vals, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        rows = []
+        for q, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
+            keep = [j for j, x in enumerate(v) if x != float("-inf")]
+            rows.append({query: q, cand: [i[j] for j in keep], "scores": [round(v[j], 6) for j in keep]})
+        out[name] = rows
+    return out
 
 
 def _counting(fn: Callable[[int, torch.Tensor], torch.Tensor], bar: Any) -> Callable[[int, torch.Tensor], torch.Tensor]:
