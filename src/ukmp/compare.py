@@ -61,7 +61,8 @@ def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | No
 
 
 def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str], path: Path,
-                    title: str) -> None:
+                    title: str) -> list[str]:
+    """One panel per task with its headline metric (``PRIMARY_METRIC``), bars labelled; returns the panel titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +92,7 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+    return [ax.get_title() for ax in axes[0]]
 
 
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,

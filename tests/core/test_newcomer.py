@@ -199,3 +199,14 @@ def test_execution_only_knob_reruns_nothing_result_knob_reruns_prune_and_after(t
     changed = run(load_config([DEMO], [*over, "prune.threshold=0.9"]))
     ran = {k for k, s in changed["stages"].items() if not s["skipped"]}
     assert ran == {"prune", "eval_pruned", "finetune", "eval_finetuned"}
+
+
+def test_comparison_plot_has_a_panel_per_task_with_its_headline_metric(tmp_path):
+    from ukmp.compare import plot_comparison
+
+    tasks = ["okvqa", "nocaps", "flickr30k"]
+    metrics = {"okvqa": {"accuracy": 0.0}, "nocaps": {"cider": 3.5}, "flickr30k": {"r_mean": 50.0}}
+    rows = {"ukmp": {"pruned": metrics, "recovered": None}, "random": {"pruned": metrics, "recovered": None}}
+    titles = plot_comparison(rows, metrics, tasks, tmp_path / "c.png", "t")
+    assert titles == ["okvqa (accuracy)", "nocaps (cider)", "flickr30k (r_mean)"]
+    assert (tmp_path / "c.png").stat().st_size > 5000
