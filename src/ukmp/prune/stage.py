@@ -20,10 +20,9 @@ import torch
 from safetensors import safe_open
 
 from ukmp.config import PruneConfig, RunConfig
-from ukmp.groups import PrunableGroup
+from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_save_tensors, atomic_write_json, save_pruned
-from ukmp.models import adapter_for
-from ukmp.models.blip2 import GROUP_KINDS, count_parameters, parameter_breakdown
+from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.scoring import DATA_FREE, ScoreResult, get_method
@@ -82,7 +81,7 @@ def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg
 
 def load_scores(path: str | Path):
     """(scores, parts, groups, total_params, allocation dict, metadata) from ``scores.safetensors``."""
-    from transformers import Blip2Config
+    from ukmp.models.build import config_from_dict
 
     path = Path(path)
     if not path.is_file():
@@ -92,7 +91,7 @@ def load_scores(path: str | Path):
         if meta.get("format") != SCORES_FORMAT:
             raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r}")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = Blip2Config.from_dict(json.loads(meta["model_config"]))
+    config = config_from_dict(json.loads(meta["model_config"]), f"{path}: model_config")
     groups = adapter_for(config).groups()
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
@@ -133,7 +132,7 @@ def planned(path: str | Path, groups: list[PrunableGroup]) -> ScoreResult:
 
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
     out = {}
-    for kind in GROUP_KINDS:
+    for kind in group_kinds(groups):
         gs = [g for g in groups if g.kind == kind]
         if gs:
             before = sum(g.total_params for g in gs)
@@ -152,7 +151,7 @@ def plot_kept_width(groups: list[PrunableGroup], plan: PruningPlan, path: Path, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    kinds = [k for k in GROUP_KINDS if any(g.kind == k for g in groups)]
+    kinds = group_kinds(groups)
     n_layers = max(g.layer for g in groups) + 1
     grid = np.full((len(kinds), n_layers), np.nan)
     for g in groups:
@@ -193,7 +192,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     adapter = adapter_for(model)
     groups = adapter.groups()
     total = count_parameters(model)
-    before = parameter_breakdown(model)
+    before = adapter.parameter_breakdown(model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
     if cfg.prune.plan_from:
@@ -224,7 +223,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         adapter.add_out_biases_(model, plan.out_bias)
         result.pre_apply(model, plan)
     adapter.apply_(model, plan)
-    after = parameter_breakdown(model)
+    after = adapter.parameter_breakdown(model)
     save_pruned(model, plan, out / "model", processor=processor)
     plan.save(out / "plan.json")
     achieved = (total - count_parameters(model)) / total
