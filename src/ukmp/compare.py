@@ -84,6 +84,9 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
             ax.axhline(dense[task][primary(task)], color="k", ls="--", lw=1, label="dense")
         ax.set_xticks(x, methods, rotation=45, ha="right")
         ax.set_ylim(bottom=0)
+        shown = [v for c in ax.containers for v in c.datavalues if np.isfinite(v)]
+        if shown and not any(shown):  # e.g. VQA accuracy of a random model: say so instead of an empty panel
+            ax.text(0.5, 0.5, f"every {primary(task)} is 0", transform=ax.transAxes, ha="center", fontsize=8)
         ax.set_title(f"{task} ({primary(task)})")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
