@@ -309,7 +309,8 @@ class StreamingAngleHistogram:
         mask = self._masks[stream]
         if mask is None:  # every token of this stream is real
             return None
-        if tuple(mask.shape) != tuple(x.shape[:-1]):
+        flat_ok = x.dim() == 2 and mask.numel() == x.shape[0]  # a stack that flattens tokens (OPT's MLP)
+        if tuple(mask.shape) != tuple(x.shape[:-1]) and not flat_ok:
             raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of "
                              f"{name!r} {tuple(x.shape[:-1])}")
         key = (stream, x.device)

@@ -25,6 +25,21 @@ from ukmp.plan import PlanError, PruningPlan
 Layout = Literal["encoder_decoder", "decoder_only"]
 
 
+@dataclass(frozen=True)
+class BatchLayout:
+    """What batch builders need to know of a model: where targets sit and how images enter the text."""
+
+    decoder_only: bool  # targets follow the prompt in ``input_ids`` (else: encoder ids + decoder labels)
+    image_tokens: int = 0  # image placeholder tokens before the text (0: no image input)
+    image_token_id: int | None = None
+    image_size: int | None = None  # the vision tower's input size (None: no images)
+    patch_size: int | None = None
+
+    @property
+    def has_images(self) -> bool:
+        return self.image_size is not None
+
+
 @dataclass
 class RemovedSlice:
     """What :meth:`ModelAdapter.apply_` cut out of one Linear: the rows (``dim=0``) or columns (``dim=1``)."""
@@ -94,6 +109,10 @@ class Part:
 
     def install_attention_(self, model: nn.Module) -> None:
         """Called once after slicing, and after loading a pruned model (default: nothing to install)."""
+
+    def unit_notes(self) -> dict[str, str]:
+        """{group kind: what one unit is}, where the kind's name does not say it (a KV group of r query heads)."""
+        return {}
 
 
 class ModelAdapter:
@@ -187,6 +206,20 @@ class ModelAdapter:
     def install_attention_(self, model: nn.Module) -> None:
         for p in self.parts:
             p.install_attention_(model)
+
+    def unit_notes(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for p in self.parts:
+            out.update(p.unit_notes())
+        return out
+
+    def batch_layout(self) -> BatchLayout:
+        return BatchLayout(decoder_only=self.layout == "decoder_only")
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The language model inside ``model`` (the model itself for a plain LM)."""
+        lm = [p for p in self.parts if p.modality == "language"]
+        return model.get_submodule(lm[0].prefix) if lm and lm[0].prefix else model
 
     # ------------------------------------------------------------------ checks
     def _check_dense(self, model: nn.Module, groups: list[PrunableGroup], plan: PruningPlan) -> None:

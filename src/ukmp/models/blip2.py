@@ -50,6 +50,14 @@ class Blip2Adapter(ModelAdapter):
                     "decoder": batch.get("decoder_attention_mask")}
         return {"vision": None, "lm": batch.get("attention_mask")}
 
+    def batch_layout(self):
+        from ukmp.models.base import BatchLayout
+
+        vc = self.config.vision_config
+        return BatchLayout(decoder_only=self.layout == "decoder_only", image_tokens=int(self.config.num_query_tokens),
+                           image_token_id=getattr(self.config, "image_token_index", None),
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size))
+
     @staticmethod
     def model_class():
         from transformers import Blip2ForConditionalGeneration

@@ -43,28 +43,29 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
 
 def calibration_batches(cfg: RunConfig, processor, model):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
-    from ukmp.data.batches import PrefixLMCollator, calibration_chunks, prefetched
+    from ukmp.data.batches import calibration_chunks, dataset_size, make_collator, prefetched
     from ukmp.data.loaders import load_dataset
 
     ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
-    if len(ds) == 0:
+    collate = make_collator(ds, processor, adapter_for(model).batch_layout(), cfg.data.image_size or None,
+                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
+    size = dataset_size(ds, collate)
+    if size == 0:
         raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
-    order = list(range(len(ds)))
+    order = list(range(size))
     random.Random(cfg.seed).shuffle(order)
-    n = min(cfg.prune.num_samples, len(ds))
+    n = min(cfg.prune.num_samples, size)
     if n < cfg.prune.num_samples:
-        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, len(ds))
+        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, size)
     chosen = order[:n]
-    size = cfg.data.image_size or model.config.vision_config.image_size
-    collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
-                               num_query_tokens=model.config.num_query_tokens)
     bs = cfg.prune.batch_size
 
     def batches(epoch: int):
         chunks = calibration_chunks(chosen, bs, collate, epoch, cfg.prune.group_by_length)
         return prefetched((collate(c, epoch) for c in chunks), cfg.prune.prefetch)
 
-    ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
+    records = getattr(collate, "records", None) or ds.records
+    ids = [r if isinstance(r, str) else getattr(r, "id", str(i)) for i, r in ((i, records[i]) for i in chosen)]
     return batches, math.ceil(n / bs), ids
 
 
