@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="unit counts per group kind, parameters per unit, prunable and total parameters",
         description="Report the prunable structure of MODEL without reading any weights (built on the meta device).",
     )
+    from ukmp.models.build import SHIPPED_CONFIGS
+
     s.add_argument("model", help="a hub id (Salesforce/blip2-flan-t5-xl), a local model directory, a pruned model "
-                                 "directory, a config .json, or a shipped config: blip2-flan-t5-xl, mid, tiny")
+                                 "directory, a config .json, or a shipped config: " + ", ".join(SHIPPED_CONFIGS))
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_inspect)
 
