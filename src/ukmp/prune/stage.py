@@ -128,6 +128,16 @@ def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int) -> 
     return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")})
 
 
+def planned(path: str | Path, groups: list[PrunableGroup]) -> ScoreResult:
+    """A plan written by ``ukmp plan`` (or an earlier prune stage), applied as is: no scoring, no allocation."""
+    plan = PruningPlan.load(path)
+    if plan.out_bias:
+        raise ValueError(f"prune.plan_from: {path} adds output biases (FLAP compensation), which only a prune stage "
+                         "with its calibration pass can compute")
+    plan.validate(groups)
+    return ScoreResult({}, stats={"plan_from": str(path)}, plan=plan)
+
+
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
     out = {}
     for kind in group_kinds(groups):
@@ -203,7 +213,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     scored_total = count_parameters(model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
-    if pc.scores_from:
+    if pc.plan_from:
+        result, ids, n_batches = planned(pc.plan_from, groups), [], 0
+    elif pc.scores_from:
         result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total), [], 0
     else:
         method = get_method(pc.method)
@@ -215,7 +227,8 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
-             cfg.prune.method if not cfg.prune.scores_from else "cached", len(ids), n_batches, clock.lap("score"), sel)
+             "given plan" if pc.plan_from else pc.method if not pc.scores_from else "cached",
+             len(ids), n_batches, clock.lap("score"), sel)
     acfg = allocation_config(pc, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
@@ -224,7 +237,8 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=cfg.prune.ratio)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
-    save_scores(out / "scores.safetensors", result, model.config, scored_total, acfg, cfg.prune.method, drop)
+    if not pc.plan_from:  # a given plan comes without scores
+        save_scores(out / "scores.safetensors", result, model.config, scored_total, acfg, cfg.prune.method, drop)
     model.zero_grad(set_to_none=True)
     if result.pre_apply is not None:
         adapter.add_out_biases_(model, plan.out_bias)
@@ -233,13 +247,14 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     after = adapter.parameter_breakdown(model)
     save_pruned(model, plan, out / "model", processor=processor)
     plan.save(out / "plan.json")
+    achieved = (total - count_parameters(model)) / total
     plot_kept_width(groups, plan, out / "kept_width.png",
-                    f"{cfg.prune.method}: kept width at ratio {cfg.prune.ratio}")
+                    f"{cfg.prune.method}: kept width, achieved ratio {achieved:.4f} (target {cfg.prune.ratio})")
     clock.lap("apply_and_save")
     summary = {
         "method": cfg.prune.method,
         "target_ratio": cfg.prune.ratio,
-        "achieved_ratio": (total - count_parameters(model)) / total,
+        "achieved_ratio": achieved,
         "plan_digest": plan.digest(),
         "parameters": {"total_before": total, "total_after": count_parameters(model),
                        "by_modality_before": before, "by_modality_after": after,
