@@ -197,3 +197,19 @@ def test_unsupported_language_models_are_refused_in_one_line(name, text_type, ne
     with pytest.raises(ValueError) as e:
         config_from_dict(d, "cfg.json")
     assert needle in str(e.value) and "\n" not in str(e.value) and str(e.value).startswith("cfg.json: ")
+
+
+def test_distillation_blocks_skip_unused_layers():
+    """Teacher (dense) and student (unused layers dropped) supervise the same vision blocks: with 3 vision layers
+    and ``vision_feature_layer`` -2, the even block 2 is unused and leaves the list (not vacuous: it was a block)."""
+    from ukmp.models.build import config_from_dict, shipped_config_path
+
+    d = json.loads(shipped_config_path("tiny-llava").read_text())
+    d["vision_config"]["num_hidden_layers"] = 3
+    model = build_model(config_from_dict(d), seed=0)
+    adapter = adapter_for(model)
+    assert adapter.unused_vision_layers() == [2] and [b.index for b in adapter.vision.feature_blocks()] == [0, 2]
+    teacher = [(b.family, b.index, b.path) for b in adapter.feature_blocks()]
+    adapter.apply_(model, PruningPlan(keep={}, drop_layers=adapter.drop_unused(model)))
+    student = [(b.family, b.index, b.path) for b in adapter_for(model).feature_blocks()]
+    assert teacher == student and ("vision", 0, "model.vision_tower.encoder.layers.0") in student

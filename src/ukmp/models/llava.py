@@ -23,7 +23,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from ukmp.models.base import BatchLayout, ModelAdapter, RemovedWeights
+from ukmp.models.base import BatchLayout, FeatureBlock, ModelAdapter, RemovedWeights
 from ukmp.models.parts.clip import ClipVisionPart
 from ukmp.plan import PlanError, PruningPlan
 
@@ -77,6 +77,12 @@ class LlavaAdapter(ModelAdapter):
     def unused_vision_layers(self) -> list[int]:
         """Vision layers whose output the language model never sees (LLaVA-1.5: the last one)."""
         return list(range(max(self.feature_layers()), self.vision.n_layers))
+
+    def feature_blocks(self) -> list[FeatureBlock]:
+        """The parts' blocks, less the unused vision layers (a teacher that keeps them and a student without them
+        supervise the same blocks)."""
+        unused = set(self.unused_vision_layers())
+        return [b for b in super().feature_blocks() if not (b.family == "vision" and b.index in unused)]
 
     def drop_unused(self, model: nn.Module) -> dict[str, dict[str, int]]:
         """The ``drop_layers`` entry of a plan that removes :meth:`unused_vision_layers` (``{}`` when none)."""
