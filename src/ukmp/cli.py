@@ -71,11 +71,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--ratio: must be in [0, 1), got {ratio}")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ukmp.prune.stage import replan
+    _check_ratio(args.ratio)
+    for flag, v in (("--units-per-step", args.units_per_step), ("--fine-units-per-step", args.fine_units_per_step)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {v}")
+    from ukmp.prune.stage import check_shortfall, replan
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
                   units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)
+    check_shortfall(plan, args.allow_shortfall, "--allow-shortfall")
     plan.save(args.out)
     m = plan.meta
     print(json.dumps({"plan": args.out, "target_ratio": m.get("target_ratio"), "achieved_ratio": m.get("achieved_ratio"),
@@ -120,6 +130,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from ukmp.compare import DEFAULT_METHODS, compare
 
+    _check_ratio(args.ratio)
     configs, overrides = _split_config_args(args.config)
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     from ukmp.prune.scoring import get_method
@@ -195,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["global", "local"])
     s.add_argument("--units-per-step", type=int)
     s.add_argument("--fine-units-per-step", type=int)
+    s.add_argument("--allow-shortfall", action="store_true",
+                   help="write the plan even when every group is at its floor before the ratio is reached")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("eval", help="evaluate a dense or pruned model on zero-shot tasks")
@@ -271,10 +284,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"ukmp {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"ukmp {args.command}: interrupted (nothing half-written is kept; re-run to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as e:  # OSError: also a stage locked by another run
+        print(f"ukmp {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error's message; for an OS error, the file and the reason."""
+    if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

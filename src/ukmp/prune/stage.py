@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup
-from ukmp.io import atomic_save_tensors, atomic_write_json, save_pruned
+from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity, save_pruned
 from ukmp.models import adapter_for
 from ukmp.models.blip2 import GROUP_KINDS, count_parameters, parameter_breakdown
 from ukmp.plan import PruningPlan
@@ -87,19 +87,40 @@ def load_scores(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: scores file not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != SCORES_FORMAT:
-            raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = Blip2Config.from_dict(json.loads(meta["model_config"]))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != SCORES_FORMAT:
+                raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r} (not a ukmp scores file)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = Blip2Config.from_dict(json.loads(meta["model_config"]))
+        total, alloc = int(meta["total_params"]), json.loads(meta["allocation"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable scores file ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
     groups = adapter_for(config).groups()
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
-        part, gid = k.split("/", 1)
+        part, gid = k.split("/", 1) if "/" in k else ("?", k)
         parts.setdefault(part, {})[gid] = v
-    scores = parts.pop("scores")
-    return scores, parts, groups, int(meta["total_params"]), json.loads(meta["allocation"]), meta
+    scores = parts.pop("scores", {})
+    missing = [g.id for g in groups if g.id not in scores]
+    if missing:
+        raise ValueError(f"{path}: no scores for group {missing[0]!r} ({len(missing)} of {len(groups)} missing)")
+    return scores, parts, groups, total, alloc, meta
+
+
+def check_shortfall(plan: PruningPlan, allow: bool, flag: str = "prune.allow_shortfall=true") -> None:
+    """A plan that stopped short of its target because every group sits at its floor is an error unless allowed."""
+    m = plan.meta
+    if m.get("reached_target", True) or not m.get("floors_hit", False):
+        return
+    msg = (f"ratio {m.get('target_ratio')} cannot be reached: every group is at its floor "
+           f"(max_group_prune_ratio={m.get('config', {}).get('max_group_prune_ratio', '?')}); the plan removes "
+           f"{m.get('achieved_ratio', float('nan')):.4f}")
+    if not allow:
+        raise ValueError(f"{msg} (pass {flag} to accept the shortfall)")
+    log.warning("%s; accepted (%s)", msg, flag)
 
 
 def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPlan:
@@ -178,12 +199,14 @@ class _Clock:
 
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
+    get_method(cfg.prune.method)  # an unknown method fails before the model loads
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
     groups = adapter.groups()
     total = count_parameters(model)
     before = parameter_breakdown(model)
+    dense_identity = dense_model_identity(cfg.model, model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
     if cfg.prune.scores_from:
@@ -202,6 +225,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     acfg = allocation_config(cfg.prune, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
+    check_shortfall(plan, cfg.prune.allow_shortfall)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
     save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
@@ -211,7 +235,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         result.pre_apply(model, plan)
     adapter.apply_(model, plan)
     after = parameter_breakdown(model)
-    save_pruned(model, plan, out / "model", processor=processor)
+    save_pruned(model, plan, out / "model", processor=processor, extra={"dense_model": dense_identity})
     plan.save(out / "plan.json")
     plot_kept_width(groups, plan, out / "kept_width.png",
                     f"{cfg.prune.method}: kept width at ratio {cfg.prune.ratio}")
