@@ -124,6 +124,47 @@ def is_pruned_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
+def read_safetensors(path: str | os.PathLike, what: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or foreign file is a one-line error naming it."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: {what} unreadable, truncated or not safetensors ({str(e).splitlines()[0]})") \
+            from None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of tensors no plan ever prunes (the query tokens, the first token embeddings), rounded to bf16 so
+    the same weights loaded in another dtype give the same value: the dense model a pruned one came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.named_parameters():
+        if name in ("query_tokens", "language_model.shared.weight"):
+            flat = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+            h.update(name.encode() + flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dense_model_identity(mc, model: nn.Module) -> dict[str, Any]:
+    """What ``ukmp.json`` records of the dense origin (``mc``: the ``ModelConfig`` it was loaded with)."""
+    return {"source": mc.source, "seed": mc.seed, "fingerprint": fingerprint(model)}
+
+
+def check_writable_model_dir(out: Path) -> None:
+    """``save_pruned`` replaces only an earlier pruned-model directory (or an empty one), never a file or other data."""
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file; a pruned model is a directory")
+    if out.is_dir() and not is_pruned_dir(out) and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not a ukmp pruned model directory ({MARKER} missing); "
+                              f"refusing to replace it")
+
+
 # ---------------------------------------------------------------------------------------------------- save / load
 def save_pruned(
     model: nn.Module, plan, out_dir: str | os.PathLike, processor=None, extra: dict[str, Any] | None = None
@@ -131,6 +172,7 @@ def save_pruned(
     """Write a pruned model directory atomically (see module docstring). Returns the final path."""
     from ukmp.models.blip2 import Blip2T5Adapter, count_parameters
 
+    check_writable_model_dir(Path(out_dir))
     adapter = Blip2T5Adapter(model.config)
     groups = adapter.groups()
     plan.validate(groups)
@@ -202,8 +244,13 @@ def load_pruned(
     config = load_config(path)
     model = build_model(config, device="meta", attn_implementation=attn_implementation, seed=None)
     Blip2T5Adapter(config).apply_(model, plan)
-    sd = load_file(str(weights), device=str(device))
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    sd = read_safetensors(weights, "weights file", device=device)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches: one line, not one per tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"{weights}: {len(lines)} tensor(s) do not match the shapes plan.json gives "
+                         f"(first: {lines[0] if lines else str(e).splitlines()[0]})") from None
     aliases = marker.get("aliases", {})
     bad_missing = [k for k in missing if k not in aliases]
     if bad_missing or unexpected:

@@ -65,8 +65,18 @@ def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
     from ukmp.io import read_json_file
 
     d = read_json_file(path, "model config")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got a {type(d).__name__}")
+    if d.get("model_type", "blip-2") != "blip-2":
+        raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not supported (supported: 'blip-2' with a "
+                         f"T5 language model)")
     d.update(overrides)
     return Blip2Config.from_dict(d)
+
+
+def _looks_like_path(s: str) -> bool:
+    """A source that can only be meant as a local path (a hub id is ``name`` or ``org/name``)."""
+    return s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith(("/", os.sep)) or os.sep != "/" and os.sep in s
 
 
 def build_model(
@@ -144,13 +154,24 @@ def load_model(
                            attn_implementation=attn_implementation)
     if Path(s).exists() and not is_local_model_dir(s):
         raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
+    if not Path(s).exists() and _looks_like_path(s):
+        raise FileNotFoundError(f"{s}: no such model directory")
     from ukmp.io import is_pruned_dir
 
     if is_pruned_dir(s):
         raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")
-    model = Blip2ForConditionalGeneration.from_pretrained(
-        s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
-    )
+    if is_local_model_dir(s):
+        load_config(s)  # another architecture or a malformed config.json: one line naming the file
+        if not any(Path(s, f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+            raise FileNotFoundError(f"{s}: config.json but no model.safetensors (or its index) in the directory")
+    from safetensors import SafetensorError
+
+    try:
+        model = Blip2ForConditionalGeneration.from_pretrained(
+            s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
+        )
+    except (OSError, SafetensorError) as e:  # not in the local cache offline, no such repo, unreadable weights
+        raise OSError(f"{s}: cannot load the model ({str(e).splitlines()[0]})") from None
     untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()
 
