@@ -42,12 +42,14 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
     return AllocationConfig.from_dict(d)
 
 
-def calibration_batches(cfg: RunConfig, processor, model):
-    """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
+def calibration_batches(cfg: RunConfig, processor, model, ds=None):
+    """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples
+    (of ``ds``, or of the dataset ``data.calibration`` names)."""
     from ukmp.data.batches import PrefixLMCollator, calibration_chunks, prefetched
     from ukmp.data.loaders import load_dataset
 
-    ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
+    if ds is None:
+        ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
     if len(ds) == 0:
         raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
     order = list(range(len(ds)))
@@ -199,7 +201,12 @@ class _Clock:
 
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
-    get_method(cfg.prune.method)  # an unknown method fails before the model loads
+    get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
+    calib = None
+    if not cfg.prune.scores_from and cfg.prune.method not in DATA_FREE:
+        from ukmp.data.loaders import load_dataset
+
+        calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
@@ -216,7 +223,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         if cfg.prune.method in DATA_FREE:
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
-            batches, n_batches, ids = calibration_batches(cfg, processor, model)
+            batches, n_batches, ids = calibration_batches(cfg, processor, model, calib)
         result = method(model, groups, batches, cfg.prune, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
