@@ -52,9 +52,9 @@ def _load_cfg(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load_cfg(args)  # validated before the heavy imports (torch, transformers)
     from ukmp.pipeline import run
 
-    cfg = _load_cfg(args)
     out = run(cfg, force=tuple(args.force or ()), only=tuple(args.only or ()))
     print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
     return 0
@@ -63,9 +63,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = _load_cfg(args)
     from ukmp.pipeline import prune_stage
 
-    cfg = _load_cfg(args)
     rec = prune_stage(cfg, Path(cfg.output_dir) / cfg.name, force=args.force_stage)
     print(json.dumps({"prune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
     return 0
@@ -96,9 +96,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = _load_cfg(args)
     from ukmp.eval.stage import run_eval_stage
 
-    cfg = _load_cfg(args)
     tasks = args.tasks.split(",") if args.tasks else cfg.eval.after_finetune
     model_dir = None if args.model == "dense" else Path(args.model)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / (
@@ -112,9 +112,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = _load_cfg(args)
     from ukmp.pipeline import completed_stage, finetune_stage
 
-    cfg = _load_cfg(args)
     root = Path(cfg.output_dir) / cfg.name
     default = root / "prune" / "model"
     pruned = Path(args.pruned) if args.pruned else default
@@ -128,9 +128,10 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _check_ratio(args.ratio)
+    _load_cfg(args)  # the base config, validated before anything heavy
     from ukmp.compare import DEFAULT_METHODS, compare
 
-    _check_ratio(args.ratio)
     configs, overrides = _split_config_args(args.config)
     methods = tuple(args.methods.split(",")) if args.methods else DEFAULT_METHODS
     from ukmp.prune.scoring import get_method
