@@ -32,8 +32,14 @@ MARKER = "ukmp.json"
 
 
 # ---------------------------------------------------------------------------------------------------- atomic writes
+def _refuse_directory(path: Path) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, a file was expected here", str(path))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
+    _refuse_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -51,6 +57,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     path = Path(path)
+    _refuse_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:

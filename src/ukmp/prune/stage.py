@@ -207,6 +207,8 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         from ukmp.data.loaders import load_dataset
 
         calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
+        if len(calib) == 0:
+            raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
