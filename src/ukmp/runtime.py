@@ -72,8 +72,13 @@ def resolve_dataset(spec: str, output_dir: str | Path) -> Path:
         name = spec[len(SAMPLE_PREFIX):]
         root = sample_root(output_dir)
         marker = root / "configs" / f"{name}.yaml"
-        if not marker.is_file():
+        complete = root / ".complete"  # written last: a generation killed half-way is redone
+        if not marker.is_file() or not complete.is_file():
+            for stale in root.rglob(".*.tmp") if root.is_dir() else []:  # files of a killed generation
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
             paths = write_sample_data(root)
+            complete.touch()
             if name not in paths:
                 raise ValueError(f"dataset {spec!r}: no sample dataset named {name!r} (have {', '.join(paths)})")
         return marker
