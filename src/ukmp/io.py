@@ -146,15 +146,17 @@ def read_safetensors(path: str | os.PathLike, what: str, device: str | torch.dev
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A short hash of tensors no plan ever prunes (the query tokens, the first token embeddings), rounded to bf16 so
-    the same weights loaded in another dtype give the same value: the dense model a pruned one came from."""
+    """A short hash of tensors no plan ever prunes (the input token embeddings, and BLIP-2's query tokens), rounded to
+    bf16 so the same weights loaded in another dtype give the same value: the dense model a pruned one came from."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, t in model.named_parameters():
-        if name in ("query_tokens", "language_model.shared.weight"):
-            flat = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
-            h.update(name.encode() + flat.numpy().tobytes())
+    tensors = [("embeddings", model.get_input_embeddings().weight)]
+    if isinstance(getattr(model, "query_tokens", None), torch.Tensor):
+        tensors.append(("query_tokens", model.query_tokens))
+    for name, t in tensors:
+        flat = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode() + flat.numpy().tobytes())
     return h.hexdigest()[:16]
 
 

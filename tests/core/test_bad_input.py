@@ -198,9 +198,9 @@ def test_model_source_cases(tmp_path, capsys, tiny_dir):
     prune("./nowhere", "nowhere")
     prune("not-a-cached-hub-model", "not-a-cached-hub-model", "cannot load")
     prune(_copy_config(tiny_dir, tmp_path / "no_weights"), "no_weights", "model.safetensors")
-    llama = _copy_config(tiny_dir, tmp_path / "llama", model_type="llama")
-    (llama / "model.safetensors").write_bytes(b"")
-    prune(llama, "llama", "config.json", "model_type", "blip-2")
+    bert = _copy_config(tiny_dir, tmp_path / "bert", model_type="bert")
+    (bert / "model.safetensors").write_bytes(b"")
+    prune(bert, "bert", "config.json", "model_type", "supported", "blip-2")
     lst = tmp_path / "list.json"
     lst.write_text("[1, 2]")
     prune(lst, "list.json", "JSON object")
