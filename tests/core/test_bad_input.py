@@ -488,6 +488,19 @@ def test_finetune_refuses_a_teacher_that_is_not_the_origin(tmp_path, capsys, pru
     assert leftovers(tmp_path) == []
 
 
+def test_finetune_refuses_a_teacher_with_other_weights(tmp_path, capsys, pruned):
+    """Same source and seed on paper, other weights (a re-trained checkpoint under the same path): the fingerprint."""
+    from ukmp.io import MARKER
+
+    d = _clone(pruned[0] / "model", tmp_path / "model")
+    marker = json.loads((d / MARKER).read_text())
+    marker["dense_model"]["fingerprint"] = "0123456789abcdef"
+    (d / MARKER).write_text(json.dumps(marker))
+    fails(capsys, ["finetune", DEMO, f"output_dir={tmp_path / 'out'}", "--pruned", d], "ukmp.json",
+          "not the dense model")
+    assert leftovers(tmp_path / "out") == []
+
+
 def test_fingerprint_names_the_weights_not_the_dtype():
     from ukmp.io import cast_, fingerprint
     from ukmp.models.build import build_tiny
