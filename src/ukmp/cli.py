@@ -103,8 +103,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model_dir = None if args.model == "dense" else Path(args.model)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / (
         "eval_dense" if model_dir is None else f"eval_{model_dir.name}")
-    out.mkdir(parents=True, exist_ok=True)
-    run_eval_stage(cfg, model_dir, tasks, out)
+    run_eval_stage(cfg, model_dir, tasks, out)  # creates ``out`` once the model has loaded
     print((out / "metrics.json").read_text())
     return 0
 
