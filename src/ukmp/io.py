@@ -131,7 +131,8 @@ def is_pruned_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def read_safetensors(path: str | os.PathLike, what: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_safetensors(path: str | os.PathLike, what: str,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file; a missing, truncated or foreign file is a one-line error naming it."""
     from safetensors import SafetensorError
 

@@ -76,7 +76,8 @@ def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
 
 def _looks_like_path(s: str) -> bool:
     """A source that can only be meant as a local path (a hub id is ``name`` or ``org/name``)."""
-    return s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith(("/", os.sep)) or os.sep != "/" and os.sep in s
+    return (s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith(("/", os.sep))
+            or (os.sep != "/" and os.sep in s))
 
 
 def build_model(
