@@ -23,11 +23,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    source: str = "tiny"  # hub id, local dir, config .json, or shipped: tiny | mid | blip2-flan-t5-xl
+    source: str = "tiny"  # hub id, local dir, config .json, or a shipped name (`ukmp inspect --help` lists them)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     attn_implementation: str = "sdpa"  # sdpa | eager
     seed: int = 0  # weights seed for config-only sources
+    gguf_file: str = ""  # a GGUF file inside `source` (a local directory), read by transformers' GGUF loader
 
 
 @dataclass

@@ -15,7 +15,7 @@ from PIL import Image
 from ukmp.groups import PrunableGroup
 from ukmp.io import atomic_write_json, load_pruned, save_pruned
 from ukmp.models import adapter_for
-from ukmp.models.blip2 import count_parameters
+from ukmp.models import count_parameters
 from ukmp.models.build import build_tiny
 from ukmp.plan import PruningPlan
 

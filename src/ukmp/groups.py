@@ -70,3 +70,8 @@ def groups_by_id(groups: list[PrunableGroup]) -> dict[str, PrunableGroup]:
             raise ValueError(f"duplicate group id {g.id!r}")
         out[g.id] = g
     return out
+
+
+def group_kinds(groups: list[PrunableGroup]) -> list[str]:
+    """The groups' kinds in order of first appearance (vision before language, attention before MLP)."""
+    return list(dict.fromkeys(g.kind for g in groups))

@@ -1,4 +1,4 @@
-"""Structure report of a (dense or pruned) BLIP-2: unit counts per group kind and parameter budgets."""
+"""Structure report of a (dense or pruned) model: unit counts per group kind and parameter budgets."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ukmp.models.blip2 import GROUP_KINDS, Blip2T5Adapter, count_parameters, parameter_breakdown
+from ukmp.models import adapter_for, count_parameters
 
 
 def _structure_model(source: str):
@@ -17,25 +17,25 @@ def _structure_model(source: str):
     if source in SHIPPED_CONFIGS or source.endswith(".json") or Path(source).is_dir():
         config = load_config(source)
     else:  # a hub id: only the config is fetched (or read from the local cache when offline)
-        from transformers import Blip2Config
+        from transformers import AutoConfig
 
-        config = Blip2Config.from_pretrained(source)
+        config = AutoConfig.from_pretrained(source)
     model = build_model(config, device="meta", seed=None)
     plan = None
     if Path(source).is_dir() and is_pruned_dir(source):
         plan = read_plan(source)
-        Blip2T5Adapter(config).apply_(model, plan)
+        adapter_for(config).apply_(model, plan)
     return model, plan
 
 
 def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
     source = str(source)
     model, plan = _structure_model(source)
-    adapter = Blip2T5Adapter(model.config)
+    adapter = adapter_for(model.config)
     groups = adapter.groups()
     current = adapter.unit_counts(model)
     kinds: dict[str, dict[str, Any]] = {}
-    for kind in GROUP_KINDS:
+    for kind in adapter.group_kinds:
         gs = [g for g in groups if g.kind == kind]
         if not gs:
             continue
@@ -61,7 +61,7 @@ def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
             "prunable": dense_total - removed,
             "prunable_dense": dense_total,
             "not_prunable": total - (dense_total - removed),
-            "by_modality": parameter_breakdown(model),
+            "by_modality": adapter.parameter_breakdown(model),
             "removed": removed,
             "dense_total": total + removed,
             "ratio_removed": removed / (total + removed),
@@ -84,7 +84,7 @@ def format_inspect(report: dict[str, Any]) -> str:
         "",
         f"total parameters      {p['total']:>16,}",
         f"prunable parameters   {p['prunable']:>16,}   (dense {p['prunable_dense']:,})",
-        f"never pruned          {p['not_prunable']:>16,}   (Q-Former, embeddings, projection, norms, lm_head)",
+        f"never pruned          {p['not_prunable']:>16,}   (bridges, embeddings, norms, lm_head)",
         "by modality           " + ", ".join(f"{m} {v:,}" for m, v in p["by_modality"].items()),
     ]
     if report["pruned"]:

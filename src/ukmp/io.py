@@ -4,7 +4,7 @@ A pruned model directory holds::
 
     ukmp.json          format marker, version, adapter, plan digest, tied-weight aliases, parameter counts
     plan.json          the PruningPlan (kept unit indices per group, original numbering)
-    config.json        the *dense* Blip2Config (the plan says how it was cut)
+    config.json        the *dense* model config (the plan says how it was cut)
     model.safetensors  the pruned state dict (tied tensors stored once)
     processor files    when a processor was given (tokenizer, image processor)
 
@@ -180,10 +180,10 @@ def save_pruned(
     model: nn.Module, plan, out_dir: str | os.PathLike, processor=None, extra: dict[str, Any] | None = None
 ) -> Path:
     """Write a pruned model directory atomically (see module docstring). Returns the final path."""
-    from ukmp.models.blip2 import Blip2T5Adapter, count_parameters
+    from ukmp.models import adapter_for, count_parameters
 
     check_writable_model_dir(Path(out_dir))
-    adapter = Blip2T5Adapter(model.config)
+    adapter = adapter_for(model.config)
     groups = adapter.groups()
     plan.validate(groups)
     counts = adapter.unit_counts(model)
@@ -239,8 +239,9 @@ def load_pruned(
     dtype: str | torch.dtype | None = None,
     attn_implementation: str = "sdpa",
 ):
-    """Rebuild a stock ``Blip2ForConditionalGeneration`` with the pruned shapes and load its weights."""
-    from ukmp.models.blip2 import Blip2T5Adapter
+    """Rebuild the stock transformers model (``Blip2ForConditionalGeneration``, ``LlamaForCausalLM``, ...) with the
+    pruned shapes and load its weights."""
+    from ukmp.models import adapter_for
     from ukmp.models.build import build_model, load_config, parse_dtype
 
     path = Path(path)
@@ -253,7 +254,7 @@ def load_pruned(
         raise FileNotFoundError(f"{weights}: weights file missing")
     config = load_config(path)
     model = build_model(config, device="meta", attn_implementation=attn_implementation, seed=None)
-    Blip2T5Adapter(config).apply_(model, plan)
+    adapter_for(config).apply_(model, plan)
     sd = read_safetensors(weights, "weights file", device=device)
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -33,31 +33,33 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_dense(mc: ModelConfig, device: torch.device | None = None):
-    """(dense model, processor) for a model config. ``tiny`` is rebuilt deterministically from ``mc.seed``."""
-    from transformers import Blip2Processor
-
-    from ukmp.models.build import SHIPPED_CONFIGS, build_processor, build_tiny, build_tokenizer, load_model
+    """(dense model, processor) for a model config; a plain causal LM's "processor" is its tokenizer. The tiny
+    builds (``tiny``, ``tiny-*``) are rebuilt deterministically from ``mc.seed``."""
+    from ukmp.models.build import TINY, build_tiny, load_model, random_weights_processor
 
     device = device or resolve_device(mc.device)
-    if mc.source == "tiny":
-        model, processor = build_tiny(seed=mc.seed, attn_implementation=mc.attn_implementation)
+    if mc.source in TINY:
+        model, processor = build_tiny(seed=mc.seed, attn_implementation=mc.attn_implementation, name=mc.source)
         from ukmp.io import cast_
         from ukmp.models.build import parse_dtype
 
         cast_(model, parse_dtype(mc.dtype))
         return model.to(device).eval(), processor
-    model = load_model(mc.source, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation)
-    if mc.source in SHIPPED_CONFIGS or mc.source.endswith(".json"):
-        cfg = model.config  # random weights: a throwaway tokenizer sized to the config
-        processor = build_processor(build_tokenizer(), cfg.num_query_tokens, cfg.vision_config.image_size)
-        return model, processor
-    return model, Blip2Processor.from_pretrained(mc.source)
+    model = load_model(mc.source, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
+                       gguf_file=mc.gguf_file or None)
+    processor = random_weights_processor(mc.source, model.config)
+    return model, processor if processor is not None else load_processor(Path(mc.source))
 
 
 def load_processor(model_dir: Path):
-    from transformers import Blip2Processor
+    """The processor saved with a model (BLIP-2: ``Blip2Processor``), or its tokenizer alone (a plain LM)."""
+    from transformers import AutoProcessor, AutoTokenizer
 
-    return Blip2Processor.from_pretrained(str(model_dir))
+    path = Path(model_dir)
+    has_images = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
+    if has_images or not path.is_dir():
+        return AutoProcessor.from_pretrained(str(model_dir))
+    return AutoTokenizer.from_pretrained(str(model_dir))
 
 
 def sample_root(output_dir: str | Path) -> Path:
@@ -72,6 +74,12 @@ def resolve_dataset(spec: str, output_dir: str | Path) -> Path:
         name = spec[len(SAMPLE_PREFIX):]
         root = sample_root(output_dir)
         marker = root / "configs" / f"{name}.yaml"
+        if name == "text":
+            if not marker.is_file():
+                from ukmp.data.sample import write_sample_text
+
+                return write_sample_text(root)
+            return marker
         complete = root / ".complete"  # written last: a generation killed half-way is redone
         if not marker.is_file() or not complete.is_file():
             for stale in root.rglob(".*.tmp") if root.is_dir() else []:  # files of a killed generation

@@ -26,9 +26,18 @@ def random_plan(groups, seed: int, force: dict | None = None) -> PruningPlan:
 
 
 def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed: int = 0) -> dict:
-    """pixel_values, input_ids (with the image tokens first), a padded attention mask, decoder ids."""
+    """pixel_values, input_ids (with the image tokens first), a padded attention mask, decoder ids (encoder-decoder
+    models only). A plain causal LM gets input_ids and a padded attention mask."""
+    from ukmp.models import is_decoder_only
+
     g = torch.Generator().manual_seed(seed)
     cfg = model.config
+    if not hasattr(cfg, "vision_config"):  # a plain causal LM
+        ids = torch.randint(3, cfg.vocab_size, (batch, text_len + dec_len), generator=g)
+        am = torch.ones_like(ids)
+        if batch > 1:
+            am[1, -2:] = 0
+        return {"input_ids": ids, "attention_mask": am}
     size = cfg.vision_config.image_size
     nq = cfg.num_query_tokens
     ids = torch.randint(3, cfg.image_token_index, (batch, nq + text_len), generator=g)
@@ -36,9 +45,12 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
     am = torch.ones_like(ids)
     if batch > 1:
         am[1, -2:] = 0
-    return {
+    out = {
         "pixel_values": torch.randn(batch, 3, size, size, generator=g),
         "input_ids": ids,
         "attention_mask": am,
         "decoder_input_ids": torch.randint(3, cfg.image_token_index, (batch, dec_len), generator=g),
     }
+    if is_decoder_only(cfg):
+        del out["decoder_input_ids"]
+    return out

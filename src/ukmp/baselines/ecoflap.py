@@ -123,7 +123,7 @@ def score_ecoflap_sp(model, groups, batches, pc, n_batches):
     from ukmp.baselines.llm_pruner import DEFAULTS as LLMP
     from ukmp.baselines.stats import collect_input_stats
     from ukmp.baselines.wanda import stat_paths, wanda_scores
-    from ukmp.models.blip2 import count_parameters
+    from ukmp.models import count_parameters
     from ukmp.prune.scoring import ScoreResult
 
     opts = read_options(pc.options, "ecoflap", DEFAULTS, CHOICES)

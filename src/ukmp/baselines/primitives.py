@@ -5,7 +5,7 @@
 * :func:`weighted_threshold` — **P3**: FLAP's / UPop's weighted-cumsum threshold.
 * :func:`water_fill` — **P4**: ECoFLaP's block-budget water-filling with the corrected trimming.
 * :func:`read_options` — a method's knobs from ``PruneConfig.options[namespace]`` with defaults; unknown keys fail.
-* :func:`lm_loss` — the BLIP-2 T5 LM loss in fp32 (mean CE over the valid target tokens).
+* :func:`lm_loss` — the language-model loss in fp32 (mean CE over the valid target tokens).
 """
 
 from __future__ import annotations
@@ -207,8 +207,10 @@ def to_device(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, 
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
     """Teacher-forced CE in fp32 over ``labels != -100``: the batch mean over tokens, or (``per_sample``) the sum
     over samples of each sample's token mean (batch-additive, so one backward equals B batch-1 backwards)."""
+    from ukmp.models import forward_inputs
+
     labels = batch["labels"]
-    logits = model(**batch).logits.float()
+    logits = model(**forward_inputs(model, batch)).logits.float()
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none") * valid
     if per_sample:

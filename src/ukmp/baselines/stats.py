@@ -2,9 +2,9 @@
 
 :class:`InputStats` hooks the **input** of the named Linears (forward pre-hooks) and keeps, per input channel, an
 fp32 running count, mean and sum of squared deviations (Chan/Welford merge of each batch), plus the mean square.
-Padded tokens are excluded: ViT tokens are all valid, T5 encoder tokens use ``attention_mask`` and T5 decoder tokens
-(self-attention, cross-attention queries and ``o``, FFN) use ``decoder_attention_mask``; the cross-attention ``k``/``v``
-read the encoder output and use ``attention_mask``.
+Padded tokens are excluded: each Linear reads one token stream of the model's adapter (ViT tokens are all valid;
+T5 encoder tokens use ``attention_mask`` and T5 decoder tokens ``decoder_attention_mask``, the cross-attention ``k``/``v``
+reading the encoder output; a decoder-only LM's tokens use ``attention_mask``).
 """
 
 from __future__ import annotations
@@ -17,15 +17,17 @@ from torch import nn
 from ukmp.baselines.primitives import to_device
 
 
-def token_mask_key(module_path: str) -> str | None:
-    """Which batch mask marks the valid tokens at a module's input (``None``: every token is valid)."""
-    if module_path.startswith("language_model.encoder"):
-        return "attention_mask"
-    if module_path.startswith("language_model.decoder"):
-        if module_path.endswith(("EncDecAttention.k", "EncDecAttention.v")):  # they read the encoder output
-            return "attention_mask"
-        return "decoder_attention_mask"
-    return None
+def token_mask_key(module_path: str, model: nn.Module | None = None) -> str | None:
+    """The token stream a module's input belongs to (its key in the adapter's ``stream_masks``); ``None`` for a
+    module outside the prunable groups. Without ``model`` the tiny BLIP-2 T5 structure is assumed."""
+    from ukmp.models import adapter_for
+    from ukmp.models.build import load_config
+
+    config = model.config if model is not None else load_config("tiny")
+    stream = adapter_for(config).streams().get(module_path)
+    if model is not None:
+        return stream
+    return {"encoder": "attention_mask", "decoder": "decoder_attention_mask"}.get(stream)  # the T5 batch keys
 
 
 class RunningMoments:
@@ -67,17 +69,21 @@ class InputStats:
         self.model = model
         self.paths = list(dict.fromkeys(paths))
         self.moments: dict[str, RunningMoments] = {}
-        self._masks: Mapping[str, torch.Tensor] = {}
+        from ukmp.models import adapter_for
+
+        self.adapter = adapter_for(model)
+        self.streams = self.adapter.streams()
+        self._masks: Mapping[str, torch.Tensor | None] = {}
         self._handles: list = []
 
     def _hook(self, path: str):
-        key = token_mask_key(path)
+        key = self.streams.get(path)
 
         def pre(_module: nn.Module, args: tuple) -> None:
             x = args[0]
             flat = x.reshape(-1, x.shape[-1])
-            if key is not None and key in self._masks:
-                m = self._masks[key]
+            m = self._masks.get(key) if key is not None else None
+            if m is not None:
                 if tuple(m.shape) != tuple(x.shape[:-1]):
                     raise ValueError(f"{path}: token mask {key} has shape {tuple(m.shape)}, input {tuple(x.shape)}")
                 flat = flat[m.reshape(-1).bool()]
@@ -102,9 +108,11 @@ class InputStats:
         """Forward every batch (no grad); returns the number of batches."""
         n = 0
         for batch in batches:
+            from ukmp.models import forward_inputs
+
             b = to_device(batch, self.model)
-            self._masks = {k: b[k] for k in ("attention_mask", "decoder_attention_mask") if k in b}
-            self.model(**b)
+            self._masks = self.adapter.stream_masks(b)
+            self.model(**forward_inputs(self.model, b))
             n += 1
         self._masks = {}
         return n

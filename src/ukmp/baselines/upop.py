@@ -179,7 +179,7 @@ class HookLoRA:
 # ------------------------------------------------------------------------------------------------ search
 def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float, opts: Mapping) -> tuple:
     """Run the search; returns (final ζ per group, accumulated gradients, history of (t, π_t))."""
-    from ukmp.models.blip2 import Blip2T5Adapter
+    from ukmp.models import adapter_for
 
     steps, every = int(opts["steps"]), int(opts["update_every"])
     if steps < 1 or every < 1:
@@ -190,7 +190,7 @@ def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float
     if opts["weights"] == "lora":
         for q in model.parameters():
             q.requires_grad_(False)
-        lora = HookLoRA(model, Blip2T5Adapter(model.config).lora_targets(), int(opts["lora_r"]),
+        lora = HookLoRA(model, adapter_for(model.config).lora_targets(), int(opts["lora_r"]),
                         float(opts["lora_alpha"]), int(opts["seed"]))
         trainable = lora.parameters()
     else:
@@ -244,7 +244,7 @@ def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float
 
 
 def score_upop(model, groups, batches, pc, n_batches):
-    from ukmp.models.blip2 import count_parameters
+    from ukmp.models import count_parameters
     from ukmp.prune.scoring import ScoreResult
 
     opts = read_options(pc.options, "upop", DEFAULTS, CHOICES)

@@ -82,9 +82,9 @@ def wanda_scores(model: nn.Module, groups: list[PrunableGroup], moments: Mapping
 def sequential_plan(model: nn.Module, groups: list[PrunableGroup], batches, rate: float, scope: str,
                     rounding: str = "floor") -> tuple[PruningPlan, dict[str, torch.Tensor], list[dict]]:
     """Block by block in forward order: statistics with earlier blocks masked by the plan so far, then P1."""
-    from ukmp.models.blip2 import Blip2T5Adapter
+    from ukmp.models import adapter_for
 
-    adapter = Blip2T5Adapter(model.config)
+    adapter = adapter_for(model.config)
     blocks: dict[str, list[PrunableGroup]] = {}
     for g in groups:
         blocks.setdefault(block_of(g), []).append(g)
@@ -106,7 +106,7 @@ def sequential_plan(model: nn.Module, groups: list[PrunableGroup], batches, rate
 
 
 def score_wanda_sp(model, groups, batches, pc, n_batches):
-    from ukmp.models.blip2 import count_parameters
+    from ukmp.models import count_parameters
     from ukmp.prune.scoring import ScoreResult
 
     opts = read_options(pc.options, "wanda", DEFAULTS, CHOICES)

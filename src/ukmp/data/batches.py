@@ -6,6 +6,12 @@
   the prefix is the encoder text (after the query tokens), the rest is the target.
 * :class:`PrefixLMCollator` — records -> {pixel_values, input_ids, attention_mask, labels, decoder_attention_mask};
   every random choice is a function of (seed, sample index, epoch), so a batch can be rebuilt exactly on resume.
+* :class:`DecoderOnlyCollator` — the same split for a decoder-only language model: one sequence
+  ``[image tokens] [bos] prefix suffix [eos]`` whose ``labels`` are **aligned with the logits** (``labels[:, t]`` is
+  the token position ``t`` predicts): the suffix and ``eos`` are targets, image and prompt positions never are.
+* :class:`TextWindowCollator` — token windows of a plain text (``format: text``) with aligned labels: every position
+  predicts the next token.
+* :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`.
 * :func:`prefetched` — runs a batch generator ahead in a background thread (image decoding and tokenisation
   overlap the model's work).
 """
@@ -136,6 +142,124 @@ class PrefixLMCollator:
             dec_mask[r, : len(d)] = 1
         return {"pixel_values": torch.stack(pix), "input_ids": input_ids, "attention_mask": attention,
                 "labels": labels, "decoder_attention_mask": dec_mask}
+
+
+def prompt_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """A decoder-only prompt's ids: the tokenizer's own special tokens at the start (OPT's ``</s>``, Llama's
+    ``<s>``), never an end-of-sequence token after it (the model must continue the prompt, not close it)."""
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
+    while ids and eos is not None and eos != bos and ids[-1] == eos:
+        ids.pop()
+    return ids[:max_length] if max_length else ids
+
+
+class DecoderOnlyCollator(PrefixLMCollator):
+    """Prefix-LM batches for a decoder-only language model (with ``image_tokens`` image placeholders first, or none
+    for a plain causal LM): ``{[pixel_values], input_ids, attention_mask, labels}``, right-padded, ``labels``
+    aligned with the logits (see the module docstring). The prefix/suffix split is :class:`PrefixLMCollator`'s."""
+
+    def __init__(self, dataset, tokenizer, image_size: int | None, image_tokens: int, image_token_id: int | None,
+                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42):
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.num_query_tokens = image_tokens
+        self.image_token_id = image_token_id
+        self.transform = ImageTransform(image_size, train=augment) if image_size else None
+        self.max_text_tokens = max_text_tokens
+        self.seed = seed
+        self.eos = tokenizer.eos_token_id
+
+    def _prompt(self, text: str) -> list[int]:
+        return prompt_ids(self.tokenizer, text, self.max_text_tokens)
+
+    def _target(self, text: str) -> list[int]:
+        ids = list(self.tokenizer(" " + text if text else "", add_special_tokens=False)["input_ids"])
+        return ids[: self.max_text_tokens - 1] + [self.eos]
+
+    def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
+        prefix, suffix = self.texts(index, epoch)
+        return self.num_query_tokens + len(self._prompt(prefix)), len(self._target(suffix))
+
+    def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
+        pix, rows, spans = [], [], []
+        for i in indices:
+            if self.transform is not None:
+                rng = sample_rng(self.seed, int(i), epoch, stream=0)
+                pix.append(self.transform(self.dataset.open_image(int(i)), rng))
+            prefix, suffix = self.texts(int(i), epoch)
+            head = [self.image_token_id] * self.num_query_tokens + self._prompt(prefix)
+            tail = self._target(suffix)
+            rows.append(head + tail)
+            spans.append((len(head), len(head) + len(tail)))
+        batch = aligned_batch(rows, spans, self.tokenizer.pad_token_id)
+        if pix:
+            batch = {"pixel_values": torch.stack(pix), **batch}
+        return batch
+
+
+def aligned_batch(rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` and labels aligned with the logits: for each row, positions
+    ``t`` with ``start <= t + 1 < end`` get ``labels[t] = ids[t + 1]``; every other position is -100."""
+    length = max(map(len, rows))
+    input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for r, (ids, (start, end)) in enumerate(zip(rows, spans)):
+        t = torch.tensor(ids, dtype=torch.long)
+        input_ids[r, : len(ids)] = t
+        attention[r, : len(ids)] = 1
+        first = max(start - 1, 0)
+        labels[r, first: end - 1] = t[first + 1: end]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+class TextWindowCollator:
+    """Batches of token windows of a :class:`~ukmp.data.records.TextDataset`: every position predicts the next
+    token (labels aligned with the logits). Sample ``i`` is window ``i``; there is no randomness."""
+
+    def __init__(self, dataset, tokenizer, bos: bool = False):
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.windows = dataset.windows(tokenizer)
+        self.bos = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+        self.records = [f"window:{start}" for start, _ in self.windows]  # sample ids
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
+        n = len(self.windows[index][1])
+        return len(self.bos), n
+
+    def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
+        rows = [self.bos + self.windows[int(i)][1] for i in indices]
+        spans = [(len(self.bos) + 1, len(r)) for r in rows]  # a window's first token is context, not a target
+        return aligned_batch(rows, spans, self.tokenizer.pad_token_id or 0)
+
+
+def make_collator(dataset, processor, layout, image_size: int | None = None, max_text_tokens: int = 32,
+                  augment: bool = True, seed: int = 42):
+    """The batch builder for ``dataset`` and a model's :class:`~ukmp.models.BatchLayout` (``processor``: a
+    processor with a ``tokenizer``, or a tokenizer). ``image_size`` overrides the model's."""
+    from ukmp.data.records import TextDataset
+
+    tokenizer = getattr(processor, "tokenizer", processor)
+    if isinstance(dataset, TextDataset):
+        if not layout.decoder_only:
+            raise ValueError(f"dataset {dataset.name!r}: plain text needs a decoder-only language model")
+        return TextWindowCollator(dataset, tokenizer)
+    size = (image_size or layout.image_size) if layout.has_images else None
+    if layout.decoder_only:
+        return DecoderOnlyCollator(dataset, tokenizer, size, layout.image_tokens, layout.image_token_id,
+                                   max_text_tokens, augment, seed)
+    return PrefixLMCollator(dataset, processor, size, max_text_tokens, augment, seed,
+                            num_query_tokens=layout.image_tokens)
+
+
+def dataset_size(dataset, collate) -> int:
+    """Number of samples a collator can build (text datasets: windows; others: records)."""
+    return len(collate) if hasattr(collate, "__len__") else len(dataset)
 
 
 def length_grouped(indices: Sequence[int], lengths: Sequence[tuple[int, int]], batch_size: int) -> list[list[int]]:

@@ -8,7 +8,11 @@ Keys (unknown keys are rejected)::
     images: coco/images      # image root; each record's "image" is relative to it
     gt: null                 # captioning only: COCO-format ground truth (optional for some formats)
     split: val               # a label carried into the dataset (files are chosen by the paths above)
-    max_samples: null        # keep only the first N records (N images for retrieval)
+    max_samples: null        # keep only the first N records (N images for retrieval, N windows for text)
+    window: 512              # text only: tokens per window (perplexity, language-model calibration)
+    stride: null             # text only: tokens between window starts (default: the window, no overlap)
+
+The ``text`` format (plain text files for perplexity and language-model calibration) needs no ``images``.
 
 A relative ``root`` is resolved against the current working directory; with no ``root`` the other relative paths
 are too.
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-_KEYS = ("format", "root", "annotations", "images", "gt", "split", "max_samples", "name")
+_KEYS = ("format", "root", "annotations", "images", "gt", "split", "max_samples", "name", "window", "stride")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class DatasetConfig:
     max_samples: int | None = None
     gt: Path | None = None
     name: str = ""
+    window: int = 512
+    stride: int | None = None
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from, for messages
 
     def __post_init__(self) -> None:
@@ -43,6 +49,13 @@ class DatasetConfig:
             raise ValueError(f"{where}'annotations' must name at least one file")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise ValueError(f"{where}'max_samples' must be a positive integer or null, got {self.max_samples!r}")
+        for key in ("window", "stride"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
+                raise ValueError(f"{where}'{key}' must be an integer >= 2{' or null' if key == 'stride' else ''}, "
+                                 f"got {v!r}")
+        if self.stride is not None and self.stride > self.window:
+            raise ValueError(f"{where}'stride' ({self.stride}) must not exceed 'window' ({self.window})")
 
     @property
     def label(self) -> str:
@@ -63,7 +76,7 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None, **overrid
     unknown = sorted(set(data) - set(_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown key '{unknown[0]}' (allowed: {', '.join(_KEYS)})")
-    for key in ("format", "annotations", "images"):
+    for key in ("format", "annotations") + (() if data.get("format") == "text" else ("images",)):
         if data.get(key) in (None, ""):
             raise ValueError(f"{where}: missing key '{key}'")
     root = _path(data["root"], None, "root", where) if data.get("root") not in (None, "") else None
@@ -75,11 +88,13 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None, **overrid
     return DatasetConfig(
         format=str(data["format"]),
         annotations=tuple(_path(a, root, "annotations", where) for a in anns),
-        images=_path(data["images"], root, "images", where),
+        images=_path(data["images"], root, "images", where) if data.get("images") not in (None, "") else Path("."),
         split=str(data.get("split") or ""),
         max_samples=max_samples,
         gt=_path(data["gt"], root, "gt", where) if data.get("gt") not in (None, "") else None,
         name=str(data.get("name") or ""),
+        window=data.get("window", 512) if data.get("window") is not None else 512,
+        stride=data.get("stride"),
         source=source,
     )
 

@@ -17,6 +17,8 @@ coco_karpathy  LAVIS ``coco_karpathy_test.json`` (``{image, caption: [...]}``; t
                of the file name, as LAVIS does) with optional ``gt:`` (``coco_karpathy_test_gt.json``); without
                ``gt`` the references are the records' captions.
 flickr30k      LAVIS retrieval JSON: a list of ``{image, caption: [5 texts]}``.
+text           plain UTF-8 text files (``annotations``), cut into token windows (``window``, ``stride``) for
+               perplexity and language-model calibration; no ``images``.
 ============== ===================================================================================================
 
 Every problem raises a one-line error naming the file and, for records, the index and key.
@@ -41,6 +43,8 @@ from ukmp.data.records import (
     RecordDataset,
     RetrievalDataset,
     RetrievalRecord,
+    TextDataset,
+    TextRecord,
     VQADataset,
     VQARecord,
 )
@@ -289,6 +293,20 @@ def load_retrieval(cfg: DatasetConfig) -> RetrievalDataset:
     return RetrievalDataset(cfg.label, cfg.split, records, origins, cfg.images)
 
 
+def load_text(cfg: DatasetConfig) -> TextDataset:
+    records, origins = [], []
+    for path in cfg.annotations:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"'annotations' file not found: {path}")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        records.append(TextRecord(str(path), text))
+        origins.append(Origin(Path(path), 0))
+    return TextDataset(cfg.label, cfg.split, records, origins, cfg.window, cfg.stride, cfg.max_samples)
+
+
 # ------------------------------------------------------------------------------------------------------ registry
 LOADERS: dict[str, Loader] = {
     "cc595k": load_cc595k,
@@ -300,11 +318,12 @@ LOADERS: dict[str, Loader] = {
     "coco_karpathy": load_coco_karpathy,
     "flickr30k": load_retrieval,
 }
+TEXT_LOADERS: dict[str, Loader] = {"text": load_text}  # formats without images
 
 
 def register_loader(name: str, loader: Loader) -> None:
     """Add a format; names are unique and the loader must be callable."""
-    if not name or name in LOADERS:
+    if not name or name in LOADERS or name in TEXT_LOADERS:
         raise ValueError(f"format: {name!r} is empty or already registered")
     if not callable(loader):
         raise ValueError(f"format {name!r}: loader must be callable")
@@ -317,8 +336,11 @@ def load_dataset(config: DatasetConfig | str | os.PathLike, **overrides: Any) ->
         cfg = replace(config, **overrides) if overrides else config
     else:
         cfg = load_dataset_config(config, **overrides)
+    if cfg.format in TEXT_LOADERS:
+        return TEXT_LOADERS[cfg.format](cfg)
     if cfg.format not in LOADERS:
         where = f"{cfg.source}: " if cfg.source else ""
-        raise ValueError(f"{where}key 'format' is {cfg.format!r}; known formats: {', '.join(sorted(LOADERS))}")
+        known = ", ".join(sorted({*LOADERS, *TEXT_LOADERS}))
+        raise ValueError(f"{where}key 'format' is {cfg.format!r}; known formats: {known}")
     _check_images_root(cfg)
     return LOADERS[cfg.format](cfg)

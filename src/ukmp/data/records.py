@@ -149,3 +149,45 @@ class RetrievalDataset(RecordDataset[RetrievalRecord]):
             self.img2txt.append(list(range(len(self.texts), len(self.texts) + len(rec.captions))))
             self.texts.extend(rec.captions)
             self.txt2img.extend([i] * len(rec.captions))
+
+
+@dataclass(frozen=True)
+class TextRecord:
+    """One plain-text file (perplexity and language-model calibration)."""
+
+    file: str
+    text: str
+
+
+class TextDataset(RecordDataset[TextRecord]):
+    """Plain text cut into token windows once a tokenizer is known (:meth:`windows`).
+
+    The files are joined with a blank line between them and tokenised as one text, without special tokens; window
+    ``w`` holds tokens ``w*stride ... w*stride + window - 1`` (a shorter last window is kept when it has at least two
+    tokens). ``max_samples`` keeps the first N windows."""
+
+    def __init__(self, name: str, split: str, records: Sequence[TextRecord], origins: Sequence[Origin],
+                 window: int = 512, stride: int | None = None, max_windows: int | None = None):
+        super().__init__(name, split, records, origins, Path("."))
+        self.window, self.stride, self.max_windows = int(window), int(stride or window), max_windows
+
+    def token_ids(self, tokenizer) -> list[int]:
+        text = "\n\n".join(r.text for r in self.records)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def windows(self, tokenizer) -> list[tuple[int, list[int]]]:
+        """``[(start, ids), ...]``: every window's first token position and its token ids."""
+        ids = self.token_ids(tokenizer)
+        out = []
+        for start in range(0, max(len(ids) - 1, 0), self.stride):
+            part = ids[start:start + self.window]
+            if len(part) < 2:
+                break
+            out.append((start, part))
+            if start + self.window >= len(ids):
+                break
+        if self.max_windows is not None:
+            out = out[: self.max_windows]
+        if not out:
+            raise ValueError(f"{self.name}: the text has fewer than 2 tokens")
+        return out

@@ -163,6 +163,26 @@ def write_sample_data(root: Path, n_images: int = 8, seed: int = 0) -> dict[str,
     return out
 
 
+def write_sample_text(root: Path, window: int = 64) -> Path:
+    """The sample ``text`` dataset (format ``text``: perplexity, language-model calibration); its YAML path."""
+    from ukmp.io import atomic_write_text  # noqa: PLC0415
+
+    root = Path(root).resolve()
+    atomic_write_text(root / "text" / "sample.txt", sample_text())
+    path = root / "configs" / "text.yaml"
+    _yaml(path, {"format": "text", "root": str(root), "annotations": "text/sample.txt", "split": "test",
+                 "window": window, "max_samples": None})
+    return path
+
+
+def sample_text(n_chars: int = 6000) -> str:
+    """Real English prose that ships with Python (the standard library's ``pydoc_data.topics``, keys in sorted
+    order), its first ``n_chars`` characters: the sample ``text`` dataset."""
+    from pydoc_data.topics import topics  # noqa: PLC0415
+
+    return "\n\n".join(topics[k] for k in sorted(topics))[:n_chars]
+
+
 def _coco_gt(specs: list[SampleImage], id_offset: int) -> dict[str, Any]:
     images = [{"id": s.image_id + id_offset, "file_name": s.file, "height": IMAGE_SIZE, "width": IMAGE_SIZE}
               for s in specs]

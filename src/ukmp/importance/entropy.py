@@ -205,13 +205,14 @@ def unit_entropies(
 
 
 # --------------------------------------------------------------------------------------------- stateful shell
-def _stream_of(group: PrunableGroup, module: str) -> str:
-    """Which token stream feeds ``module``: 'encoder' or 'decoder' (cross-attention k/v read the encoder)."""
-    if group.kind.startswith("enc"):
-        return "encoder"
-    if group.kind == "dec_cross_heads" and module.rsplit(".", 1)[-1] in ("k", "v"):
-        return "encoder"
-    return "decoder"
+def _model_streams(model: nn.Module) -> dict[str, str]:
+    """{Linear path: token stream} from the model's adapter (empty for a model ukmp has no adapter for)."""
+    from ukmp.models import MODELS, adapter_for
+
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) not in MODELS:
+        return {}
+    return adapter_for(config).streams()
 
 
 class StreamingAngleHistogram:
@@ -242,11 +243,7 @@ class StreamingAngleHistogram:
         names = list(modules) if modules is not None else entropy_modules(groups)
         if not names:
             raise ValueError("groups: no language Linear to histogram")
-        streams: dict[str, str] = {}
-        for g in groups:
-            for s in g.slices:
-                if s.module in names and s.module not in streams:
-                    streams[s.module] = _stream_of(g, s.module)
+        streams = _model_streams(model)
         self.streams = {n: streams.get(n, "decoder" if ".decoder." in n else "encoder") for n in names}
         self.counts: dict[str, torch.Tensor] = {}
         self._masks: dict[str, torch.Tensor] | None = None
@@ -268,10 +265,23 @@ class StreamingAngleHistogram:
     def set_token_masks(
         self, encoder: torch.Tensor | None = None, decoder: torch.Tensor | None = None
     ) -> None:
-        """Masks ``[B, L]`` (1 = real token) for the next forward; ``None`` clears them."""
+        """Masks ``[B, L]`` (1 = real token) of the T5 streams for the next forward; ``None`` clears them."""
         both_none = encoder is None and decoder is None
-        self._masks = None if both_none else {"encoder": encoder, "decoder": decoder}
+        self.set_stream_masks(None if both_none else {"encoder": encoder, "decoder": decoder})
+
+    def set_stream_masks(self, masks: dict[str, torch.Tensor | None] | None) -> None:
+        """{stream: mask [B, L] or None (every token real)} for the next forward (the adapter's
+        ``stream_masks(batch)``); ``None`` clears them."""
+        self._masks = None if masks is None else dict(masks)
         self._row_cache = {}
+
+    @contextlib.contextmanager
+    def stream_masks(self, masks: dict[str, torch.Tensor | None]) -> Iterator[None]:
+        self.set_stream_masks(masks)
+        try:
+            yield
+        finally:
+            self.set_stream_masks(None)
 
     @contextlib.contextmanager
     def token_masks(self, encoder: torch.Tensor | None, decoder: torch.Tensor | None) -> Iterator[None]:
@@ -294,9 +304,11 @@ class StreamingAngleHistogram:
         if not self.exclude_padding:
             return None
         stream = self.streams[name]
-        mask = None if self._masks is None else self._masks.get(stream)
-        if mask is None:
-            raise ValueError(f"exclude_padding: no {stream} token mask set for {name!r} (use token_masks())")
+        if self._masks is None or stream not in self._masks:
+            raise ValueError(f"exclude_padding: no {stream} token mask set for {name!r} (use stream_masks())")
+        mask = self._masks[stream]
+        if mask is None:  # every token of this stream is real
+            return None
         if tuple(mask.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of "
                              f"{name!r} {tuple(x.shape[:-1])}")

@@ -1,16 +1,8 @@
-"""Model adapters (architecture knowledge) and builders."""
+"""Model adapters (architecture knowledge) and builders: :func:`adapter_for` picks one from a model's config."""
 
-from ukmp.models.blip2 import Blip2T5Adapter
+from ukmp.models.base import BatchLayout, FeatureBlock, ModelAdapter, RemovedSlice, RemovedWeights, count_parameters
+from ukmp.models.registry import (MODELS, adapter_for, forward_inputs, is_decoder_only, register_language_model,
+                                  register_model)
 
-ADAPTERS = {Blip2T5Adapter.name: Blip2T5Adapter}
-
-
-def adapter_for(model_or_config):
-    """The adapter that understands ``model_or_config`` (only BLIP-2 with a T5 language model so far)."""
-    config = getattr(model_or_config, "config", model_or_config)
-    if getattr(config, "model_type", None) != "blip-2":
-        raise ValueError(f"model: unsupported model_type {getattr(config, 'model_type', None)!r} (expected 'blip-2')")
-    return Blip2T5Adapter(config)
-
-
-__all__ = ["ADAPTERS", "Blip2T5Adapter", "adapter_for"]
+__all__ = ["BatchLayout", "MODELS", "FeatureBlock", "ModelAdapter", "RemovedSlice", "RemovedWeights", "adapter_for",
+           "count_parameters", "forward_inputs", "is_decoder_only", "register_language_model", "register_model"]

@@ -1,4 +1,4 @@
-"""Building and loading BLIP-2 FlanT5 models and their processors.
+"""Building and loading models of every registered architecture, and the processors of the tiny builds.
 
 * :func:`load_model` — a hub id (``Salesforce/blip2-flan-t5-xl``) or a local ``save_pretrained`` directory, in a
   chosen dtype/device; or a shipped config name (``blip2-flan-t5-xl``, ``mid``, ``tiny``) or a config JSON file,
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor
+from transformers import Blip2Config, Blip2Processor
 
 try:  # transformers >= 5 ships a PIL backend; the default one needs torchvision, which this project avoids
     from transformers import BlipImageProcessorPil as _ImageProcessor
@@ -28,9 +28,18 @@ log = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = {
     "blip2-flan-t5-xl": "blip2-flan-t5-xl.json",
+    "blip2-opt-2.7b": "blip2-opt-2.7b.json",
+    "smollm2-135m": "smollm2-135m.json",
+    "llama-3-8b": "llama-3-8b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
+    "tiny-blip2-opt": "blip2-opt-tiny.json",
+    "tiny-blip2-llama": "blip2-llama-tiny.json",
+    "tiny-llama": "llama-tiny.json",
+    "tiny-opt": "opt-tiny.json",
+    "tiny-qwen2": "qwen2-tiny.json",
 }
+TINY = tuple(n for n in SHIPPED_CONFIGS if n == "tiny" or n.startswith("tiny-"))  # rebuilt with a fresh tokenizer
 HUB_DEFAULT = "Salesforce/blip2-flan-t5-xl"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -53,8 +62,9 @@ def shipped_config_path(name: str) -> Path:
     return Path(str(resources.files("ukmp.models") / "configs" / SHIPPED_CONFIGS[name]))
 
 
-def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
-    """A ``Blip2Config`` from a shipped name, a JSON file, or a directory holding ``config.json``."""
+def load_config(source: str | os.PathLike, **overrides: Any):
+    """A model config (``Blip2Config``, ``LlamaConfig``, ...) from a shipped name, a JSON file, or a directory
+    holding ``config.json``; its ``model_type`` must be one ukmp has an adapter for."""
     s = str(source)
     if s in SHIPPED_CONFIGS:
         path = shipped_config_path(s)
@@ -67,11 +77,23 @@ def load_config(source: str | os.PathLike, **overrides: Any) -> Blip2Config:
     d = read_json_file(path, "model config")
     if not isinstance(d, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got a {type(d).__name__}")
-    if d.get("model_type", "blip-2") != "blip-2":
-        raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not supported (supported: 'blip-2' with a "
-                         f"T5 language model)")
     d.update(overrides)
-    return Blip2Config.from_dict(d)
+    return config_from_dict(d, str(path))
+
+
+def config_from_dict(d: dict, source: str = "model config"):
+    """The transformers config class of ``d['model_type']``, refused in one line when ukmp has no adapter for it."""
+    from transformers import AutoConfig
+
+    from ukmp.models.registry import MODELS
+
+    t = d.get("model_type")
+    if t not in MODELS:
+        raise ValueError(f"{source}: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
+    if t == "blip-2":
+        return Blip2Config.from_dict(d)
+    d = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+    return AutoConfig.for_model(t, **d)
 
 
 def _looks_like_path(s: str) -> bool:
@@ -81,14 +103,17 @@ def _looks_like_path(s: str) -> bool:
 
 
 def build_model(
-    config: Blip2Config,
+    config,
     *,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype | None = None,
     seed: int | None = 0,
     attn_implementation: str = "sdpa",
-) -> Blip2ForConditionalGeneration:
+) -> torch.nn.Module:
     """A model with random weights (``device='meta'``: structure only, instant, no memory)."""
+    from ukmp.models.registry import adapter_for
+
+    cls = adapter_for(config).model_class()
     dt = parse_dtype(dtype)
     if seed is not None:
         torch.manual_seed(seed)
@@ -97,9 +122,11 @@ def build_model(
     torch.set_default_dtype(dt)
     try:
         with torch.device(device):
-            model = Blip2ForConditionalGeneration(config)
+            model = cls(config)
     finally:
         torch.set_default_dtype(prev)
+    if not hasattr(model, "query_tokens"):
+        return model.eval()
     if untie_lm_head_(model) and device != "meta":
         with torch.no_grad():  # T5's own init for an untied lm_head; random builds then look like real FlanT5
             model.language_model.lm_head.weight.normal_(0.0, config.text_config.initializer_factor)
@@ -113,13 +140,13 @@ def build_model(
     return model.eval()
 
 
-def untie_lm_head_(model: Blip2ForConditionalGeneration) -> bool:
+def untie_lm_head_(model) -> bool:
     """FlanT5 (T5 v1.1) has an ``lm_head`` separate from the token embeddings, but transformers 5 ties every T5
     ``lm_head`` when a model is built from a config. ``scale_decoder_outputs == False`` is transformers' own marker
     of a v1.1 checkpoint; for those give ``lm_head`` its own copy so that shapes, parameter counts and training match
     the real model."""
     lm = model.language_model
-    if getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
+    if not hasattr(lm, "shared") or getattr(lm.config, "scale_decoder_outputs", True) or lm.lm_head.weight is not lm.shared.weight:
         return False
     lm.lm_head.weight = torch.nn.Parameter(lm.shared.weight.detach().clone())
     for owner, key in ((model, "language_model.lm_head.weight"), (lm, "lm_head.weight")):
@@ -141,12 +168,14 @@ def load_model(
     device: str | torch.device = "cpu",
     attn_implementation: str = "sdpa",
     random_weights_device: str | None = None,
-) -> Blip2ForConditionalGeneration:
-    """Load a dense BLIP-2 FlanT5.
+    gguf_file: str | None = None,
+) -> torch.nn.Module:
+    """Load a dense model of a registered architecture (BLIP-2 with T5 / OPT / Llama-family LMs, causal LMs).
 
     ``name_or_path``: a directory written by ``save_pretrained`` (weights must be safetensors), a hub id such as
     ``Salesforce/blip2-flan-t5-xl`` (honours ``HF_HUB_OFFLINE``), a shipped config name, or a config ``.json`` file.
-    Config-only sources give random weights (``random_weights_device='meta'`` for structure only).
+    Config-only sources give random weights (``random_weights_device='meta'`` for structure only). ``gguf_file``:
+    a GGUF file inside ``name_or_path`` read by transformers' GGUF loader (dequantised to ``dtype``).
     """
     s = str(name_or_path)
     if s in SHIPPED_CONFIGS or s.endswith(".json"):
@@ -163,17 +192,25 @@ def load_model(
         raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")
     if is_local_model_dir(s):
         load_config(s)  # another architecture or a malformed config.json: one line naming the file
-        if not any(Path(s, f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not gguf_file and not any(Path(s, f).is_file() for f in weights):
             raise FileNotFoundError(f"{s}: config.json but no model.safetensors (or its index) in the directory")
     from safetensors import SafetensorError
+    from transformers import AutoConfig
 
+    from ukmp.models.registry import adapter_for
+
+    kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
     try:
-        model = Blip2ForConditionalGeneration.from_pretrained(
-            s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, use_safetensors=True,
-        )
+        config = AutoConfig.from_pretrained(s, **({"gguf_file": gguf_file} if gguf_file else {}))
+        cls = adapter_for(config).model_class()
+        model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
     except (OSError, SafetensorError) as e:  # not in the local cache offline, no such repo, unreadable weights
         raise OSError(f"{s}: cannot load the model ({str(e).splitlines()[0]})") from None
-    untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
+    if gguf_file and hasattr(model.config, "quantization_config"):  # dequantised: saved configs must not say GGUF
+        del model.config.quantization_config
+    if hasattr(model, "query_tokens"):
+        untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()
 
 
@@ -243,17 +280,39 @@ def build_processor(tokenizer, num_query_tokens: int, image_size: int) -> Blip2P
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
-def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None, **text_overrides):
-    """(model, processor) for tests and the demo: the shipped tiny config, its vocabulary fitted to a fresh
-    tokenizer (``image_token_index`` = the processor's ``<image>`` id)."""
+def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None,
+               name: str = "tiny", **text_overrides):
+    """(model, processor) for tests and the demo: a shipped tiny config (``tiny`` = BLIP-2 T5, ``tiny-blip2-opt``,
+    ``tiny-blip2-llama``; plain causal LMs ``tiny-llama``, ``tiny-opt``, ``tiny-qwen2``, whose "processor" is the
+    tokenizer), its vocabulary fitted to a fresh tokenizer (``image_token_index`` = the processor's ``<image>`` id).
+    ``text_overrides`` set attributes of the language model's config."""
+    if name not in TINY:
+        raise ValueError(f"tiny model: unknown name {name!r} (choose from {', '.join(TINY)})")
     tokenizer = build_tokenizer(corpus)
-    cfg = load_config("tiny")
+    cfg = load_config(name)
+    if cfg.model_type != "blip-2":  # a plain causal LM
+        for k, v in text_overrides.items():
+            setattr(cfg, k, v)
+        if cfg.vocab_size < len(tokenizer):
+            raise ValueError(f"{name} config: vocab_size {cfg.vocab_size} must be at least {len(tokenizer)}")
+        return build_model(cfg, seed=seed, attn_implementation=attn_implementation), tokenizer
     processor = build_processor(tokenizer, cfg.num_query_tokens, cfg.vision_config.image_size)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     cfg.image_token_index = int(image_id)
     for k, v in text_overrides.items():
         setattr(cfg.text_config, k, v)
     if cfg.text_config.vocab_size <= image_id:
-        raise ValueError(f"tiny config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
+        raise ValueError(f"{name} config: text vocab_size {cfg.text_config.vocab_size} must exceed {image_id}")
     model = build_model(cfg, seed=seed, attn_implementation=attn_implementation)
     return model, processor
+
+
+def random_weights_processor(source: str, config):
+    """A throwaway processor (tokenizer for a plain LM) for a config-only source (a shipped name or a ``.json``):
+    random weights know no vocabulary. ``None`` for a real model directory or hub id (load its own processor)."""
+    if not (source in SHIPPED_CONFIGS or str(source).endswith(".json")):
+        return None
+    tokenizer = build_tokenizer()
+    if not hasattr(config, "vision_config"):
+        return tokenizer
+    return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size)

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
+from ukmp.models import forward_inputs
 from ukmp.plan import PruningPlan
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,13 @@ def parse_compute_dtype(name: str) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def _padding_masks(hist, batch: dict[str, torch.Tensor], exclude_padding: bool):
+def _padding_masks(hist, model: nn.Module, batch: dict[str, torch.Tensor], exclude_padding: bool):
     """The histograms' token masks for ``batch`` while the model runs (a no-op when padding is counted)."""
     if hist is None or not exclude_padding:
         return contextlib.nullcontext()
-    return hist.token_masks(batch["attention_mask"], batch.get("decoder_attention_mask"))
+    from ukmp.models import adapter_for
+
+    return hist.stream_masks(adapter_for(model).stream_masks(batch))
 
 
 def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], threshold: float | None, desc: str,
@@ -84,8 +87,8 @@ def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], thresh
     n_sel = n_valid = 0
     for batch in _progress(batches, desc, total):
         b = _to(batch, device, dtype)
-        with _padding_masks(hist, b, exclude_padding), compute_context(device, compute_dtype):
-            logits = model(**b).logits
+        with _padding_masks(hist, model, b, exclude_padding), compute_context(device, compute_dtype):
+            logits = model(**forward_inputs(model, b)).logits
         loss, sel, valid = selected_loss(logits, b["labels"], threshold)
         scorer.backward(loss)
         n_sel += int(sel)
@@ -122,8 +125,8 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
         with torch.no_grad(), compute_context(device, compute_dtype):
             for batch in _progress(batches, "entropy pass", total):
                 b = _to(batch, device, dtype)
-                with _padding_masks(hist, b, exclude_padding):
-                    model(**b)
+                with _padding_masks(hist, model, b, exclude_padding):
+                    model(**forward_inputs(model, b))
         neuron = hist.entropy()
     return unit_entropies(neuron, language)
 

@@ -20,10 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ukmp.config import PruneConfig, RunConfig
-from ukmp.groups import PrunableGroup
+from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity, save_pruned
-from ukmp.models import adapter_for
-from ukmp.models.blip2 import GROUP_KINDS, count_parameters, parameter_breakdown
+from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.scoring import DATA_FREE, ScoreResult, get_method
@@ -45,29 +44,30 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
 def calibration_batches(cfg: RunConfig, processor, model, ds=None):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples
     (of ``ds``, or of the dataset ``data.calibration`` names)."""
-    from ukmp.data.batches import PrefixLMCollator, calibration_chunks, prefetched
+    from ukmp.data.batches import calibration_chunks, dataset_size, make_collator, prefetched
     from ukmp.data.loaders import load_dataset
 
     if ds is None:
         ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
-    if len(ds) == 0:
+    collate = make_collator(ds, processor, adapter_for(model).batch_layout(), cfg.data.image_size or None,
+                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
+    size = dataset_size(ds, collate)
+    if size == 0:
         raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
-    order = list(range(len(ds)))
+    order = list(range(size))
     random.Random(cfg.seed).shuffle(order)
-    n = min(cfg.prune.num_samples, len(ds))
+    n = min(cfg.prune.num_samples, size)
     if n < cfg.prune.num_samples:
-        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, len(ds))
+        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, size)
     chosen = order[:n]
-    size = cfg.data.image_size or model.config.vision_config.image_size
-    collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
-                               num_query_tokens=model.config.num_query_tokens)
     bs = cfg.prune.batch_size
 
     def batches(epoch: int):
         chunks = calibration_chunks(chosen, bs, collate, epoch, cfg.prune.group_by_length)
         return prefetched((collate(c, epoch) for c in chunks), cfg.prune.prefetch)
 
-    ids = [getattr(ds.records[i], "id", str(i)) for i in chosen]
+    records = getattr(collate, "records", None) or ds.records
+    ids = [r if isinstance(r, str) else getattr(r, "id", str(i)) for i, r in ((i, records[i]) for i in chosen)]
     return batches, math.ceil(n / bs), ids
 
 
@@ -84,7 +84,7 @@ def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg
 
 def load_scores(path: str | Path):
     """(scores, parts, groups, total_params, allocation dict, metadata) from ``scores.safetensors``."""
-    from transformers import Blip2Config
+    from ukmp.models.build import config_from_dict
 
     path = Path(path)
     if not path.is_file():
@@ -95,7 +95,7 @@ def load_scores(path: str | Path):
             if meta.get("format") != SCORES_FORMAT:
                 raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r} (not a ukmp scores file)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        config = Blip2Config.from_dict(json.loads(meta["model_config"]))
+        config = config_from_dict(json.loads(meta["model_config"]), f"{path}: model_config")
         total, alloc = int(meta["total_params"]), json.loads(meta["allocation"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: not a readable scores file ({type(e).__name__}: {str(e).splitlines()[0]})") \
@@ -146,7 +146,7 @@ def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int) -> 
 
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
     out = {}
-    for kind in GROUP_KINDS:
+    for kind in group_kinds(groups):
         gs = [g for g in groups if g.kind == kind]
         if gs:
             before = sum(g.total_params for g in gs)
@@ -165,7 +165,7 @@ def plot_kept_width(groups: list[PrunableGroup], plan: PruningPlan, path: Path, 
     import matplotlib.pyplot as plt
     import numpy as np
 
-    kinds = [k for k in GROUP_KINDS if any(g.kind == k for g in groups)]
+    kinds = group_kinds(groups)
     n_layers = max(g.layer for g in groups) + 1
     grid = np.full((len(kinds), n_layers), np.nan)
     for g in groups:
@@ -214,7 +214,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     adapter = adapter_for(model)
     groups = adapter.groups()
     total = count_parameters(model)
-    before = parameter_breakdown(model)
+    before = adapter.parameter_breakdown(model)
     dense_identity = dense_model_identity(cfg.model, model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
@@ -243,7 +243,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         adapter.add_out_biases_(model, plan.out_bias)
         result.pre_apply(model, plan)
     adapter.apply_(model, plan)
-    after = parameter_breakdown(model)
+    after = adapter.parameter_breakdown(model)
     save_pruned(model, plan, out / "model", processor=processor, extra={"dense_model": dense_identity})
     plan.save(out / "plan.json")
     plot_kept_width(groups, plan, out / "kept_width.png",

@@ -1,11 +1,16 @@
 """Table A of UKMP as data: the seven sub-stages of progressive distillation, and forward hooks for block features.
 
-Supervised layers are derived from the model config so that the full-size BLIP-2 FlanT5-XL (39 ViT blocks, 24+24 T5
-blocks) reproduces Table A exactly:
+Supervised layers come from the model's adapter (:meth:`ModelAdapter.feature_blocks`), so that the full-size
+BLIP-2 FlanT5-XL (39 ViT blocks, 24+24 T5 blocks) reproduces Table A exactly:
 
-* ViT: even blocks ``0, 2, …``; sub-stage 1 supervises the first 3/5 of them (0..22 of 0..38), sub-stage 2 all.
-* T5 encoder / decoder: odd blocks ``1, 3, …``; the first half (1..11) joins in sub-stage 3 / 5, the second half
-  (13..23) in sub-stage 4 / 6.
+* ViT (family ``vision``): even blocks ``0, 2, …``; sub-stage 1 supervises the first 3/5 of them (0..22 of 0..38),
+  sub-stage 2 all.
+* T5 encoder / decoder (families ``encoder`` / ``decoder``): odd blocks ``1, 3, …``; the first half (1..11) joins in
+  sub-stage 3 / 5, the second half (13..23) in sub-stage 4 / 6.
+* A decoder-only LM (Llama family, OPT) has no encoder: its odd blocks are split in two, the first half takes the
+  ``encoder`` role and the second half the ``decoder`` role (a 30-layer SmolLM2: blocks 1..15 and 17..29), each
+  again halved over the two sub-stages of its role (1..7 / 9..15 in 3 / 4, 17..21 / 23..29 in 5 / 6). A model
+  without a vision tower (a plain LM) supervises nothing in sub-stages 1-2.
 * Sub-stage 7 (τ3): CE + KL on the logits, no MSE.
 
 Sample counts 20K, 20K, 80K, 40K, 80K, 80K and "the rest" are scaled by ``ScheduleConfig.sample_scale``.
@@ -19,7 +24,6 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from ukmp.models.blip2 import T5_DEC, T5_ENC, VISION
 
 MODES = ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive")
 BASE_SAMPLES = (20_000, 20_000, 80_000, 40_000, 80_000, 80_000)  # sub-stages 1..6; 7 takes the rest
@@ -54,19 +58,25 @@ class Stage:
         return {k: v for k, v in self.mse_layers.items() if v}
 
 
+def _blocks(config) -> dict[str, list]:
+    from ukmp.models import adapter_for
+
+    out: dict[str, list] = {f: [] for f in FAMILIES}
+    for b in adapter_for(config).feature_blocks():
+        out[b.family].append(b)
+    return out
+
+
 def supervised_layers(config) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """family -> (first group, second group) of supervised blocks, derived from the model config."""
-    n_vit = config.vision_config.num_hidden_layers
-    tc = config.text_config
-    n_enc = tc.num_layers
-    n_dec = tc.num_decoder_layers if tc.num_decoder_layers is not None else tc.num_layers
-    even = tuple(range(0, n_vit, 2))
-    k = max(1, int(len(even) * VIT_FIRST_FRACTION + Fraction(1, 2)))
-    out = {"vision": (even[:k], even[k:])}
-    for fam, n in (("encoder", n_enc), ("decoder", n_dec)):
-        odd = tuple(range(1, n, 2)) or (n - 1,)
-        h = (len(odd) + 1) // 2
-        out[fam] = (odd[:h], odd[h:])
+    """family -> (first group, second group) of supervised blocks, from the model adapter's feature blocks."""
+    out = {}
+    for fam, blocks in _blocks(config).items():
+        idx = tuple(b.index for b in blocks)
+        if fam == "vision":
+            k = max(1, int(len(idx) * VIT_FIRST_FRACTION + Fraction(1, 2))) if idx else 0
+        else:
+            k = (len(idx) + 1) // 2
+        out[fam] = (idx[:k], idx[k:])
     return out
 
 
@@ -106,9 +116,11 @@ def build_schedule(config, cfg: ScheduleConfig = ScheduleConfig()) -> list[Stage
     return stages
 
 
-def _block(model: nn.Module, family: str, i: int) -> nn.Module:
-    prefix = {"vision": VISION, "encoder": T5_ENC, "decoder": T5_DEC}[family]
-    return model.get_submodule(f"{prefix}.{i}")
+def _stacks(model: nn.Module) -> dict[str, str]:
+    """{family: stack path} from the model's adapter (block ``i`` of a family is ``f"{path}.{i}"``)."""
+    from ukmp.models import adapter_for
+
+    return adapter_for(model).family_stacks()
 
 
 class FeatureTaps:
@@ -120,11 +132,14 @@ class FeatureTaps:
     def __init__(self, model: nn.Module, layers: dict[str, tuple[int, ...] | list[int]]):
         self.feats: dict[str, torch.Tensor] = {}
         self._handles = []
+        stacks = _stacks(model) if any(layers.values()) else {}
         for family, idx in layers.items():
             if family not in FAMILIES:
                 raise ValueError(f"layers: unknown feature family {family!r} (choose from {list(FAMILIES)})")
             for i in idx:
-                mod = _block(model, family, int(i))
+                if family not in stacks:
+                    raise ValueError(f"layers: the model has no {family!r} blocks")
+                mod = model.get_submodule(f"{stacks[family]}.{int(i)}")
                 self._handles.append(mod.register_forward_hook(self._hook(f"{family}.{int(i)}")))
 
     def _hook(self, key: str):

@@ -89,7 +89,7 @@ def train_config(cfg: RunConfig):
 
 
 def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) -> dict[str, Any]:
-    from ukmp.data.batches import PrefixLMCollator
+    from ukmp.data.batches import dataset_size, make_collator
     from ukmp.data.loaders import load_dataset
     from ukmp.recover.schedule import build_schedule
     from ukmp.recover.train import train_lpd
@@ -118,15 +118,14 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
                                 alpha=fc.alpha, dropout=fc.dropout, plain_lora=fc.adapter == "lora")
     n_trainable = sum(p.numel() for p in trainable)
 
+    collate = make_collator(ds, processor, adapter.batch_layout(), cfg.data.image_size or None,
+                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
     tcfg = train_config(cfg)
     stages = build_schedule(teacher.config, tcfg.schedule)
     counts: list[int | None] = [s.n_samples for s in stages]
     if counts[-1] is None and fc.final_stage_samples:
         counts[-1] = fc.final_stage_samples
-    slices = stage_slices(len(ds), counts, cfg.seed)
-    size = cfg.data.image_size or teacher.config.vision_config.image_size
-    collate = PrefixLMCollator(ds, processor, size, cfg.data.max_text_tokens, cfg.data.augment, cfg.seed,
-                               num_query_tokens=teacher.config.num_query_tokens)
+    slices = stage_slices(dataset_size(ds, collate), counts, cfg.seed)
 
     def make_loader(stage: int, n_samples: int | None, seed: int) -> DataLoader:
         idx = slices[stage]

@@ -23,10 +23,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ukmp.data.batches import prefetched
 from ukmp.io import atomic_write_json
+from ukmp.models import forward_inputs
 from ukmp.recover import checkpoint as ckpt
 from ukmp.recover.losses import lpd_loss
 from ukmp.recover.schedule import FeatureTaps, ScheduleConfig, Stage, build_schedule
@@ -175,10 +177,13 @@ class LPDObjective(nn.Module):
                 teacher_logits: torch.Tensor):
         if self.stage is None or self.taps is None:
             raise ValueError("LPDObjective: call set_stage before the forward pass")
-        out = self.student(**batch)
+        out = self.student(**forward_inputs(self.student, batch))
         st = self.stage
+        ce = out.loss
+        if ce is None and st.use_task:  # decoder-only: labels are aligned with the logits, not passed to the model
+            ce = F.cross_entropy(out.logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         loss, parts = lpd_loss(self.taps.feats, teacher_feats, st.mse_layers, use_task=st.use_task, use_kl=st.use_kl,
-                               ce=out.loss, student_logits=out.logits, teacher_logits=teacher_logits)
+                               ce=ce, student_logits=out.logits, teacher_logits=teacher_logits)
         self.taps.clear()
         return loss, parts
 
@@ -194,7 +199,7 @@ class _Run:
     def step_loss(self, batch: dict[str, torch.Tensor], t_taps: FeatureTaps):
         batch = {k: v for k, v in batch.items() if k in BATCH_KEYS}
         with torch.no_grad(), self.acc.autocast():
-            t_logits = self.teacher(**batch).logits
+            t_logits = self.teacher(**forward_inputs(self.teacher, batch)).logits
         t_feats = dict(t_taps.feats)
         t_taps.clear()
         return self.model(batch, t_feats, t_logits)

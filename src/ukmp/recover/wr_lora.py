@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from ukmp.models.blip2 import RemovedSlice, RemovedWeights
+    from ukmp.models.base import RemovedSlice, RemovedWeights
 
 # (parameter name, branch) of every trainable factor; the names are the keys of adapter state dicts
 FACTORS = ("lora_A", "lora_B", "recall_out_A", "recall_out_B", "recall_in_A", "recall_in_B")

@@ -1,0 +1,92 @@
+"""One registry from a Hugging Face config to the adapter that understands it; everything else is refused by name.
+
+Whole models are keyed by ``model_type``; composite models (BLIP-2) pick their language-model part by the text
+config's ``model_type``. :func:`register_model` / :func:`register_language_model` validate what they insert.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ukmp.models.base import ModelAdapter, Part
+from ukmp.models.parts.decoder import LLAMA, OPT, DecoderPart
+from ukmp.models.parts.t5 import T5Part
+
+LMFactory = Callable[[object, str], Part]  # (text config, prefix) -> part
+LANGUAGE_MODELS: dict[str, tuple[str, LMFactory]] = {}  # text model_type -> (family, factory)
+MODELS: dict[str, Callable[[object], ModelAdapter]] = {}  # whole-model model_type -> adapter factory
+
+
+def register_language_model(model_type: str, family: str, factory: LMFactory) -> None:
+    if not model_type or model_type in LANGUAGE_MODELS:
+        raise ValueError(f"language model {model_type!r}: empty or already registered")
+    LANGUAGE_MODELS[model_type] = (family, factory)
+
+
+def register_model(model_type: str, factory: Callable[[object], ModelAdapter]) -> None:
+    if not model_type or model_type in MODELS:
+        raise ValueError(f"model {model_type!r}: empty or already registered")
+    MODELS[model_type] = factory
+
+
+def _language_part(text_config, prefix: str, owner: str) -> tuple[str, Part]:
+    t = getattr(text_config, "model_type", None)
+    if t not in LANGUAGE_MODELS:
+        raise ValueError(f"model config: {owner} with language model type {t!r} is not supported "
+                         f"(supported: {', '.join(sorted(LANGUAGE_MODELS))})")
+    family, factory = LANGUAGE_MODELS[t]
+    return family, factory(text_config, prefix)
+
+
+def _blip2(config) -> ModelAdapter:
+    from ukmp.models.blip2 import Blip2Adapter
+
+    from ukmp.models.blip2 import Blip2T5Adapter
+
+    family, part = _language_part(config.text_config, "language_model", "blip-2")
+    if family == "t5":
+        return Blip2T5Adapter(config)
+    return Blip2Adapter(config, family, part)
+
+
+def _causal_lm(config) -> ModelAdapter:
+    from ukmp.models.causal_lm import CausalLMAdapter
+
+    family, part = _language_part(config, "", config.model_type)
+    if family == "t5":
+        raise ValueError("model config: a plain T5 is an encoder-decoder, not a causal LM (not supported alone)")
+    return CausalLMAdapter(config, family, part)
+
+
+register_language_model("t5", "t5", lambda c, p: T5Part(c, p or "language_model"))
+for _t in ("llama", "mistral", "qwen2"):
+    register_language_model(_t, "llama", lambda c, p: DecoderPart(c, p, LLAMA))
+register_language_model("opt", "opt", lambda c, p: DecoderPart(c, p, OPT))
+register_model("blip-2", _blip2)
+for _t in ("llama", "mistral", "qwen2", "opt"):
+    register_model(_t, _causal_lm)
+
+
+def adapter_for(model_or_config) -> ModelAdapter:
+    """The adapter that understands ``model_or_config`` (a model or its config); a one-line error otherwise."""
+    config = getattr(model_or_config, "config", model_or_config)
+    t = getattr(config, "model_type", None)
+    if t not in MODELS:
+        raise ValueError(f"model config: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
+    return MODELS[t](config)
+
+
+def is_decoder_only(config) -> bool:
+    """Whether the model's language model is decoder-only (targets sit in ``input_ids``, after the prompt)."""
+    if getattr(config, "model_type", None) == "blip-2":
+        return bool(getattr(config, "use_decoder_only_language_model", False))
+    return not bool(getattr(config, "is_encoder_decoder", False))
+
+
+def forward_inputs(model, batch):
+    """The batch keys ``model``'s forward takes: decoder-only batches carry ``labels`` aligned with the logits
+    (``labels[:, t]`` is the target of position ``t``), which the model must not shift again, so they stay out."""
+    config = getattr(model, "config", None)
+    if config is not None and is_decoder_only(config):
+        return {k: v for k, v in batch.items() if k != "labels"}
+    return dict(batch)
