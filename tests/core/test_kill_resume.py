@@ -4,6 +4,7 @@ checkpoint was truncated by the kill survives with a one-line warning and comple
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,7 +61,8 @@ def test_sigkill_prune_then_finetune_leaves_no_temporaries(tmp_path):
     finetune = ["finetune", DEMO, f"output_dir={tmp_path}", "prune.method=random", "finetune.checkpoint_every=1"]
     _kill_when(finetune, lambda: len(list(ckpts.glob("*/train/checkpoints/step-*"))) >= 2)
     assert list(run.glob(".finetune.*.tmp"))
-    newest = sorted(ckpts.glob("*/train/checkpoints/step-*"))[-1]
+    root = next(ckpts.glob("*/train/checkpoints"))
+    newest = root / json.loads((root / "latest.json").read_text())["name"]  # what a resume reads first
     adapter = newest / "adapter.safetensors"
     adapter.write_bytes(adapter.read_bytes()[:100])  # as if the kill hit while this file was written
     done = _cli(*finetune)
