@@ -511,3 +511,16 @@ def test_fingerprint_names_the_weights_not_the_dtype():
     fa = fingerprint(a)
     cast_(a, torch.bfloat16)
     assert fingerprint(a) == fa
+
+
+def test_sample_data_killed_half_way_is_regenerated(tmp_path):
+    from ukmp.runtime import resolve_dataset, sample_root
+
+    first = resolve_dataset("sample:cc595k", tmp_path)
+    root = sample_root(tmp_path)
+    (root / ".complete").unlink()  # as if killed before the generation finished
+    stray = root / "configs" / ".vqav2.yaml.abc123.tmp"
+    stray.write_text("half")
+    (root / "configs" / "vqav2.yaml").unlink()
+    assert resolve_dataset("sample:cc595k", tmp_path) == first
+    assert not stray.exists() and (root / "configs" / "vqav2.yaml").is_file() and (root / ".complete").is_file()

@@ -52,13 +52,13 @@ def test_sigkill_prune_then_finetune_leaves_no_temporaries(tmp_path):
     prune = ["prune", DEMO, f"output_dir={tmp_path}", "prune.num_samples=64", "prune.batch_size=2"]
     _kill_when(prune, lambda: any(run.glob(".prune.*.tmp")) and (tmp_path / "_sample_data").is_dir())
     assert list(run.glob(".prune.*.tmp"))  # not vacuous: the kill left one
-    small = ["prune", DEMO, f"output_dir={tmp_path}", "prune.method=random"]
+    small = ["prune", DEMO, f"output_dir={tmp_path}", "prune.num_samples=2", "prune.batch_size=2"]  # the same stage
     done = _cli(*small)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _temporaries(tmp_path) == [] and (run / "prune" / "stage.json").is_file()
 
     ckpts = run / "finetune.work"
-    finetune = ["finetune", DEMO, f"output_dir={tmp_path}", "prune.method=random", "finetune.checkpoint_every=1"]
+    finetune = ["finetune", DEMO, f"output_dir={tmp_path}", "finetune.checkpoint_every=1"]
     _kill_when(finetune, lambda: len(list(ckpts.glob("*/train/checkpoints/step-*"))) >= 2)
     assert list(run.glob(".finetune.*.tmp"))
     root = next(ckpts.glob("*/train/checkpoints"))
