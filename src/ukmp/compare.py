@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("ukmp", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp", "flap", "upop",
                    "magnitude_sp", "wanda_sp", "random")
-PRIMARY_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "caption": "cider", "retrieval": "r_mean"}
+PRIMARY_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "caption": "cider", "retrieval": "r_mean",
+                  "perplexity": "perplexity"}
 SCORE_SHARING = {"llm_pruner_local": ("llm_pruner_global", ["prune.scope=local", "prune.normalization=none"])}
 
 

@@ -34,6 +34,7 @@ def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
     adapter = adapter_for(model.config)
     groups = adapter.groups()
     current = adapter.unit_counts(model)
+    notes = adapter.unit_notes()
     kinds: dict[str, dict[str, Any]] = {}
     for kind in adapter.group_kinds:
         gs = [g for g in groups if g.kind == kind]
@@ -48,6 +49,7 @@ def inspect_model(source: str | os.PathLike) -> dict[str, Any]:
             "units_kept": sum(current[g.id] for g in gs),
             "params_per_unit": gs[0].params_per_unit,
             "prunable_params": sum(g.total_params for g in gs),
+            "unit_note": notes.get(kind),
         }
     dense_total = sum(g.total_params for g in groups)
     total = count_parameters(model)
@@ -79,6 +81,8 @@ def format_inspect(report: dict[str, Any]) -> str:
             f"{str(k['units_kept']) + '/' + str(k['units_total']):>18}{k['params_per_unit']:>13,}"
             f"{k['prunable_params']:>16,}"
         )
+    lines += [f"  {kind}: one unit = {k['unit_note']}" for kind, k in report["group_kinds"].items()
+              if k.get("unit_note")]
     p = report["parameters"]
     lines += [
         "",

@@ -1,4 +1,4 @@
-"""Baseline pruning methods (BASELINES.md), registered in :mod:`ukmp.prune.scoring`'s method registry.
+"""Baseline pruning methods (BASELINES.md), registered in the method registry of :mod:`ukmp.prune.methods`.
 
 =====================  ===========================================================================
 ``llm_pruner_global``  LLM-Pruner element-wise Taylor, shared P2 allocator, no modality normalisation
@@ -25,7 +25,7 @@ def register_all() -> None:
     from ukmp.baselines.magnitude import score_magnitude_sp
     from ukmp.baselines.upop import score_upop
     from ukmp.baselines.wanda import score_wanda_sp
-    from ukmp.prune.scoring import METHODS, register_method
+    from ukmp.prune.methods import METHODS, register_method
 
     table = [("llm_pruner_global", score_llm_pruner_global, False),
              ("llm_pruner_local", score_llm_pruner_local, False),

@@ -124,7 +124,7 @@ def score_ecoflap_sp(model, groups, batches, pc, n_batches):
     from ukmp.baselines.stats import collect_input_stats
     from ukmp.baselines.wanda import stat_paths, wanda_scores
     from ukmp.models import count_parameters
-    from ukmp.prune.scoring import ScoreResult
+    from ukmp.prune.methods import ScoreResult
 
     opts = read_options(pc.options, "ecoflap", DEFAULTS, CHOICES)
     total, prunable = count_parameters(model), total_prunable(groups)

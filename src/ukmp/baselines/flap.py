@@ -127,7 +127,7 @@ def make_pre_apply(groups: list[PrunableGroup], means: Mapping[str, torch.Tensor
 
 def score_flap(model, groups, batches, pc, n_batches):
     from ukmp.models import count_parameters
-    from ukmp.prune.scoring import ScoreResult
+    from ukmp.prune.methods import ScoreResult
 
     opts = read_options(pc.options, "flap", DEFAULTS, CHOICES)
     total = count_parameters(model)

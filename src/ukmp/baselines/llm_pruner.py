@@ -8,7 +8,7 @@ gradients (sample loss = mean CE over its own target tokens):
 * ``param_mix``    S = W ⊙ G − ½ W ⊙ F ⊙ W,    Σ |S|
 * ``vectorize``    S = W ⊙ G,                 |Σ S|  (sum over the slice's other dim, then abs)
 
-Per hidden dim, the layers of a group (q, k, v rows + o columns; wi_0/wi_1 rows + wo column; fc1 row + fc2 column)
+Per hidden dim, the layers of a group (attention: query/key/value rows + output columns; MLP: input rows + output column)
 are reduced with ``group_reduction`` (sum by default); a head sums its hd dims. ``imp_normalizer='param'`` divides
 by the unit's weight count. Global → the shared P2 allocator without modality normalisation; local → P1.
 
@@ -82,7 +82,11 @@ def unit_scores(group: PrunableGroup, salience_of: Mapping[str, torch.Tensor], m
         s = salience_of[sl.name]
         shapes[sl.name] = s.shape
         line = line_scores(s, sl.dim, mode)
-        per_layer.append(line.index_select(0, sl.indices(units).to(line.device)).cpu())
+        per_layer.append(line.index_select(0, sl.indices(units).to(line.device)).cpu().view(group.n_units, -1))
+    # A KV group owns r query heads but one key/value head: its k/v dims are tiled r times so that dim d of every
+    # query head lines up with dim d of the key/value head it reads (equal-width slices are left as they are).
+    width = max(p.shape[1] for p in per_layer)
+    per_layer = [p.repeat(1, width // p.shape[1]).reshape(-1) for p in per_layer]
     dims = reduce_layers(torch.stack(per_layer), reduction)
     unit = dims.view(group.n_units, -1).sum(1)
     if normalizer == "param":
@@ -181,7 +185,7 @@ def llm_pruner_scores(model: nn.Module, groups: list[PrunableGroup], batches, op
 
 def _method(scope: str):
     def score(model, groups, batches, pc, n_batches):
-        from ukmp.prune.scoring import ScoreResult
+        from ukmp.prune.methods import ScoreResult
 
         opts = read_options(pc.options, "llmp", DEFAULTS, CHOICES)
         chosen = eligible_groups(groups, bool(opts["skip_edge_layers"]))

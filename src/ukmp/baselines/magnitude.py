@@ -58,7 +58,7 @@ def magnitude_scores(model: nn.Module, groups: list[PrunableGroup], scope: str =
 
 
 def score_magnitude_sp(model, groups, batches, pc, n_batches):
-    from ukmp.prune.scoring import ScoreResult
+    from ukmp.prune.methods import ScoreResult
 
     opts = read_options(pc.options, "mag", DEFAULTS, CHOICES)
     scores = magnitude_scores(model, groups, opts["scope"], int(opts["p"]), opts["imp_normalizer"])

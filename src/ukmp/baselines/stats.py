@@ -84,7 +84,8 @@ class InputStats:
             flat = x.reshape(-1, x.shape[-1])
             m = self._masks.get(key) if key is not None else None
             if m is not None:
-                if tuple(m.shape) != tuple(x.shape[:-1]):
+                flat_ok = x.dim() == 2 and m.numel() == x.shape[0]  # a stack that flattens tokens (OPT's MLP)
+                if tuple(m.shape) != tuple(x.shape[:-1]) and not flat_ok:
                     raise ValueError(f"{path}: token mask {key} has shape {tuple(m.shape)}, input {tuple(x.shape)}")
                 flat = flat[m.reshape(-1).bool()]
             if path not in self.moments:

@@ -245,7 +245,7 @@ def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float
 
 def score_upop(model, groups, batches, pc, n_batches):
     from ukmp.models import count_parameters
-    from ukmp.prune.scoring import ScoreResult
+    from ukmp.prune.methods import ScoreResult
 
     opts = read_options(pc.options, "upop", DEFAULTS, CHOICES)
     total = count_parameters(model)

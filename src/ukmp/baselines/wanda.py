@@ -107,7 +107,7 @@ def sequential_plan(model: nn.Module, groups: list[PrunableGroup], batches, rate
 
 def score_wanda_sp(model, groups, batches, pc, n_batches):
     from ukmp.models import count_parameters
-    from ukmp.prune.scoring import ScoreResult
+    from ukmp.prune.methods import ScoreResult
 
     opts = read_options(pc.options, "wanda", DEFAULTS, CHOICES)
     total = count_parameters(model)

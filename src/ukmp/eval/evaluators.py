@@ -85,10 +85,29 @@ def encoder_inputs(tokenizer, prompts: Sequence[str], num_query_tokens: int,
     return ids, mask
 
 
+def decoder_prompts(tokenizer, prompts: Sequence[str], num_query_tokens: int,
+                    image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder-only prompt ids: image tokens, then each prompt (its tokenizer's leading special tokens, no
+    end-of-sequence), **left**-padded so that every row continues from its last column."""
+    from ukmp.data.batches import prompt_ids
+
+    rows = [[image_token_id] * num_query_tokens + prompt_ids(tokenizer, p) for p in prompts]
+    length = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), length), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[b, length - len(row):] = 1
+    return ids, mask
+
+
 def _interpolate(model: nn.Module, image_size: int) -> bool:
-    vc = model.config.vision_config
-    check_count("image_size", image_size, minimum=vc.patch_size)
-    return image_size != vc.image_size
+    from ukmp.models import adapter_for
+
+    layout = adapter_for(model).batch_layout()
+    check_count("image_size", image_size, minimum=layout.patch_size)
+    return image_size != layout.image_size
 
 
 @torch.no_grad()
@@ -107,8 +126,11 @@ def generate_texts(
     """Beam-search one text per image, conditioned on the image and its prompt; decoded without special tokens."""
     if len(prompts) != pixel_values.shape[0]:
         raise ValueError(f"prompts: {len(prompts)} prompts for {pixel_values.shape[0]} images")
-    cfg = model.config
-    ids, mask = encoder_inputs(tokenizer, prompts, cfg.num_query_tokens, int(cfg.image_token_index))
+    from ukmp.models import adapter_for
+
+    layout = adapter_for(model).batch_layout()
+    build = decoder_prompts if layout.decoder_only else encoder_inputs
+    ids, mask = build(tokenizer, prompts, layout.image_tokens, int(layout.image_token_id))
     device = model_device(model)
     kwargs: dict[str, Any] = {}
     if _interpolate(model, image_size):
@@ -118,6 +140,8 @@ def generate_texts(
         num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
         length_penalty=length_penalty, do_sample=False, **kwargs,
     )
+    if layout.decoder_only:  # the output repeats the prompt ids before the new tokens
+        out = out[:, ids.shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
@@ -211,7 +235,9 @@ def evaluate_caption(
     """
     n = sample_count(dataset, max_samples)
     if strip_echo is None:
-        strip_echo = bool(getattr(model.config, "use_decoder_only_language_model", False))
+        from ukmp.models import is_decoder_only
+
+        strip_echo = is_decoder_only(model.config)
     transform = ImageTransform(image_size, train=False)
     tokenizer = getattr(processor, "tokenizer", processor)
     predictions: list[dict[str, Any]] = []

@@ -1,8 +1,9 @@
 """The evaluation stage: run the requested zero-shot tasks on a dense or pruned model and save everything.
 
 Tasks (UKMP_METHOD.md §4): ``okvqa``, ``vqav2`` (VQA accuracy), ``gqa`` (exact match), ``nocaps``,
-``coco_caption`` (CIDEr, SPICE if available, BLEU-4, METEOR, ROUGE-L) and ``flickr30k`` (TR/IR@1/5/10 with the
-stage-1 image-text model, the evaluated ViT transplanted into it). Dataset YAMLs come from ``eval.datasets``
+``coco_caption`` (CIDEr, SPICE if available, BLEU-4, METEOR, ROUGE-L), ``flickr30k`` (TR/IR@1/5/10 with the
+stage-1 image-text model, the evaluated ViT transplanted into it) and ``perplexity`` (a decoder-only language model,
+alone or inside a VLM, on a ``format: text`` dataset). Dataset YAMLs come from ``eval.datasets``
 (task -> YAML) or default to the generated sample data.
 """
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str  # vqa | gqa | caption | retrieval
+    kind: str  # vqa | gqa | caption | retrieval | perplexity
     sample: str  # sample dataset name
     image_scale: float = 1.0  # image size relative to the model's (NoCaps and retrieval: 364 / 224)
 
@@ -40,15 +41,21 @@ TASKS = {
     "nocaps": Task("nocaps", "caption", "nocaps", RESOLUTION_364),
     "coco_caption": Task("coco_caption", "caption", "coco_karpathy"),
     "flickr30k": Task("flickr30k", "retrieval", "flickr30k", RESOLUTION_364),
+    "perplexity": Task("perplexity", "perplexity", "text"),
 }
 
 
 def task_image_size(model, task: Task) -> int:
-    vc = model.config.vision_config
+    from ukmp.models import adapter_for
+
+    layout = adapter_for(model).batch_layout()
+    if not layout.has_images:
+        raise ValueError(f"eval task {task.name!r}: the model has no vision tower (a plain language model "
+                         f"evaluates 'perplexity' only)")
     if task.image_scale == 1.0:
-        return vc.image_size
-    size = vc.image_size * task.image_scale
-    return max(vc.patch_size, int(round(size / vc.patch_size)) * vc.patch_size)
+        return layout.image_size
+    size = layout.image_size * task.image_scale
+    return max(layout.patch_size, int(round(size / layout.patch_size)) * layout.patch_size)
 
 
 def _dataset(cfg: RunConfig, task: Task):
@@ -62,7 +69,9 @@ def _dataset(cfg: RunConfig, task: Task):
 def _retrieval_model(cfg: RunConfig, model):
     from ukmp.eval.retrieval import build_tiny_retrieval, load_retrieval_model
 
-    if cfg.eval.retrieval_model == "auto" and cfg.model.source == "tiny":
+    from ukmp.models.build import TINY
+
+    if cfg.eval.retrieval_model == "auto" and cfg.model.source in TINY:
         return build_tiny_retrieval(model.config, seed=cfg.model.seed)
     source = "Salesforce/blip2-itm-vit-g" if cfg.eval.retrieval_model == "auto" else cfg.eval.retrieval_model
     return load_retrieval_model(source, dtype=cfg.model.dtype, device=next(model.parameters()).device)
@@ -73,6 +82,13 @@ def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> di
     from ukmp.eval.retrieval import evaluate_retrieval, transplant_vision_
 
     ds = _dataset(cfg, task)
+    if task.kind == "perplexity":
+        from ukmp.eval.perplexity import evaluate_perplexity
+
+        metrics, preds = evaluate_perplexity(model, processor, ds, batch_size=cfg.eval.batch_size)
+        atomic_write_json(out / task.name / "predictions.json", preds)
+        atomic_write_json(out / task.name / "metrics.json", metrics)
+        return metrics
     size = task_image_size(model, task)
     common = dict(image_size=size, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
     # LAVIS passes min_length to T5's generate, which counts the decoder start token: min_len 1 / 8 there means at

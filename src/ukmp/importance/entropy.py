@@ -161,8 +161,9 @@ def histogram_entropy(counts: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_modules(groups: list[PrunableGroup]) -> list[str]:
-    """Linears whose neurons are histogrammed: the row-pruned weights of language groups (q, k, v, wi_0, wi_1
-    or wi). Output projections (o, wo) are column-pruned and excluded; vision groups are excluded."""
+    """Linears whose neurons are histogrammed: the row-pruned weights of language groups (the query, key and value
+    projections; the MLP's input projections). Output projections are column-pruned and excluded; vision groups
+    are excluded."""
     out: list[str] = []
     for g in groups:
         if g.modality != "language":
@@ -176,8 +177,9 @@ def entropy_modules(groups: list[PrunableGroup]) -> list[str]:
 def unit_entropy(neuron_entropy: dict[str, torch.Tensor], group: PrunableGroup) -> torch.Tensor:
     """``[n_units]``: mean neuron entropy over each unit's rows in every row-pruned weight of the group.
 
-    A head: the mean over q, k and v of the mean over its ``d_kv`` rows; an FFN channel: the mean of its wi_0
-    and wi_1 rows (wi for a non-gated FFN). Modules weigh equally (all slices of a unit have the same size).
+    A head (or KV group): the mean over its query, key and value projections of the mean over the rows it owns in
+    each; an MLP channel: the mean of its rows in the input projections (gate and up, or the single one of a
+    non-gated MLP). Modules weigh equally.
     """
     units = torch.arange(group.n_units)
     parts = []
@@ -309,7 +311,8 @@ class StreamingAngleHistogram:
         mask = self._masks[stream]
         if mask is None:  # every token of this stream is real
             return None
-        if tuple(mask.shape) != tuple(x.shape[:-1]):
+        flat_ok = x.dim() == 2 and mask.numel() == x.shape[0]  # a stack that flattens tokens (OPT's MLP)
+        if tuple(mask.shape) != tuple(x.shape[:-1]) and not flat_ok:
             raise ValueError(f"{stream} token mask: shape {tuple(mask.shape)} does not match the input of "
                              f"{name!r} {tuple(x.shape[:-1])}")
         key = (stream, x.device)

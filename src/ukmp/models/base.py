@@ -110,6 +110,10 @@ class Part:
     def install_attention_(self, model: nn.Module) -> None:
         """Called once after slicing, and after loading a pruned model (default: nothing to install)."""
 
+    def unit_notes(self) -> dict[str, str]:
+        """{group kind: what one unit is}, where the kind's name does not say it (a KV group of r query heads)."""
+        return {}
+
 
 class ModelAdapter:
     """Architecture of one whole model, composed of :class:`Part` s.
@@ -202,6 +206,12 @@ class ModelAdapter:
     def install_attention_(self, model: nn.Module) -> None:
         for p in self.parts:
             p.install_attention_(model)
+
+    def unit_notes(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for p in self.parts:
+            out.update(p.unit_notes())
+        return out
 
     def batch_layout(self) -> BatchLayout:
         return BatchLayout(decoder_only=self.layout == "decoder_only")

@@ -85,15 +85,21 @@ def config_from_dict(d: dict, source: str = "model config"):
     """The transformers config class of ``d['model_type']``, refused in one line when ukmp has no adapter for it."""
     from transformers import AutoConfig
 
-    from ukmp.models.registry import MODELS
+    from ukmp.models.registry import MODELS, adapter_for
 
     t = d.get("model_type")
     if t not in MODELS:
         raise ValueError(f"{source}: model_type {t!r} is not supported (supported: {', '.join(sorted(MODELS))})")
     if t == "blip-2":
-        return Blip2Config.from_dict(d)
-    d = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
-    return AutoConfig.for_model(t, **d)
+        config = Blip2Config.from_dict(d)
+    else:
+        kw = {k: v for k, v in d.items() if k not in ("model_type", "quantization_config")}
+        config = AutoConfig.for_model(t, **kw)
+    try:  # the registry also refuses what only the adapter sees: BLIP-2's language model type, uneven KV groups
+        adapter_for(config)
+    except ValueError as e:
+        raise ValueError(f"{source}: {str(e).removeprefix('model config: ')}") from None
+    return config
 
 
 def _looks_like_path(s: str) -> bool:
@@ -125,6 +131,8 @@ def build_model(
             model = cls(config)
     finally:
         torch.set_default_dtype(prev)
+    if str(device) == "meta":
+        materialize_rotary_buffers_(model)
     if not hasattr(model, "query_tokens"):
         return model.eval()
     if untie_lm_head_(model) and device != "meta":
@@ -138,6 +146,24 @@ def build_model(
             q = torch.randn(model.query_tokens.shape, generator=g) * config.initializer_range
             model.query_tokens.copy_(q.to(model.query_tokens.dtype))
     return model.eval()
+
+
+def materialize_rotary_buffers_(model) -> None:
+    """Compute the rotary embeddings' ``inv_freq`` buffers of a meta-built model on the CPU (a few floats).
+
+    They are non-persistent (never saved), so a model built on the meta device whose weights are assigned later
+    (:func:`ukmp.io.load_pruned`) would otherwise keep them on meta. transformers' own ``_init_weights`` computes
+    them from the config, as ``from_pretrained`` does; other non-persistent buffers stay on meta (and are reported
+    by ``load_pruned``)."""
+    rotary = {}
+    for name, buf in list(model.named_non_persistent_buffers()):
+        path, _, attr = name.rpartition(".")
+        module = model.get_submodule(path)
+        if buf.is_meta and "RotaryEmbedding" in type(module).__name__:
+            module.register_buffer(attr, torch.empty(buf.shape, dtype=buf.dtype, device="cpu"), persistent=False)
+            rotary[path] = module
+    for module in rotary.values():
+        model._init_weights(module)
 
 
 def untie_lm_head_(model) -> bool:

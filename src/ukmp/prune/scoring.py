@@ -1,4 +1,4 @@
-"""Calibration passes and the pruning-method registry.
+"""Calibration passes and the UKMP, random and magnitude methods (registered in :mod:`ukmp.prune.methods`).
 
 A method turns a model plus calibration batches into per-unit scores (higher = more important) and may override
 the allocation (scope, normalisation). UKMP is two passes: angle-entropy histograms (forward only, language units)
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -19,21 +18,9 @@ from tqdm.auto import tqdm
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
 from ukmp.models import forward_inputs
-from ukmp.plan import PruningPlan
+from ukmp.prune.methods import DATA_FREE, METHODS, Batches, ScoreResult, get_method, register_method
 
 log = logging.getLogger(__name__)
-
-Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches
-
-
-@dataclass
-class ScoreResult:
-    scores: dict[str, torch.Tensor]  # what the allocator ranks
-    parts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # e.g. {"taylor": ..., "entropy": ...}
-    stats: dict[str, float | int] = field(default_factory=dict)
-    allocation: dict[str, object] = field(default_factory=dict)  # AllocationConfig overrides
-    plan: "PruningPlan | None" = None  # a method that allocates itself (FLAP P3, ECoFLaP P4, UPop) returns its plan
-    pre_apply: "Callable[[nn.Module, PruningPlan], None] | None" = None  # e.g. FLAP bias compensation (dense model)
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -204,27 +191,12 @@ def score_magnitude(model, groups, batches: Batches, pc: PruneConfig, n_batches:
     return ScoreResult(scores, {"magnitude": scores})
 
 
-METHODS: dict[str, Callable[..., ScoreResult]] = {}
-DATA_FREE: set[str] = set()
-
-
-def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool = False) -> None:
-    if not name or name in METHODS:
-        raise ValueError(f"prune.method: {name!r} is empty or already registered")
-    METHODS[name] = fn
-    if data_free:
-        DATA_FREE.add(name)
-
-
 register_method("ukmp", score_ukmp)
 register_method("random", score_random, data_free=True)
 register_method("magnitude", score_magnitude, data_free=True)
 
 
-def get_method(name: str) -> Callable[..., ScoreResult]:
-    if name not in METHODS:
-        raise ValueError(f"prune.method: unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
-    return METHODS[name]
-
-
 import ukmp.baselines  # noqa: E402,F401  (registers the baselines)
+
+__all__ = ["DATA_FREE", "METHODS", "Batches", "ScoreResult", "entropy_pass", "fused_pass", "get_method",
+           "register_method", "taylor_pass"]

@@ -57,6 +57,12 @@ class Stage:
     def tapped_layers(self) -> dict[str, tuple[int, ...]]:
         return {k: v for k, v in self.mse_layers.items() if v}
 
+    @property
+    def has_loss(self) -> bool:
+        """False for a sub-stage with nothing to learn from (the vision sub-stages of a model without a vision
+        tower): such a sub-stage is skipped and gets no samples."""
+        return bool(self.tapped_layers()) or self.use_task or self.use_kl
+
 
 def _blocks(config) -> dict[str, list]:
     from ukmp.models import adapter_for

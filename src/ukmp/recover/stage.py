@@ -122,7 +122,7 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
                             cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
     tcfg = train_config(cfg)
     stages = build_schedule(teacher.config, tcfg.schedule)
-    counts: list[int | None] = [s.n_samples for s in stages]
+    counts: list[int | None] = [s.n_samples if s.has_loss else 0 for s in stages]
     if counts[-1] is None and fc.final_stage_samples:
         counts[-1] = fc.final_stage_samples
     slices = stage_slices(dataset_size(ds, collate), counts, cfg.seed)

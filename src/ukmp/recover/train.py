@@ -294,6 +294,7 @@ def train_lpd(
         if bad:
             raise ValueError(f"train.stages: indices {bad} out of range [0, {len(stages)})")
         stages = [stages[i] for i in cfg.stages]
+    stages = [s for s in stages if s.has_loss]
     run = _Run(acc, model, student, teacher, cfg, out_dir, stages)
 
     start = {"stage_pos": 0, "epoch": 0, "step_in_epoch": 0, "step_in_stage": 0, "global_step": 0}

@@ -115,6 +115,10 @@ class DecoderPart(Part):
             attn = model.get_submodule(group.slices[-1].module.rsplit(".", 1)[0])
             setattr(attn, self.table.heads_attr, len(kept) * self.per_group)
 
+    def unit_notes(self) -> dict[str, str]:
+        r = self.per_group
+        return {"lm_heads": f"KV group of {r} query heads" if r > 1 else "one head (q, k, v rows and o columns)"}
+
     def family_stacks(self) -> dict[str, str]:
         return {"encoder": self.layers_path, "decoder": self.layers_path}
 
