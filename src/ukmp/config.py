@@ -183,7 +183,7 @@ _CHOICES = {
 
 # Names other modules own, repeated here so that a config is checked without importing torch (tests tie each list
 # to its source: ukmp.eval.stage.TASKS and the baselines' read_options namespaces).
-EVAL_TASKS = ("okvqa", "vqav2", "gqa", "nocaps", "coco_caption", "flickr30k")
+EVAL_TASKS = ("okvqa", "vqav2", "gqa", "nocaps", "coco_caption", "flickr30k", "perplexity")
 OPTION_NAMESPACES = ("ecoflap", "flap", "llmp", "mag", "upop", "wanda")
 _DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
 
