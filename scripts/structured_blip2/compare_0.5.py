@@ -3,6 +3,8 @@
 
     python scripts/structured_blip2/compare_0.5.py [--ratio 0.2] [--recover] [--methods ukmp,flap] [key=value ...]
 
+Options and key=value overrides may come in any order.
+
 Writes outputs/<name>_compare_<ratio>/comparison.{md,json,png}; every method's run is cached and resumable.
 """
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """UKMP at ratio 0.5: prune -> eval -> finetune -> eval, resumable (the reference's ukmp_0.5.py, in one process).
 
-Extra arguments are config overrides, e.g. `python scripts/structured_blip2/ukmp_0.5.py model.device=cuda:1`.
+Extra arguments are `ukmp run` options and config overrides in any order, e.g.
+`python scripts/structured_blip2/ukmp_0.5.py --force prune model.device=cuda:1`.
 """
 
 import sys

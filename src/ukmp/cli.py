@@ -16,11 +16,15 @@ lost. Pruned models are plain transformers models that reload in one call (ukmp.
 Typical use:
   ukmp inspect blip2-flan-t5-xl            structure and parameter budget of the full-size model (offline)
   ukmp inspect outputs/demo/prune/model    the same for a pruned model directory
-  ukmp demo                                the whole pipeline on a tiny model and sample data (CPU, < 1 min)
+  ukmp demo                                the whole pipeline on a tiny model and sample data (CPU; 49 s on
+                                           2 idle cores, 2026-11-29, more when the machine is busy)
   ukmp compare configs/base.yaml --methods-dir configs/methods --ratio 0.5   UKMP vs every baseline
   ukmp run configs/ukmp_0.5.yaml           prune -> eval -> finetune -> eval, as scripts/structured_blip2/ukmp_0.5.py
   ukmp prune configs/ukmp_0.5.yaml prune.ratio=0.3
   ukmp plan --scores outputs/ukmp_0.5/prune/scores.safetensors --ratio 0.3 --out plan_0.3.json
+  ukmp prune configs/ukmp_0.5.yaml --plan plan_0.3.json name=ukmp_0.3    apply that plan without scoring
+
+Config files and key=value overrides may come before or after a subcommand's options.
 """
 
 
@@ -51,7 +55,13 @@ def _load_cfg(args: argparse.Namespace):
     return load_config(configs, overrides)
 
 
+NO_CONFIG = ("no config file given; `make demo` (or `ukmp demo`) runs the tiny demo, a real run names one from "
+             "configs/, e.g. `ukmp run configs/ukmp_0.5.yaml`")
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    if not _split_config_args(args.config)[0]:  # the bare defaults are Table A's full budget under outputs/demo
+        raise ValueError(NO_CONFIG)
     cfg = _load_cfg(args)  # validated before the heavy imports (torch, transformers)
     from ukmp.pipeline import run
 
@@ -63,6 +73,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    if args.plan:
+        args.config = [*args.config, f"prune.plan_from={args.plan}"]
     cfg = _load_cfg(args)
     from ukmp.pipeline import prune_stage
 
@@ -98,14 +110,30 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     cfg = _load_cfg(args)
     from ukmp.eval.stage import run_eval_stage
+    from ukmp.io import atomic_write_json, model_digest
 
     tasks = args.tasks.split(",") if args.tasks else cfg.eval.after_finetune
     model_dir = None if args.model == "dense" else Path(args.model)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / (
-        "eval_dense" if model_dir is None else f"eval_{model_dir.name}")
+        "eval_dense" if model_dir is None else eval_dir_name(model_dir))
     run_eval_stage(cfg, model_dir, tasks, out)  # creates ``out`` once the model has loaded
-    print((out / "metrics.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["model"] = ({"path": cfg.model.source, "digest": None} if model_dir is None else
+                        {"path": str(model_dir.resolve()), "digest": model_digest(model_dir)})
+    atomic_write_json(out / "metrics.json", metrics)
+    print(json.dumps(metrics, indent=1))
     return 0
+
+
+def eval_dir_name(model_dir) -> str:
+    """``eval_<name>`` for ``ukmp eval --model DIR``: the directory's own name, or, for the pipeline's generic
+    ``.../<run>/<stage>/model``, the run and stage (``eval_ukmp_0.5_finetune``), so two models never share one."""
+    from pathlib import Path
+
+    p = Path(model_dir).resolve()
+    if p.name != "model":
+        return f"eval_{p.name}"
+    return "eval_" + "_".join(x for x in (p.parent.parent.name, p.parent.name) if x)
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
@@ -138,7 +166,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     for m in methods:
         get_method(m)
     out = compare(configs, overrides, args.ratio, methods, recover=args.recover,
-                  methods_dir=Path(args.methods_dir) if args.methods_dir else None)
+                  methods_dir=Path(args.methods_dir) if args.methods_dir else None,
+                  tasks=args.tasks.split(",") if args.tasks else None)
     print(json.dumps({m: {"achieved_ratio": r["achieved_ratio"], "pruned": r["pruned"]}
                       for m, r in out["methods"].items()}, indent=1))
     return 0
@@ -155,8 +184,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0
     from importlib import resources
 
+    files, overrides = _split_config_args(args.config)
+    if files:
+        raise ValueError(f"demo takes key=value overrides only, not config files ({files[0]}); use `ukmp run`")
     demo_yaml = str(resources.files("ukmp") / "configs" / "demo.yaml")
-    cfg = load_config([demo_yaml], [f"output_dir={args.out}", f"prune.ratio={args.ratio}", f"model.seed={args.seed}"])
+    cfg = load_config([demo_yaml], [f"output_dir={args.out}", f"prune.ratio={args.ratio}", f"model.seed={args.seed}",
+                                    *overrides])
     out = run(cfg)
     print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
     return 0
@@ -171,20 +204,24 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect", help="unit counts per group kind, parameters per unit, prunable and total parameters",
         description="Report the prunable structure of MODEL without reading any weights (built on the meta device).",
     )
+    from ukmp.models.build import SHIPPED_CONFIGS
+
     s.add_argument("model", help="a hub id (Salesforce/blip2-flan-t5-xl), a local model directory, a pruned model "
-                                 "directory, a config .json, or a shipped config: blip2-flan-t5-xl, mid, tiny")
+                                 "directory, a config .json, or a shipped config: " + ", ".join(SHIPPED_CONFIGS))
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_inspect)
 
     def config_args(sp):
         sp.add_argument("config", nargs="*", metavar="CONFIG|key=value",
                         help="YAML config files (later ones win; each may list 'defaults:') and dotted overrides, "
-                             "e.g. prune.ratio=0.3 finetune.enabled=false")
+                             "e.g. prune.ratio=0.3 finetune.enabled=false; before or after the options")
 
     s = sub.add_parser("run", help="prune -> eval -> finetune -> eval in one resumable process",
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Run the whole pipeline. Each stage writes outputs/<name>/<stage>/ and is skipped "
-                                   "when its artifacts exist with the same config hash, so a crashed run resumes.\n\n"
+                       description="Run the whole pipeline: [eval_dense] -> prune -> eval_pruned -> finetune -> "
+                                   "eval_finetuned. Each stage writes outputs/<name>/<stage>/ and is skipped when its "
+                                   "artifacts exist with the same config hash, so a crashed run resumes. A config file "
+                                   "is required (configs/ukmp_0.5.yaml; `ukmp demo` for the tiny demo).\n\n"
                                    "Config keys and defaults:\n  " + "\n  ".join(_config_keys()))
     config_args(s)
     s.add_argument("--force", action="append", choices=STAGE_NAMES, help="re-run this stage even if up to date")
@@ -193,12 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("prune", help="score units on calibration data and prune (scores, plan, pruned model)",
                        description="The prune stage alone: writes scores.safetensors, plan.json, model/, "
-                                   "summary.json and kept_width.png under outputs/<name>/prune/.")
+                                   "summary.json and kept_width.png under outputs/<name>/prune/. With --plan (or "
+                                   "prune.plan_from=FILE) a plan from `ukmp plan` is applied as is, without scoring; "
+                                   "prune.scores_from=FILE re-allocates cached scores with this config.")
     config_args(s)
+    s.add_argument("--plan", help="apply this plan.json (e.g. written by `ukmp plan`) instead of scoring")
     s.add_argument("--force-stage", action="store_true", help="re-run even if up to date")
     s.set_defaults(func=_cmd_prune)
 
-    s = sub.add_parser("plan", help="re-allocate from cached scores at another ratio (no model needed)")
+    s = sub.add_parser("plan", help="re-allocate from cached scores at another ratio (no model needed)",
+                       description="Allocate a new plan from the scores.safetensors of a finished prune stage, at "
+                                   "another ratio or normalisation, in seconds and without the model. Apply it with "
+                                   "`ukmp prune CONFIG --plan plan.json` (pruned model under outputs/<name>/prune/).")
     s.add_argument("--scores", required=True, help="scores.safetensors written by the prune stage")
     s.add_argument("--ratio", type=float, required=True, help="fraction of all model parameters to remove")
     s.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
@@ -210,14 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the plan even when every group is at its floor before the ratio is reached")
     s.set_defaults(func=_cmd_plan)
 
-    s = sub.add_parser("eval", help="evaluate a dense or pruned model on zero-shot tasks")
+    s = sub.add_parser("eval", help="evaluate a dense or pruned model on zero-shot tasks",
+                       description="Evaluate model.source (--model dense) or a saved pruned model on zero-shot tasks; "
+                                   "writes metrics.json (with the model's path and digest) and <task>/predictions.json"
+                                   ". VQA accuracy follows eval.vqa_scorer (lavis | official).")
     config_args(s)
     s.add_argument("--model", default="dense", help="a pruned model directory, or 'dense' (model.source)")
     s.add_argument("--tasks", help="comma-separated: okvqa,gqa,vqav2,nocaps,coco_caption,flickr30k")
-    s.add_argument("--out", help="output directory (default outputs/<name>/eval_<model dir name>)")
+    s.add_argument("--out", help="output directory (default outputs/<name>/eval_<model dir name>; for "
+                                 ".../<run>/<stage>/model: eval_<run>_<stage>)")
     s.set_defaults(func=_cmd_eval)
 
-    s = sub.add_parser("finetune", help="recover a pruned model (WR-LoRA + progressive distillation)")
+    s = sub.add_parser("finetune", help="recover a pruned model (WR-LoRA + progressive distillation)",
+                       description="The finetune stage alone: WR-LoRA + the 7 sub-stages of progressive distillation "
+                                   "from the dense teacher (Table A budget scaled by finetune.sample_scale); writes "
+                                   "model/ (merged), loss.png, train_log.json under outputs/<name>/finetune/ and "
+                                   "resumes from its last checkpoint.")
     config_args(s)
     s.add_argument("--pruned", help="pruned model directory (default outputs/<name>/prune/model)")
     s.add_argument("--force-stage", action="store_true", help="re-run even if up to date")
@@ -234,17 +285,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters to remove (default 0.5)")
     s.add_argument("--methods", help="comma-separated subset (default: all)")
     s.add_argument("--recover", action="store_true", help="also recover every pruned model with the same budget")
-    s.add_argument("--methods-dir", help="directory of per-method YAML deltas (<method>.yaml), e.g. configs/methods")
+    s.add_argument("--methods-dir", help="directory of per-method YAML deltas (<method>.yaml), e.g. configs/methods; "
+                                         "a delta sits on the first CONFIG, your later files and overrides win")
+    s.add_argument("--tasks", help="comma-separated tasks to compare on (default eval.after_prune, with --recover "
+                                   "eval.after_finetune), e.g. okvqa,gqa,nocaps,flickr30k")
     s.set_defaults(func=_cmd_compare)
 
-    s = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and sample data (CPU, minutes)",
-                       description="prune -> eval -> finetune -> eval on a tiny random BLIP-2 and generated sample "
-                                   "data in the real datasets' formats; writes outputs/demo/results.json.")
+    s = sub.add_parser("demo", help="the whole pipeline on the embedded tiny model and sample data (CPU, ~1 min)",
+                       description="eval_dense -> prune -> eval_pruned -> finetune -> eval_finetuned on a tiny random "
+                                   "BLIP-2 and generated sample data in the real datasets' formats; writes "
+                                   "<out>/demo/results.json. Measured 49 s wall (56 s CPU) on 2 idle cores, 2.5 min "
+                                   "with the machine busy (2026-11-29).")
     s.add_argument("--out", default="outputs", help="output root (default: outputs; the run is <out>/demo)")
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters to remove (default 0.5)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("config", nargs="*", metavar="key=value", help="config overrides, e.g. eval.vqa_scorer=official")
     s.add_argument("--structure-only", action="store_true",
-                   help="only prune with a random plan, save, reload and generate (seconds)")
+                   help="only prune with a random plan, save, reload and generate (8.5 s, mostly imports)")
     s.set_defaults(func=_cmd_demo)
     return p
 
@@ -274,10 +331,21 @@ def _config_keys() -> list[str]:
     return describe()
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args``, except that CONFIG files and ``key=value`` overrides may also come after the options
+    (argparse stops filling a ``nargs='*'`` positional at the first option); they keep their order."""
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "config") and not any(e.startswith("-") for e in extras):
+        args.config = [*(args.config or []), *extras]
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -27,9 +27,12 @@ SCORE_SHARING = {"llm_pruner_local": ("llm_pruner_global", ["prune.scope=local",
 
 def method_config(configs: list[str], overrides: list[str], method: str, ratio: float, root: Path,
                   methods_dir: Path | None) -> RunConfig:
+    """The run config of one method. Its delta ``<methods_dir>/<method>.yaml`` sits right on the first config file
+    (the base the deltas are written against); every later file and every ``key=value`` override of the user wins
+    over it."""
     files = list(configs)
     if methods_dir is not None and (methods_dir / f"{method}.yaml").is_file():
-        files.append(str(methods_dir / f"{method}.yaml"))
+        files.insert(min(1, len(files)), str(methods_dir / f"{method}.yaml"))
     return load_config(files, [*overrides, f"prune.method={method}", f"prune.ratio={ratio}", f"name={method}",
                                f"output_dir={root}", "eval.dense=false"])
 
@@ -59,7 +62,8 @@ def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | No
 
 
 def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str], path: Path,
-                    title: str) -> None:
+                    title: str) -> list[str]:
+    """One panel per task with its headline metric (``PRIMARY_METRIC``), bars labelled; returns the panel titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,11 +79,15 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
         width = 0.8 / len(states)
         for k, state in enumerate(states):
             vals = [(rows[m].get(state) or {}).get(task, {}).get(primary(task), np.nan) for m in methods]
-            ax.bar(x + (k - (len(states) - 1) / 2) * width, vals, width, label=state)
+            bars = ax.bar(x + (k - (len(states) - 1) / 2) * width, vals, width, label=state)
+            ax.bar_label(bars, fmt="%.1f", fontsize=6)  # a zero is a value, not a missing bar
         if dense and task in dense:
             ax.axhline(dense[task][primary(task)], color="k", ls="--", lw=1, label="dense")
         ax.set_xticks(x, methods, rotation=45, ha="right")
         ax.set_ylim(bottom=0)
+        shown = [v for c in ax.containers for v in c.datavalues if np.isfinite(v)]
+        if shown and not any(shown):  # e.g. VQA accuracy of a random model: say so instead of an empty panel
+            ax.text(0.5, 0.5, f"every {primary(task)} is 0", transform=ax.transAxes, ha="center", fontsize=8)
         ax.set_title(f"{task} ({primary(task)})")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
@@ -88,10 +96,14 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
+    return [ax.get_title() for ax in axes[0]]
 
 
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
-            recover: bool = False, methods_dir: Path | None = None) -> dict[str, Any]:
+            recover: bool = False, methods_dir: Path | None = None,
+            tasks: list[str] | None = None) -> dict[str, Any]:
+    """Every method at ``ratio``, evaluated on ``tasks`` (default: eval.after_prune, or eval.after_finetune with
+    ``recover``); ``comparison.png`` has one panel per task with its headline metric."""
     import json
 
     from ukmp.eval.stage import run_eval_stage
@@ -100,7 +112,7 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
 
     base = load_config(configs, overrides)
     root = Path(base.output_dir) / f"{base.name}_compare_{ratio}"
-    tasks = list(base.eval.after_finetune if recover else base.eval.after_prune)
+    tasks = list(tasks or (base.eval.after_finetune if recover else base.eval.after_prune))
     over = [*overrides, f"finetune.enabled={str(recover).lower()}", f"eval.after_prune=[{','.join(tasks)}]",
             f"eval.after_finetune=[{','.join(tasks)}]"]
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])

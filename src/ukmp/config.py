@@ -63,6 +63,7 @@ class PruneConfig:
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
     allow_shortfall: bool = False  # accept a plan below the target ratio (every group at its floor) instead of failing
+    plan_from: str = ""  # apply this plan.json as is (e.g. from `ukmp plan`): no scoring, no allocation
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
 
 
@@ -98,6 +99,7 @@ class EvalConfig:
     max_samples: int = 0  # 0: all
     num_beams: int = 5
     retrieval_model: str = "auto"  # auto: Salesforce/blip2-itm-vit-g (a tiny random one for source=tiny)
+    vqa_scorer: str = "lavis"  # lavis (LAVIS's evaluator copy, the paper's numbers) | official (GT-Vision-Lab today)
 
 
 @dataclass
@@ -178,6 +180,7 @@ _CHOICES = {
     ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
     ("finetune", "lr_schedule"): ("constant", "cosine"),
     ("finetune", "mixed_precision"): ("no", "bf16"),
+    ("eval", "vqa_scorer"): ("lavis", "official"),
 }
 
 
@@ -246,6 +249,20 @@ def validate(cfg: RunConfig) -> None:
         unknown = [t for t in tasks if t not in EVAL_TASKS]
         if unknown:
             raise ConfigError(f"{key}: unknown task {unknown[0]!r} (choose from {', '.join(EVAL_TASKS)})")
+
+
+# Knobs that change how a stage runs but never what it produces (prune.prefetch only moves collation into a
+# background thread). They stay out of the stage hashes, so changing one re-runs nothing. A knob belongs here only
+# with a test that the artifacts are identical with and without it.
+EXECUTION_ONLY: dict[str, tuple[str, ...]] = {"prune": ("prefetch",)}
+
+
+def hashed_section(name: str, section: Any) -> dict[str, Any]:
+    """``asdict(section)`` without the execution-only knobs of ``EXECUTION_ONLY[name]``, for a stage hash."""
+    d = asdict(section)
+    for key in EXECUTION_ONLY.get(name, ()):
+        d.pop(key, None)
+    return d
 
 
 def section_hash(*parts: Any) -> str:

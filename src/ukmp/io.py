@@ -37,6 +37,19 @@ def _refuse_directory(path: Path) -> None:
         raise IsADirectoryError(21, "is a directory, a file was expected here", str(path))
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set and return)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     _refuse_directory(path)
@@ -45,6 +58,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,6 +76,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600, like mkstemp
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -224,6 +239,22 @@ def read_marker(path: str | os.PathLike) -> dict[str, Any]:
     if d.get("version") != PRUNED_VERSION:
         raise ValueError(f"{p}: unsupported version {d.get('version')!r}")
     return d
+
+
+def model_digest(path: str | os.PathLike) -> str:
+    """Content hash (sha256, 16 hex digits) of a saved model directory: ``plan.json``, ``config.json`` and the
+    weights, so a recovered model and the pruned one it came from differ."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("plan.json", "config.json", "model.safetensors"):
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(chunk)
+    return h.hexdigest()[:16]
 
 
 def read_plan(path: str | os.PathLike):

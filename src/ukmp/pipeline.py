@@ -6,7 +6,7 @@ Layout under ``<output_dir>/<name>/``::
     eval_dense/            (eval.dense) metrics.json + per-task predictions
     prune/                 scores.safetensors, plan.json, summary.json, kept_width.png, model/ (pruned, reloadable)
     eval_pruned/           metrics.json + <task>/predictions.json
-    finetune/              model/ (merged, reloadable), loss_curve.png, train_log.json
+    finetune/              model/ (merged, reloadable), loss.png, train_log.json
     eval_finetuned/        metrics.json + per-task predictions
     results.json  results.md  manifest.json
 """
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ukmp.config import RunConfig
+from ukmp.config import RunConfig, hashed_section
 from ukmp.io import atomic_write_json, atomic_write_text
 from ukmp.runtime import resolve_device
 from ukmp.stages import StageRecord, read_stage, run_stage
@@ -93,7 +93,10 @@ def prune_stage(cfg: RunConfig, root: Path, force: bool = False) -> StageRecord:
     """The prune stage under ``root/prune`` (shared by ``ukmp run`` and ``ukmp prune``, so their hashes agree)."""
     from ukmp.prune.stage import run_prune_stage
 
-    parts = [asdict(cfg.model), asdict(cfg.data), asdict(cfg.prune), cfg.seed, file_digest(cfg.prune.scores_from)]
+    parts = [asdict(cfg.model), asdict(cfg.data), hashed_section("prune", cfg.prune), cfg.seed,
+             file_digest(cfg.prune.scores_from)]
+    if cfg.prune.plan_from:
+        parts.append(file_digest(cfg.prune.plan_from))
     return run_stage("prune", root / "prune", parts, [], lambda out: run_prune_stage(cfg, out), force=force)
 
 
@@ -167,6 +170,7 @@ def write_results(cfg: RunConfig, root: Path, records: dict[str, StageRecord]) -
         "target_ratio": cfg.prune.ratio,
         "achieved_ratio": prune_summary.get("achieved_ratio"),
         "parameters": prune_summary.get("parameters"),
+        "vqa_scorer": cfg.eval.vqa_scorer,
         "metrics": results,
         "stages": {k: {"run_id": r.run_id, "skipped": r.skipped, "seconds": round(r.seconds, 2)}
                    for k, r in records.items()},
@@ -174,13 +178,15 @@ def write_results(cfg: RunConfig, root: Path, records: dict[str, StageRecord]) -
     atomic_write_json(root / "results.json", out)
     table = results_table(results)
     header = (f"# {cfg.name}: {cfg.prune.method} at ratio {cfg.prune.ratio} "
-              f"(achieved {prune_summary.get('achieved_ratio', float('nan')):.4f})\n\n")
+              f"(achieved {prune_summary.get('achieved_ratio', float('nan')):.4f})\n\n"
+              f"VQA accuracy by the {cfg.eval.vqa_scorer} scorer.\n\n")
     atomic_write_text(root / "results.md", header + table)
     manifest = {
         "versions": package_versions(),
         "git_commit": git_commit(),
         "seeds": {"run": cfg.seed, "model": cfg.model.seed},
         "plan_digest": prune_summary.get("plan_digest"),
+        "vqa_scorer": cfg.eval.vqa_scorer,
         "calibration_sample_ids": prune_summary.get("calibration_sample_ids"),
         "torch_device": str(resolve_device(cfg.model.device)),
         "stages": {k: str(r.path) for k, r in records.items()},

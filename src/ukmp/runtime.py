@@ -59,7 +59,15 @@ def load_processor(model_dir: Path):
     has_images = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
     if has_images or not path.is_dir():
         return AutoProcessor.from_pretrained(str(model_dir))
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    # the class the tokenizer was saved as (AutoTokenizer would pick the model type's own class for some types)
+    import json
+
+    import transformers
+
+    saved = path / "tokenizer_config.json"
+    name = json.loads(saved.read_text()).get("tokenizer_class") if saved.is_file() else None
+    cls = getattr(transformers, name, None) if isinstance(name, str) else None
+    return (cls or AutoTokenizer).from_pretrained(str(model_dir))
 
 
 def sample_root(output_dir: str | Path) -> Path:

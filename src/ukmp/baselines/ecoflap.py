@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ukmp.baselines.primitives import (
     block_of, lm_loss, plan_meta, prunable_ratio, read_options, to_device, total_prunable, uniform_local, water_fill)
@@ -44,7 +45,8 @@ def zeroth_order_scores(params: Mapping[str, torch.Tensor], loss_fn: Callable[[o
         raise ValueError(f"prune.options.ecoflap.eps: must be > 0, got {eps}")
     out: dict[str, float] = {}
     min_diff = math.inf
-    for t, (name, w) in enumerate(params.items()):
+    for t, (name, w) in enumerate(tqdm(params.items(), desc="ECoFLaP zeroth-order", unit="tensor", leave=False,
+                                       dynamic_ncols=True)):
         saved = w.detach().clone()
         hi = saved.to(torch.promote_types(w.dtype, torch.float32))  # perturb in ≥ fp32, store in the weight dtype
         total = 0.0

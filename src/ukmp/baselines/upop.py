@@ -27,6 +27,7 @@ from typing import Mapping
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ukmp.baselines.magnitude import output_slice
 from ukmp.baselines.primitives import (
@@ -204,6 +205,7 @@ def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float
     history = []
     was_training = model.training
     model.train()
+    bar = tqdm(total=steps, desc="UPop search", unit="step", leave=False, dynamic_ncols=True)
     try:
         t, epoch = 0, 0
         while t < steps:
@@ -227,12 +229,14 @@ def upop_search(model: nn.Module, groups: list[PrunableGroup], batches, p: float
                     gates.set_(select_gates(acc, groups, pi, p, bool(opts["exact_budget"])))
                     history.append((t, pi))
                 t += 1
+                bar.update(1)
                 if t >= steps:
                     break
             if not got:
                 raise ValueError("calibration: UPop needs at least one calibration batch")
             epoch += 1
     finally:
+        bar.close()
         gates.close()
         if lora is not None:
             lora.merge_()

@@ -33,42 +33,82 @@ __all__ = [
     "process_punctuation",
     "recall_at_k",
     "spice_available",
+    "VQA_SCORERS",
     "vqa_accuracy",
+    "vqa_accuracy_official",
     "vqa_score",
 ]
 
 
 # ------------------------------------------------------------------------------------------------------------ VQA
-def vqa_accuracy(pred: str, gt_answers: Sequence[str]) -> float:
-    """Official VQA accuracy of one prediction in [0, 1].
+VQA_SCORERS = ("lavis", "official")
 
-    The prediction is fully normalised (``normalize_answer``). The ground-truth answers are passed through
-    ``process_punctuation`` only, and only when they are not all identical (as in the reference). Then, for each
-    of the n answers in turn, that answer is left out and the score is min(1, matches among the other n-1 / 3);
-    the result is the mean of these n scores. With 10 answers this is the familiar "min(1, #humans/3)" averaged
-    over the ten 9-answer subsets.
-    """
-    if len(gt_answers) < 1:
-        raise ValueError("gt_answers: need at least one ground-truth answer")
-    res = normalize_answer(pred)
-    gts = list(gt_answers)
-    if len(set(gts)) > 1:
-        gts = [process_punctuation(a) for a in gts]
+
+def _leave_one_out(res: str, gts: Sequence[str]) -> float:
+    """For each of the n answers, leave it out and score min(1, matches among the other n-1 / 3); the mean."""
     matches = [a == res for a in gts]
     total = sum(matches)
     # leaving answer i out removes it from the matches when it matched
     return sum(min(1.0, (total - int(m)) / 3.0) for m in matches) / len(gts)
 
 
-def vqa_score(preds: Mapping[Hashable, str], gts: Mapping[Hashable, Sequence[str]]) -> dict[str, float]:
-    """Mean VQA accuracy (percent) over the questions in ``preds``; every one must have ground truth in ``gts``."""
+def vqa_accuracy(pred: str, gt_answers: Sequence[str], scorer: str = "lavis") -> float:
+    """VQA accuracy of one prediction in [0, 1], by ``scorer`` (``"lavis"``, the default, or ``"official"``).
+
+    ``"lavis"`` is the evaluator copy LAVIS vendors (what the UKMP paper's numbers come from): the prediction is
+    always fully normalised (``normalize_answer``); the ground-truth answers pass through ``process_punctuation``
+    only, and only when they are not all identical. ``"official"`` is ``vqa_accuracy_official``.
+
+    Then, for each of the n answers in turn, that answer is left out and the score is min(1, matches among the other
+    n-1 / 3); the result is the mean of these n scores. With 10 answers this is the familiar "min(1, #humans/3)"
+    averaged over the ten 9-answer subsets.
+    """
+    if scorer == "official":
+        return vqa_accuracy_official(pred, gt_answers)
+    if scorer != "lavis":
+        raise ValueError(f"scorer: must be one of {', '.join(VQA_SCORERS)}, got {scorer!r}")
+    if len(gt_answers) < 1:
+        raise ValueError("gt_answers: need at least one ground-truth answer")
+    res = normalize_answer(pred)
+    gts = list(gt_answers)
+    if len(set(gts)) > 1:
+        gts = [process_punctuation(a) for a in gts]
+    return _leave_one_out(res, gts)
+
+
+def vqa_accuracy_official(pred: str, gt_answers: Sequence[str]) -> float:
+    """VQA accuracy in [0, 1] as the current GT-Vision-Lab evaluator computes it (its 2021 answer-processing fix).
+
+    Newlines and tabs become spaces and the ends are stripped, on the prediction and on every answer. Only when the
+    answers are then not all identical do the answers *and* the prediction pass through ``process_punctuation`` and
+    ``process_digit_article`` (which lower-cases); otherwise the raw strings are compared, so "Yes" scores 0 against
+    ten "yes" (LAVIS's copy lower-cases the prediction and scores 1). Same leave-one-out average as ``vqa_accuracy``.
+    """
+    if len(gt_answers) < 1:
+        raise ValueError("gt_answers: need at least one ground-truth answer")
+    res = clean_whitespace(pred)
+    gts = [clean_whitespace(a) for a in gt_answers]
+    if len(set(gts)) > 1:
+        gts = [process_digit_article(process_punctuation(a)) for a in gts]
+        res = process_digit_article(process_punctuation(res))
+    return _leave_one_out(res, gts)
+
+
+def vqa_score(preds: Mapping[Hashable, str], gts: Mapping[Hashable, Sequence[str]],
+              scorer: str = "lavis") -> dict[str, float]:
+    """Mean VQA accuracy (percent) over the questions in ``preds``; every one must have ground truth in ``gts``.
+
+    ``scorer``: ``"lavis"`` (default; the reference's numbers) or ``"official"`` (see ``vqa_accuracy``).
+    """
+    if scorer not in VQA_SCORERS:
+        raise ValueError(f"scorer: must be one of {', '.join(VQA_SCORERS)}, got {scorer!r}")
     if not preds:
         raise ValueError("preds: no predictions to score")
     accs = []
     for qid, pred in preds.items():
         if qid not in gts:
             raise ValueError(f"gts: no ground-truth answers for question_id {qid!r}")
-        accs.append(vqa_accuracy(pred, gts[qid]))
+        accs.append(vqa_accuracy(pred, gts[qid], scorer))
     return {"accuracy": 100.0 * float(np.mean(accs)), "count": len(accs)}
 
 
@@ -207,10 +247,6 @@ def caption_scores(
     _need_java()
     if spice is True and not spice_available():
         raise FileNotFoundError(f"caption_scores(spice=True): Stanford CoreNLP 3.6.0 jars not found in {_spice_lib()}")
-    from pycocoevalcap.bleu.bleu import Bleu  # noqa: PLC0415
-    from pycocoevalcap.cider.cider import Cider  # noqa: PLC0415
-    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415
-    from pycocoevalcap.rouge.rouge import Rouge  # noqa: PLC0415
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer  # noqa: PLC0415
 
     # string keys keep the tokenizer's dict ordering stable and make the id types uniform for the scorers
@@ -218,16 +254,41 @@ def caption_scores(
     keyed = {f"{i}": k for i, k in enumerate(ids)}
     gts_in = {s: [{"caption": clean_whitespace(c)} for c in refs[k]] for s, k in keyed.items()}
     res_in = {s: [{"caption": clean_whitespace(preds[k])}] for s, k in keyed.items()}
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    # METEOR, SPICE and the tokenizer start java: minutes on a large split, so say which scorer runs
+    bar = tqdm(total=6 if spice is not False else 5, desc="caption metrics", unit="scorer", leave=False)
+    bar.set_postfix_str("PTB tokenizer")
     try:
         tok = PTBTokenizer()
         gts, res = tok.tokenize(gts_in), tok.tokenize(res_in)
     except (FileNotFoundError, OSError) as exc:
+        bar.close()
         raise RuntimeError(f"caption_scores: the PTB tokenizer could not run java ({exc})") from exc
+    try:
+        out = _caption_scorers(gts, res, spice, bar)
+    finally:
+        bar.close()
+    out["count"] = len(ids)
+    return out
+
+
+def _caption_scorers(gts: dict, res: dict, spice: bool | Literal["auto"], bar) -> dict[str, float]:
+    from pycocoevalcap.bleu.bleu import Bleu  # noqa: PLC0415
+    from pycocoevalcap.cider.cider import Cider  # noqa: PLC0415
+    from pycocoevalcap.meteor.meteor import Meteor  # noqa: PLC0415
+    from pycocoevalcap.rouge.rouge import Rouge  # noqa: PLC0415
+
+    def step(name: str) -> None:
+        bar.update(1)
+        bar.set_postfix_str(name)
 
     out: dict[str, float] = {}
+    step("BLEU")
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, value in enumerate(bleu, start=1):
         out[f"bleu_{n}"] = 100.0 * float(value)
+    step("METEOR")
     try:
         meteor = Meteor()
     except (FileNotFoundError, OSError) as exc:
@@ -236,14 +297,17 @@ def caption_scores(
         out["meteor"] = 100.0 * float(meteor.compute_score(gts, res)[0])
     finally:
         del meteor  # its __del__ closes the java process
+    step("ROUGE-L")
     out["rouge_l"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
+    step("CIDEr")
     out["cider"] = 100.0 * float(Cider().compute_score(gts, res)[0])
 
     if spice is not False:
+        step("SPICE")
         value = _spice(gts, res, required=spice is True)
         if value is not None:
             out["spice"] = value
-    out["count"] = len(ids)
+    bar.update(1)
     return out
 
 

@@ -90,3 +90,28 @@ def clean_whitespace(text: str) -> str:
 def normalize_answer(text: str) -> str:
     """Full normalisation of a predicted answer: whitespace, punctuation, then digits/articles/contractions."""
     return process_digit_article(process_punctuation(clean_whitespace(text)))
+
+
+# --------------------------------------------------------------------------------------------- OK-VQA lemmatiser
+LEMMATIZED_POS: frozenset[str] = frozenset({"NOUN", "VERB"})
+SPACY_MODEL = "en_core_web_sm"
+
+
+def lemmatize_answers(answers: list[str], nlp) -> list[str]:
+    """LAVIS's OK-VQA post-processing of predicted answers: every token that ``nlp`` (a spaCy pipeline, or any
+    callable returning tokens with ``text``, ``lemma_`` and ``pos_``) tags NOUN or VERB becomes its lemma, the
+    others stay as written; tokens are joined with single spaces."""
+    return [" ".join(t.lemma_ if t.pos_ in LEMMATIZED_POS else t.text for t in nlp(a)) for a in answers]
+
+
+def load_lemmatizer():
+    """``(nlp, None)`` when spaCy and its English model are installed (the ``okvqa`` extra), else ``(None, why)``;
+    never downloads anything."""
+    try:
+        import spacy  # noqa: PLC0415
+    except ImportError:
+        return None, "not applied: spaCy is not installed (pip install 'ukmp[okvqa]')"
+    try:
+        return spacy.load(SPACY_MODEL), None
+    except OSError:
+        return None, f"not applied: the spaCy model {SPACY_MODEL} is not installed"

@@ -41,6 +41,7 @@ __all__ = [
     "itm_scores",
     "load_retrieval_model",
     "rerank_topk",
+    "retrieval_predictions",
     "text_features",
     "tokenize_texts",
     "transplant_vision_",
@@ -213,6 +214,24 @@ def evaluate_retrieval(
     return scores, details
 
 
+def retrieval_predictions(details: dict[str, torch.Tensor], k: int = 10) -> dict[str, Any]:
+    """The readable form of ``evaluate_retrieval``'s details: per image its ``k`` best text ids and scores
+    (``i2t``), per text its ``k`` best image ids and scores (``t2i``), best first, as plain ints and floats.
+
+    Candidates outside a query's re-ranked top ``k_test`` (score -inf) are left out, so a list can be shorter.
+    """
+    out: dict[str, Any] = {"k": k}
+    for key, name, query, cand in (("score_i2t", "i2t", "image", "texts"), ("score_t2i", "t2i", "text", "images")):
+        sim = details[key].float()
+        vals, idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        rows = []
+        for q, (v, i) in enumerate(zip(vals.tolist(), idx.tolist())):
+            keep = [j for j, x in enumerate(v) if x != float("-inf")]
+            rows.append({query: q, cand: [i[j] for j in keep], "scores": [round(v[j], 6) for j in keep]})
+        out[name] = rows
+    return out
+
+
 def _counting(fn: Callable[[int, torch.Tensor], torch.Tensor], bar: Any) -> Callable[[int, torch.Tensor], torch.Tensor]:
     def wrapped(q: int, cand: torch.Tensor) -> torch.Tensor:
         out = fn(q, cand)
@@ -232,23 +251,28 @@ _TINY_CORPUS = (
 
 
 def build_bert_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 128) -> BertTokenizer:
-    """A lower-casing WordPiece ``BertTokenizer`` trained now, offline; ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK].
+    """A lower-casing WordPiece ``BertTokenizer`` built now, offline; ids 0-4 are [PAD] [UNK] [CLS] [SEP] [MASK].
 
-    Raises when the trained vocabulary (the corpus alphabet can exceed the target) is larger than ``vocab_size``.
+    The vocabulary is built deterministically (tokenizers' WordPiece trainer breaks frequency ties differently in
+    every process, which made the tiny retrieval model, and so the demo's Flickr30K numbers, change from run to
+    run): the special tokens, every character of the corpus alone and as a ``##`` continuation, then whole words by
+    frequency (ties in alphabetical order) while room is left. Raises when the characters alone need more than
+    ``vocab_size`` entries.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # noqa: PLC0415
+    from collections import Counter  # noqa: PLC0415
+
+    from tokenizers import normalizers, pre_tokenizers  # noqa: PLC0415
 
     texts = list(corpus) if corpus is not None else list(_TINY_CORPUS)
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
-                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    tok.train_from_iterator(texts * 4, trainer=trainer)
-    vocab = tok.get_vocab()
-    if len(vocab) > vocab_size:
-        raise ValueError(f"vocab_size: the corpus needs {len(vocab)} WordPiece entries, more than {vocab_size}")
-    return BertTokenizer(vocab=vocab)
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _span in pre.pre_tokenize_str(norm.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    base = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars)]
+    if len(base) > vocab_size:
+        raise ValueError(f"vocab_size: the corpus needs {len(base)} WordPiece entries, more than {vocab_size}")
+    whole = [w for w, _n in sorted(words.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    tokens = base + whole[: vocab_size - len(base)]
+    return BertTokenizer(vocab={t: i for i, t in enumerate(tokens)})
 
 
 def build_tiny_retrieval(config: Blip2Config, seed: int = 0,

@@ -77,9 +77,29 @@ def _retrieval_model(cfg: RunConfig, model):
     return load_retrieval_model(source, dtype=cfg.model.dtype, device=next(model.parameters()).device)
 
 
+def vqa_metrics(dataset, preds: list[dict[str, Any]], scorer: str, lemmatize: bool) -> dict[str, Any]:
+    """VQA accuracy of ``preds`` by ``scorer`` (``eval.vqa_scorer``), naming the scorer; for OK-VQA (``lemmatize``)
+    the answers first pass through the reference's spaCy lemmatiser when it is installed, and the metrics say
+    whether it was applied. Lemmatised answers are kept next to the generated ones in ``preds``."""
+    from ukmp.eval.metrics import vqa_score
+    from ukmp.eval.normalize import SPACY_MODEL, lemmatize_answers, load_lemmatizer
+
+    extra: dict[str, Any] = {"scorer": scorer}
+    if lemmatize:
+        nlp, why = load_lemmatizer()
+        if nlp is None:
+            extra["lemmatizer"] = why
+        else:
+            for p, lemma in zip(preds, lemmatize_answers([p["answer"] for p in preds], nlp)):
+                p["answer_generated"], p["answer"] = p["answer"], lemma
+            extra["lemmatizer"] = f"spacy {SPACY_MODEL}"
+    scores = vqa_score({p["question_id"]: p["answer"] for p in preds}, dataset.gts(), scorer=scorer)
+    return {**scores, **extra}
+
+
 def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> dict[str, Any]:
     from ukmp.eval import evaluators
-    from ukmp.eval.retrieval import evaluate_retrieval, transplant_vision_
+    from ukmp.eval.retrieval import evaluate_retrieval, retrieval_predictions, transplant_vision_
 
     ds = _dataset(cfg, task)
     if task.kind == "perplexity":
@@ -95,13 +115,16 @@ def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> di
     # least 0 / 7 new tokens here.
     if task.kind in ("vqa", "gqa"):
         metrics, preds = evaluators.evaluate_vqa(model, processor, ds, kind=task.kind, min_new_tokens=0, **common)
+        if task.kind == "vqa":
+            metrics = vqa_metrics(ds, preds, cfg.eval.vqa_scorer, lemmatize=task.name == "okvqa")
     elif task.kind == "caption":
         metrics, preds = evaluators.evaluate_caption(model, processor, ds, min_new_tokens=7, **common)
     else:
         retrieval, text_tokenizer = _retrieval_model(cfg, model)
         transplant_vision_(retrieval, model)
-        metrics, preds = evaluate_retrieval(retrieval, text_tokenizer, ds, image_size=size,
-                                            batch_size=cfg.eval.batch_size)
+        metrics, details = evaluate_retrieval(retrieval, text_tokenizer, ds, image_size=size,
+                                              batch_size=cfg.eval.batch_size)
+        preds = retrieval_predictions(details)
     atomic_write_json(out / task.name / "predictions.json", preds)
     atomic_write_json(out / task.name / "metrics.json", metrics)
     return metrics

@@ -144,6 +144,16 @@ def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int) -> 
     return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")})
 
 
+def planned(path: str | Path, groups: list[PrunableGroup]) -> ScoreResult:
+    """A plan written by ``ukmp plan`` (or an earlier prune stage), applied as is: no scoring, no allocation."""
+    plan = PruningPlan.load(path)
+    if plan.out_bias:
+        raise ValueError(f"prune.plan_from: {path} adds output biases (FLAP compensation), which only a prune stage "
+                         "with its calibration pass can compute")
+    plan.validate(groups)
+    return ScoreResult({}, stats={"plan_from": str(path)}, plan=plan)
+
+
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
     out = {}
     for kind in group_kinds(groups):
@@ -203,7 +213,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
     get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
     calib = None
-    if not cfg.prune.scores_from and cfg.prune.method not in DATA_FREE:
+    if not (cfg.prune.scores_from or cfg.prune.plan_from) and cfg.prune.method not in DATA_FREE:
         from ukmp.data.loaders import load_dataset
 
         calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
@@ -218,7 +228,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     dense_identity = dense_model_identity(cfg.model, model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
-    if cfg.prune.scores_from:
+    if cfg.prune.plan_from:
+        result, ids, n_batches = planned(cfg.prune.plan_from, groups), [], 0
+    elif cfg.prune.scores_from:
         result, ids, n_batches = cached_scores(cfg.prune.scores_from, groups, total), [], 0
     else:
         method = get_method(cfg.prune.method)
@@ -230,14 +242,17 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
-             cfg.prune.method if not cfg.prune.scores_from else "cached", len(ids), n_batches, clock.lap("score"), sel)
+             "given plan" if cfg.prune.plan_from else cfg.prune.method if not cfg.prune.scores_from else "cached",
+             len(ids), n_batches, clock.lap("score"), sel)
     acfg = allocation_config(cfg.prune, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, total, acfg)
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
-    check_shortfall(plan, cfg.prune.allow_shortfall)
+    if not cfg.prune.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
+        check_shortfall(plan, cfg.prune.allow_shortfall)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
-    save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
+    if not cfg.prune.plan_from:  # a given plan comes without scores
+        save_scores(out / "scores.safetensors", result, model.config, total, acfg, cfg.prune.method)
     model.zero_grad(set_to_none=True)
     if result.pre_apply is not None:
         adapter.add_out_biases_(model, plan.out_bias)
@@ -246,13 +261,14 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     after = adapter.parameter_breakdown(model)
     save_pruned(model, plan, out / "model", processor=processor, extra={"dense_model": dense_identity})
     plan.save(out / "plan.json")
+    achieved = (total - count_parameters(model)) / total
     plot_kept_width(groups, plan, out / "kept_width.png",
-                    f"{cfg.prune.method}: kept width at ratio {cfg.prune.ratio}")
+                    f"{cfg.prune.method}: kept width, achieved ratio {achieved:.4f} (target {cfg.prune.ratio})")
     clock.lap("apply_and_save")
     summary = {
         "method": cfg.prune.method,
         "target_ratio": cfg.prune.ratio,
-        "achieved_ratio": (total - count_parameters(model)) / total,
+        "achieved_ratio": achieved,
         "plan_digest": plan.digest(),
         "parameters": {"total_before": total, "total_after": count_parameters(model),
                        "by_modality_before": before, "by_modality_after": after,

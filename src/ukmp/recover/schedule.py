@@ -9,7 +9,7 @@ BLIP-2 FlanT5-XL (39 ViT blocks, 24+24 T5 blocks) reproduces Table A exactly:
   sub-stage 3 / 5, the second half (13..23) in sub-stage 4 / 6.
 * A decoder-only LM (Llama family, OPT) has no encoder: its odd blocks are split in two, the first half takes the
   ``encoder`` role and the second half the ``decoder`` role (a 30-layer SmolLM2: blocks 1..15 and 17..29), each
-  again halved over the two sub-stages of its role (1..7 / 9..15 in 3 / 4, 17..21 / 23..29 in 5 / 6). A model
+  again halved over the two sub-stages of its role (1..7 / 9..15 in 3 / 4, 17..23 / 25..29 in 5 / 6). A model
   without a vision tower (a plain LM) supervises nothing in sub-stages 1-2.
 * Sub-stage 7 (τ3): CE + KL on the logits, no MSE.
 

@@ -15,6 +15,7 @@ accelerate shards it (process p gets micro-batches p, p+P, …), so one optimize
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 from contextlib import nullcontext
@@ -34,6 +35,8 @@ from ukmp.recover.losses import lpd_loss
 from ukmp.recover.schedule import FeatureTaps, ScheduleConfig, Stage, build_schedule
 from ukmp.recover.wr_lora import WRLoRALinear, adapter_state_dict, load_adapter_state_dict_, named_lora_parameters
 from ukmp.recover.wr_lora import save_adapter
+
+_log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "decoder_attention_mask")
 PRECISIONS = ("no", "bf16")
@@ -133,21 +136,42 @@ def disable_dropout_(model: nn.Module) -> None:
                 setattr(m, attr, 0.0)
 
 
+def loss_terms(log: list[dict[str, Any]]) -> list[str]:
+    """The loss terms logged (``mse_<family>``, ``ce``, ``kl`` ...), in order of first use; ``["loss"]`` if none."""
+    terms: list[str] = []
+    for e in log:
+        terms += [k for k in e.get("parts_rank0", {}) if k != "loss" and k not in terms]
+    return terms or ["loss"]
+
+
 def save_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
+    """One panel per loss term (MSE sub-stages run at another scale than CE and KL), x = optimizer step, one
+    colour per sub-stage."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for stage in sorted({e["stage"] for e in log}):
-        pts = [(e["global_step"], e["loss"]) for e in log if e["stage"] == stage]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"sub-stage {stage + 1}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    if log and min(e["loss"] for e in log) > 0:
-        ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    terms = loss_terms(log)
+    cols = min(3, len(terms))
+    rows = math.ceil(len(terms) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, term in zip(axes.flat, terms):
+        vals = []
+        for stage in sorted({e["stage"] for e in log}):
+            pts = [(e["global_step"], e["loss"] if term == "loss" else e["parts_rank0"][term])
+                   for e in log if e["stage"] == stage and (term == "loss" or term in e.get("parts_rank0", {}))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"sub-stage {stage + 1}")
+                vals += [p[1] for p in pts]
+        ax.set_title(term)
+        ax.set_xlabel("optimizer step")
+        if vals and min(vals) > 0:
+            ax.set_yscale("log")
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(terms):]:
+        ax.axis("off")
+    fig.suptitle("recovery loss terms (" + ", ".join(terms) + ")", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
@@ -312,6 +336,8 @@ def train_lpd(
         if last.optimizer is not None:
             resume_opt = (last.optimizer, state["scheduler"])
         ckpt.set_rng_state(*last.rng)
+        if acc.is_main_process:
+            _log.info("finetune: resumed from step %d (%s)", start["global_step"], last.path)
     else:
         set_seed(cfg.seed)
 
