@@ -195,6 +195,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ShippedConfigsFormatter(argparse.HelpFormatter):
+    """Fills ``{shipped}`` in a help text with the shipped config names when the help is printed: reading them imports
+    torch, which parsing and config validation must not (a bad value fails in a fraction of a second)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{shipped}" in text:
+            from ukmp.models.build import SHIPPED_CONFIGS
+
+            text = text.replace("{shipped}", ", ".join(SHIPPED_CONFIGS))
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ukmp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -203,11 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "inspect", help="unit counts per group kind, parameters per unit, prunable and total parameters",
         description="Report the prunable structure of MODEL without reading any weights (built on the meta device).",
+        formatter_class=_ShippedConfigsFormatter,
     )
-    from ukmp.models.build import SHIPPED_CONFIGS
-
     s.add_argument("model", help="a hub id (Salesforce/blip2-flan-t5-xl), a local model directory, a pruned model "
-                                 "directory, a config .json, or a shipped config: " + ", ".join(SHIPPED_CONFIGS))
+                                 "directory, a config .json, or a shipped config: {shipped}")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_inspect)
 
