@@ -77,3 +77,18 @@ def test_text_dataset_errors(tmp_path):
     bad.write_bytes(b"caf\xe9\n")
     with pytest.raises(ValueError, match="bad.txt: not UTF-8"):
         load_dataset(config_from_dict({"format": "text", "annotations": str(bad)}))
+
+
+def test_repo_text_and_causal_lm_configs_parse(monkeypatch):
+    from pathlib import Path
+
+    from ukmp.config import load_config
+    from ukmp.data.config import load_dataset_config
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.setenv("UKMP_DATA_ROOT", "/data/root")
+    cfg = load_dataset_config(repo / "configs" / "causal_lm" / "text.yaml")
+    assert cfg.format == "text" and cfg.window == 512 and cfg.annotations[0].is_relative_to("/data/root")
+    run = load_config([str(repo / "configs" / "causal_lm" / "smollm2_ukmp_0.2.yaml")])
+    assert run.eval.after_prune == ["perplexity"] and run.prune.ratio == 0.2
+    assert load_config([str(repo / "configs" / "blip2_opt_ukmp_0.5.yaml")]).model.source == "Salesforce/blip2-opt-2.7b"
