@@ -72,7 +72,7 @@ def load_config(source: str | os.PathLike, **overrides: Any):
         path = Path(s)
         if path.is_dir():
             path = path / "config.json"
-    from ukmp.io import read_json_file
+    from ukmp.files import read_json_file
 
     d = read_json_file(path, "model config")
     if not isinstance(d, dict):
@@ -212,7 +212,7 @@ def load_model(
         raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
     if not Path(s).exists() and _looks_like_path(s):
         raise FileNotFoundError(f"{s}: no such model directory")
-    from ukmp.io import is_pruned_dir
+    from ukmp.files import is_pruned_dir
 
     if is_pruned_dir(s):
         raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")

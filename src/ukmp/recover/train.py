@@ -30,7 +30,7 @@ from torch import nn
 from ukmp.data.batches import prefetched
 from ukmp.io import atomic_write_json
 from ukmp.models import forward_inputs
-from ukmp.recover import checkpoint as ckpt
+import ukmp.recover.checkpoint as ckpt
 from ukmp.recover.losses import lpd_loss
 from ukmp.recover.schedule import FeatureTaps, ScheduleConfig, Stage, build_schedule
 from ukmp.recover.wr_lora import WRLoRALinear, adapter_state_dict, load_adapter_state_dict_, named_lora_parameters
