@@ -60,11 +60,11 @@ NO_CONFIG = ("no config file given; `make demo` (or `ukmp demo`) runs the tiny d
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from ukmp.pipeline import run
-
     if not _split_config_args(args.config)[0]:  # the bare defaults are Table A's full budget under outputs/demo
         raise ValueError(NO_CONFIG)
-    cfg = _load_cfg(args)
+    cfg = _load_cfg(args)  # validated before the heavy imports (torch, transformers)
+    from ukmp.pipeline import run
+
     out = run(cfg, force=tuple(args.force or ()), only=tuple(args.only or ()))
     print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
     return 0
@@ -73,21 +73,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ukmp.pipeline import prune_stage
-
     if args.plan:
         args.config = [*args.config, f"prune.plan_from={args.plan}"]
     cfg = _load_cfg(args)
+    from ukmp.pipeline import prune_stage
+
     rec = prune_stage(cfg, Path(cfg.output_dir) / cfg.name, force=args.force_stage)
     print(json.dumps({"prune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
     return 0
 
 
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"--ratio: must be in [0, 1), got {ratio}")
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from ukmp.prune.stage import replan
+    _check_ratio(args.ratio)
+    for flag, v in (("--units-per-step", args.units_per_step), ("--fine-units-per-step", args.fine_units_per_step)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag}: must be >= 1, got {v}")
+    from ukmp.prune.stage import check_shortfall, replan
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
                   units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)
+    check_shortfall(plan, args.allow_shortfall, "--allow-shortfall")
     plan.save(args.out)
     m = plan.meta
     print(json.dumps({"plan": args.out, "target_ratio": m.get("target_ratio"), "achieved_ratio": m.get("achieved_ratio"),
@@ -98,17 +108,15 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = _load_cfg(args)
     from ukmp.eval.stage import run_eval_stage
-
     from ukmp.io import atomic_write_json, model_digest
 
-    cfg = _load_cfg(args)
     tasks = args.tasks.split(",") if args.tasks else cfg.eval.after_finetune
     model_dir = None if args.model == "dense" else Path(args.model)
     out = Path(args.out) if args.out else Path(cfg.output_dir) / cfg.name / (
         "eval_dense" if model_dir is None else eval_dir_name(model_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    run_eval_stage(cfg, model_dir, tasks, out)
+    run_eval_stage(cfg, model_dir, tasks, out)  # creates ``out`` once the model has loaded
     metrics = json.loads((out / "metrics.json").read_text())
     metrics["model"] = ({"path": cfg.model.source, "digest": None} if model_dir is None else
                         {"path": str(model_dir.resolve()), "digest": model_digest(model_dir)})
@@ -131,9 +139,9 @@ def eval_dir_name(model_dir) -> str:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    cfg = _load_cfg(args)
     from ukmp.pipeline import completed_stage, finetune_stage
 
-    cfg = _load_cfg(args)
     root = Path(cfg.output_dir) / cfg.name
     default = root / "prune" / "model"
     pruned = Path(args.pruned) if args.pruned else default
@@ -147,6 +155,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    _check_ratio(args.ratio)
+    _load_cfg(args)  # the base config, validated before anything heavy
     from ukmp.compare import DEFAULT_METHODS, compare
 
     configs, overrides = _split_config_args(args.config)
@@ -185,6 +195,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ShippedConfigsFormatter(argparse.HelpFormatter):
+    """Fills ``{shipped}`` in a help text with the shipped config names when the help is printed: reading them imports
+    torch, which parsing and config validation must not (a bad value fails in a fraction of a second)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if text and "{shipped}" in text:
+            from ukmp.models.build import SHIPPED_CONFIGS
+
+            text = text.replace("{shipped}", ", ".join(SHIPPED_CONFIGS))
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ukmp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -193,11 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "inspect", help="unit counts per group kind, parameters per unit, prunable and total parameters",
         description="Report the prunable structure of MODEL without reading any weights (built on the meta device).",
+        formatter_class=_ShippedConfigsFormatter,
     )
-    from ukmp.models.build import SHIPPED_CONFIGS
-
     s.add_argument("model", help="a hub id (Salesforce/blip2-flan-t5-xl), a local model directory, a pruned model "
-                                 "directory, a config .json, or a shipped config: " + ", ".join(SHIPPED_CONFIGS))
+                                 "directory, a config .json, or a shipped config: {shipped}")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_inspect)
 
@@ -239,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scope", choices=["global", "local"])
     s.add_argument("--units-per-step", type=int)
     s.add_argument("--fine-units-per-step", type=int)
+    s.add_argument("--allow-shortfall", action="store_true",
+                   help="write the plan even when every group is at its floor before the ratio is reached")
     s.set_defaults(func=_cmd_plan)
 
     s = sub.add_parser("eval", help="evaluate a dense or pruned model on zero-shot tasks",
@@ -340,10 +364,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"ukmp {args.command}: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"ukmp {args.command}: interrupted (nothing half-written is kept; re-run to resume)", file=sys.stderr)
+        return 130
+    except (ValueError, KeyError, OSError) as e:  # OSError: also a stage locked by another run
+        print(f"ukmp {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an error's message; for an OS error, the file and the reason."""
+    if isinstance(e, OSError) and getattr(e, "filename", None) and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     over = [*overrides, f"finetune.enabled={str(recover).lower()}", f"eval.after_prune=[{','.join(tasks)}]",
             f"eval.after_finetune=[{','.join(tasks)}]"]
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
+    for m in methods:  # every method's config (with its delta file) is checked before the dense evaluation
+        method_config(configs, over, m, ratio, root, methods_dir)
     dense_rec = run_stage("eval_dense", root / "dense" / "eval_dense", [asdict(dense_cfg.model),
                           asdict(dense_cfg.eval), tasks], [],
                           lambda out: run_eval_stage(dense_cfg, None, tasks, out))

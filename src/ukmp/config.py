@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ class PruneConfig:
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
     drop_unused_layers: bool = True  # drop layers whose output never reaches the output (LLaVA's last ViT layer)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
+    allow_shortfall: bool = False  # accept a plan below the target ratio (every group at its floor) instead of failing
     plan_from: str = ""  # apply this plan.json as is (e.g. from `ukmp plan`): no scoring, no allocation
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
 
@@ -128,8 +130,10 @@ def _read_yaml_chain(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[Path
         raise ConfigError(f"{path}: cannot parse YAML ({str(e).splitlines()[0]})") from None
     except Exception as e:  # noqa: BLE001 - yaml.YAMLError
         raise ConfigError(f"{path}: cannot parse YAML ({str(e).splitlines()[0]})") from None
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level, got a {type(node).__name__}")
     chain: list[tuple[Path, Any]] = []
-    defaults = node.pop("defaults", []) if OmegaConf.is_dict(node) else []
+    defaults = node.pop("defaults", [])
     for d in defaults or []:
         chain += _read_yaml_chain(path.parent / str(d), seen + (path,))
     chain.append((path, node))
@@ -181,21 +185,71 @@ _CHOICES = {
 }
 
 
+# Names other modules own, repeated here so that a config is checked without importing torch (tests tie each list
+# to its source: ukmp.eval.stage.TASKS and the baselines' read_options namespaces).
+EVAL_TASKS = ("okvqa", "vqav2", "gqa", "nocaps", "coco_caption", "flickr30k", "perplexity")
+OPTION_NAMESPACES = ("ecoflap", "flap", "llmp", "mag", "upop", "wanda")
+_DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
+
+
+def _check(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: must be {rule}, got {value!r}")
+
+
 def validate(cfg: RunConfig) -> None:
+    """Every value checked before any work, each error one line under the key the user wrote."""
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}: {value!r} is not one of {', '.join(choices)}")
-    if not 0.0 <= cfg.prune.ratio < 1.0:
-        raise ConfigError(f"prune.ratio: must be in [0, 1), got {cfg.prune.ratio}")
-    if not 0.0 < cfg.prune.threshold <= 1.0:
-        raise ConfigError(f"prune.threshold: must be in (0, 1], got {cfg.prune.threshold}")
-    if cfg.prune.prefetch < 0:
-        raise ConfigError(f"prune.prefetch: must be >= 0, got {cfg.prune.prefetch}")
-    for section, key in (("prune", "num_samples"), ("prune", "batch_size"), ("finetune", "batch_size"),
-                         ("eval", "batch_size"), ("finetune", "r")):
-        if getattr(getattr(cfg, section), key) < 1:
-            raise ConfigError(f"{section}.{key}: must be >= 1")
+    name = Path(cfg.name)
+    _check(bool(cfg.name) and not name.is_absolute() and ".." not in name.parts and cfg.name.strip("./") != "",
+           "name", "a relative name inside output_dir (no '..', not absolute)", cfg.name)
+    _check(bool(cfg.model.source), "model.source", "a model id, directory or config", cfg.model.source)
+    device = cfg.model.device
+    _check(bool(_DEVICE.fullmatch(device)), "model.device", "auto, cpu, cuda, cuda:N or mps", device)
+    if device.startswith("cuda"):
+        import torch  # only when CUDA is asked for
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"model.device: {device!r} requested but CUDA is not available (use auto or cpu)")
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"model.device: {device!r} but only {torch.cuda.device_count()} CUDA device(s)")
+    p, f, d, e = cfg.prune, cfg.finetune, cfg.data, cfg.eval
+    _check(d.image_size >= 0, "data.image_size", ">= 1 (or 0: the model's size)", d.image_size)
+    _check(d.max_text_tokens >= 1, "data.max_text_tokens", ">= 1", d.max_text_tokens)
+    _check(0.0 <= p.ratio < 1.0, "prune.ratio", "in [0, 1)", p.ratio)
+    _check(0.0 < p.threshold <= 1.0, "prune.threshold", "in (0, 1]", p.threshold)
+    _check(0.0 < p.max_group_prune_ratio <= 1.0, "prune.max_group_prune_ratio", "in (0, 1]", p.max_group_prune_ratio)
+    _check(p.prefetch >= 0, "prune.prefetch", ">= 0", p.prefetch)
+    bad_ns = sorted(set(p.options) - set(OPTION_NAMESPACES))
+    if bad_ns:
+        raise ConfigError(f"prune.options.{bad_ns[0]}: unknown namespace (known: {', '.join(OPTION_NAMESPACES)})")
+    for ns, knobs in p.options.items():
+        _check(knobs is None or isinstance(knobs, dict), f"prune.options.{ns}", "a mapping of knobs", knobs)
+    _check(f.lr > 0, "finetune.lr", "> 0", f.lr)
+    _check(f.alpha > 0, "finetune.alpha", "> 0", f.alpha)
+    _check(0.0 <= f.dropout < 1.0, "finetune.dropout", "in [0, 1)", f.dropout)
+    _check(f.sample_scale > 0, "finetune.sample_scale", "> 0", f.sample_scale)
+    _check(f.weight_decay >= 0, "finetune.weight_decay", ">= 0", f.weight_decay)
+    for key, value in (("prune.num_samples", p.num_samples), ("prune.batch_size", p.batch_size),
+                       ("prune.units_per_step", p.units_per_step),
+                       ("prune.fine_units_per_step", p.fine_units_per_step),
+                       ("finetune.batch_size", f.batch_size), ("finetune.r", f.r), ("finetune.r_recall", f.r_recall),
+                       ("finetune.grad_accum", f.grad_accum), ("finetune.checkpoint_every", f.checkpoint_every),
+                       ("eval.batch_size", e.batch_size), ("eval.num_beams", e.num_beams)):
+        _check(value >= 1, key, ">= 1", value)
+    for key, value in (("finetune.warmup_steps", f.warmup_steps), ("finetune.max_steps_per_stage",
+                       f.max_steps_per_stage), ("finetune.final_stage_samples", f.final_stage_samples),
+                       ("eval.max_samples", e.max_samples)):
+        _check(value >= 0, key, ">= 0", value)
+    for key, tasks in (("eval.datasets", list(e.datasets)), ("eval.after_prune", e.after_prune),
+                       ("eval.after_finetune", e.after_finetune)):
+        unknown = [t for t in tasks if t not in EVAL_TASKS]
+        if unknown:
+            raise ConfigError(f"{key}: unknown task {unknown[0]!r} (choose from {', '.join(EVAL_TASKS)})")
 
 
 # Knobs that change how a stage runs but never what it produces (prune.prefetch only moves collation into a

@@ -16,101 +16,26 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from ukmp.files import (  # noqa: F401  (re-exported: ukmp.io is where users and tests find them)
+    MARKER,
+    AtomicDir,
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_text,
+    current_umask,
+    is_pruned_dir,
+    read_json_file,
+)
 
 PRUNED_FORMAT = "ukmp.pruned_model"
 PRUNED_VERSION = 1
-MARKER = "ukmp.json"
-
-
-# ---------------------------------------------------------------------------------------------------- atomic writes
-def current_umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask can only set and return)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.chmod(tmp, 0o666 & ~current_umask())  # safetensors writes 0600, like mkstemp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-class AtomicDir:
-    """Write a directory under a temporary sibling name, then swap it in; on error nothing is left behind."""
-
-    def __init__(self, final: str | os.PathLike):
-        self.final = Path(final)
-        self.tmp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.tmp")
-
-    def __enter__(self) -> Path:
-        self.final.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp.mkdir()
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if self.final.exists():
-            old = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(self.final, old)
-        os.replace(self.tmp, self.final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def read_json_file(path: Path, what: str, error: type[Exception] = ValueError) -> Any:
-    """Parsed JSON; a missing file or bad JSON is a one-line ``error`` naming the file (missing: FileNotFoundError
-    unless ``error`` is a more specific class)."""
-    path = Path(path)
-    if not path.is_file():
-        raise (FileNotFoundError if error is ValueError else error)(f"{path}: {what} not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- state dicts
@@ -135,8 +60,48 @@ def _set_tensor(model: nn.Module, name: str, value: nn.Parameter) -> None:
     setattr(model.get_submodule(mod_path), attr, value)
 
 
-def is_pruned_dir(path: str | os.PathLike) -> bool:
-    return (Path(path) / MARKER).is_file()
+def read_safetensors(path: str | os.PathLike, what: str,
+                     device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a missing, truncated or foreign file is a one-line error naming it."""
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: {what} unreadable, truncated or not safetensors ({str(e).splitlines()[0]})") \
+            from None
+
+
+def fingerprint(model: nn.Module) -> str:
+    """A short hash of tensors no plan ever prunes (the input token embeddings, and BLIP-2's query tokens), rounded to
+    bf16 so the same weights loaded in another dtype give the same value: the dense model a pruned one came from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    tensors = [("embeddings", model.get_input_embeddings().weight)]
+    if isinstance(getattr(model, "query_tokens", None), torch.Tensor):
+        tensors.append(("query_tokens", model.query_tokens))
+    for name, t in tensors:
+        flat = t.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16).view(torch.int16)
+        h.update(name.encode() + flat.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def dense_model_identity(mc, model: nn.Module) -> dict[str, Any]:
+    """What ``ukmp.json`` records of the dense origin (``mc``: the ``ModelConfig`` it was loaded with)."""
+    return {"source": mc.source, "seed": mc.seed, "fingerprint": fingerprint(model)}
+
+
+def check_writable_model_dir(out: Path) -> None:
+    """``save_pruned`` replaces only an earlier pruned-model directory (or an empty one), never a file or other data."""
+    if out.is_file() or out.is_symlink() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file; a pruned model is a directory")
+    if out.is_dir() and not is_pruned_dir(out) and any(out.iterdir()):
+        raise FileExistsError(f"{out}: exists and is not a ukmp pruned model directory ({MARKER} missing); "
+                              f"refusing to replace it")
 
 
 # ---------------------------------------------------------------------------------------------------- save / load
@@ -146,6 +111,7 @@ def save_pruned(
     """Write a pruned model directory atomically (see module docstring). Returns the final path."""
     from ukmp.models import adapter_for, count_parameters
 
+    check_writable_model_dir(Path(out_dir))
     adapter = adapter_for(model.config)
     groups = adapter.groups()
     plan.validate(groups)
@@ -234,8 +200,13 @@ def load_pruned(
     config = load_config(path)
     model = build_model(config, device="meta", attn_implementation=attn_implementation, seed=None)
     adapter_for(config).apply_(model, plan)
-    sd = load_file(str(weights), device=str(device))
-    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    sd = read_safetensors(weights, "weights file", device=device)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    except RuntimeError as e:  # size mismatches: one line, not one per tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln]
+        raise ValueError(f"{weights}: {len(lines)} tensor(s) do not match the shapes plan.json gives "
+                         f"(first: {lines[0] if lines else str(e).splitlines()[0]})") from None
     aliases = marker.get("aliases", {})
     bad_missing = [k for k in missing if k not in aliases]
     if bad_missing or unexpected:

@@ -165,13 +165,13 @@ class PruningPlan:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        from ukmp.io import atomic_write_text
+        from ukmp.files import atomic_write_text
 
         atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=1, sort_keys=False))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruningPlan":
-        from ukmp.io import read_json_file
+        from ukmp.files import read_json_file
 
         p = Path(path)
         return cls.from_dict(read_json_file(p, "plan file", PlanError), source=str(p))

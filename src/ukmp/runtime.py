@@ -82,12 +82,19 @@ def resolve_dataset(spec: str, output_dir: str | Path) -> Path:
         name = spec[len(SAMPLE_PREFIX):]
         root = sample_root(output_dir)
         marker = root / "configs" / f"{name}.yaml"
-        if name == "text" and not marker.is_file():
-            from ukmp.data.sample import write_sample_text
+        if name == "text":
+            if not marker.is_file():
+                from ukmp.data.sample import write_sample_text
 
-            return write_sample_text(root)
-        if not marker.is_file():
+                return write_sample_text(root)
+            return marker
+        complete = root / ".complete"  # written last: a generation killed half-way is redone
+        if not marker.is_file() or not complete.is_file():
+            for stale in root.rglob(".*.tmp") if root.is_dir() else []:  # files of a killed generation
+                if stale.is_file():
+                    stale.unlink(missing_ok=True)
             paths = write_sample_data(root)
+            complete.touch()
             if name not in paths:
                 raise ValueError(f"dataset {spec!r}: no sample dataset named {name!r} (have {', '.join(paths)})")
         return marker

@@ -303,6 +303,9 @@ def load_retrieval_model(name_or_path: str | os.PathLike, dtype: str | torch.dty
     s = str(name_or_path)
     if Path(s).exists() and not (Path(s) / "config.json").is_file():
         raise FileNotFoundError(f"{s}: not a retrieval model directory (config.json missing)")
-    model = Blip2ForImageTextRetrieval.from_pretrained(s, dtype=parse_dtype(dtype), use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(s)
+    try:
+        model = Blip2ForImageTextRetrieval.from_pretrained(s, dtype=parse_dtype(dtype), use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(s)
+    except OSError as e:  # offline and not cached, no such repo, no weights
+        raise OSError(f"eval.retrieval_model: cannot load {s!r} ({str(e).splitlines()[0]})") from None
     return model.to(device).eval(), tokenizer

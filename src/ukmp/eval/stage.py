@@ -10,7 +10,10 @@ alone or inside a VLM, on a ``format: text`` dataset). Dataset YAMLs come from `
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +138,8 @@ def run_eval_stage(cfg: RunConfig, model_dir: Path | None, tasks: list[str], out
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"eval tasks: unknown {unknown} (choose from {', '.join(TASKS)})")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is a file; the evaluation writes a directory")
     device = resolve_device(cfg.model.device)
     if model_dir is None:
         model, processor = load_dense(cfg.model, device)
@@ -142,12 +147,25 @@ def run_eval_stage(cfg: RunConfig, model_dir: Path | None, tasks: list[str], out
         model = load_pruned(model_dir, device=device, dtype=cfg.model.dtype,
                             attn_implementation=cfg.model.attn_implementation)
         processor = load_processor(model_dir)
+    # every task writes into a staging directory; only a complete evaluation publishes its task directories and
+    # metrics.json, so a failure leaves no per-task metrics without the top-level file
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".eval.*.tmp"):  # left by a killed evaluation
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = out / f".eval.{uuid.uuid4().hex[:8]}.tmp"
     results: dict[str, Any] = {}
-    for name in tasks:
-        t0 = time.perf_counter()
-        metrics = evaluate_task(cfg, model, processor, TASKS[name], out)
-        metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2)}
-        results[name] = metrics
-        log.info("eval %s: %s", name, {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
-    atomic_write_json(out / "metrics.json", results)
+    try:
+        for name in tasks:
+            t0 = time.perf_counter()
+            metrics = evaluate_task(cfg, model, processor, TASKS[name], staging)
+            metrics = {**metrics, "seconds": round(time.perf_counter() - t0, 2)}
+            results[name] = metrics
+            log.info("eval %s: %s", name, {k: round(v, 2) for k, v in metrics.items() if isinstance(v, float)})
+        for name in dict.fromkeys(tasks):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+            os.replace(staging / name, out / name)
+        atomic_write_json(out / "metrics.json", results)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return {"tasks": tasks}

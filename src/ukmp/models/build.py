@@ -78,9 +78,11 @@ def load_config(source: str | os.PathLike, **overrides: Any):
         path = Path(s)
         if path.is_dir():
             path = path / "config.json"
-    from ukmp.io import read_json_file
+    from ukmp.files import read_json_file
 
     d = read_json_file(path, "model config")
+    if not isinstance(d, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got a {type(d).__name__}")
     d.update(overrides)
     return config_from_dict(d, str(path))
 
@@ -108,6 +110,12 @@ def config_from_dict(d: dict, source: str = "model config"):
     except ValueError as e:
         raise ValueError(f"{source}: {str(e).removeprefix('model config: ')}") from None
     return config
+
+
+def _looks_like_path(s: str) -> bool:
+    """A source that can only be meant as a local path (a hub id is ``name`` or ``org/name``)."""
+    return (s.startswith(("/", ".", "~")) or s.count("/") > 1 or s.endswith(("/", os.sep))
+            or (os.sep != "/" and os.sep in s))
 
 
 def build_model(
@@ -215,18 +223,29 @@ def load_model(
                            attn_implementation=attn_implementation)
     if Path(s).exists() and not is_local_model_dir(s):
         raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
-    from ukmp.io import is_pruned_dir
+    if not Path(s).exists() and _looks_like_path(s):
+        raise FileNotFoundError(f"{s}: no such model directory")
+    from ukmp.files import is_pruned_dir
 
     if is_pruned_dir(s):
         raise ValueError(f"{s}: this is a pruned model directory; load it with ukmp.io.load_pruned")
+    if is_local_model_dir(s):
+        load_config(s)  # another architecture or a malformed config.json: one line naming the file
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not gguf_file and not any(Path(s, f).is_file() for f in weights):
+            raise FileNotFoundError(f"{s}: config.json but no model.safetensors (or its index) in the directory")
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     from ukmp.models.registry import adapter_for
 
     kw = {"gguf_file": gguf_file} if gguf_file else {"use_safetensors": True}
-    config = AutoConfig.from_pretrained(s, **({"gguf_file": gguf_file} if gguf_file else {}))
-    cls = adapter_for(config).model_class()
-    model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
+    try:
+        config = AutoConfig.from_pretrained(s, **({"gguf_file": gguf_file} if gguf_file else {}))
+        cls = adapter_for(config).model_class()
+        model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
+    except (OSError, SafetensorError) as e:  # not in the local cache offline, no such repo, unreadable weights
+        raise OSError(f"{s}: cannot load the model ({str(e).splitlines()[0]})") from None
     if gguf_file and hasattr(model.config, "quantization_config"):  # dequantised: saved configs must not say GGUF
         del model.config.quantization_config
     if hasattr(model, "query_tokens"):

@@ -317,6 +317,7 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
     extra = {
         "steps": len(history),
         "reached_target": bool(reached),
+        "floors_hit": not reached,  # the loop only stops short when every group is at its floor
         "last_step_removed_params": last_step_params,
         "history": history,
     }
@@ -329,16 +330,18 @@ def _allocate_local(
     r = cfg.target_ratio * total / prunable if cfg.local_ratio_mode == "whole_model" else cfg.target_ratio
     alive = torch.ones(flat.score.numel(), dtype=torch.bool)
     carry: dict[str, float] = {}  # per group kind: the fractional units floor() dropped so far
+    capped = False
     for i, g in enumerate(flat.order):
         want = min(r, 1.0) * g.n_units + (carry.get(g.kind, 0.0) if cfg.local_rounding == "carry" else 0.0)
         n_rm = math.floor(want + 1e-9)
         carry[g.kind] = want - n_rm
-        n_rm = min(n_rm, math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9),
-                   g.n_units - cfg.min_units_per_group)
+        cap = min(math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9), g.n_units - cfg.min_units_per_group)
+        capped |= n_rm > cap
+        n_rm = min(n_rm, cap)
         if n_rm <= 0:
             continue
         members = (flat.gidx == i).nonzero().flatten()
         order = torch.sort(flat.score[members], stable=True).indices  # ties: lower unit index first
         alive[members[order[:n_rm]]] = False
     reached = int(flat.ppu[~alive].sum()) / total >= cfg.target_ratio
-    return alive, {"steps": 1, "local_unit_ratio": r, "reached_target": reached}
+    return alive, {"steps": 1, "local_unit_ratio": r, "reached_target": reached, "floors_hit": capped and not reached}

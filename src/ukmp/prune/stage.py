@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
-from ukmp.io import atomic_save_tensors, atomic_write_json, save_pruned
+from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
@@ -41,12 +41,14 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
     return AllocationConfig.from_dict(d)
 
 
-def calibration_batches(cfg: RunConfig, processor, model):
-    """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples."""
+def calibration_batches(cfg: RunConfig, processor, model, ds=None):
+    """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples
+    (of ``ds``, or of the dataset ``data.calibration`` names)."""
     from ukmp.data.batches import calibration_chunks, dataset_size, make_collator, prefetched
     from ukmp.data.loaders import load_dataset
 
-    ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
+    if ds is None:
+        ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
     collate = make_collator(ds, processor, adapter_for(model).batch_layout(), cfg.data.image_size or None,
                             cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
     size = dataset_size(ds, collate)
@@ -91,19 +93,40 @@ def load_scores(path: str | Path):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: scores file not found")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != SCORES_FORMAT:
-            raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r}")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = config_from_dict(json.loads(meta["model_config"]), f"{path}: model_config")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != SCORES_FORMAT:
+                raise ValueError(f"{path}: metadata 'format' is not {SCORES_FORMAT!r} (not a ukmp scores file)")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        config = config_from_dict(json.loads(meta["model_config"]), f"{path}: model_config")
+        total, alloc = int(meta["total_params"]), json.loads(meta["allocation"])
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable scores file ({type(e).__name__}: {str(e).splitlines()[0]})") \
+            from None
     groups = adapter_for(config).groups()
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
-        part, gid = k.split("/", 1)
+        part, gid = k.split("/", 1) if "/" in k else ("?", k)
         parts.setdefault(part, {})[gid] = v
-    scores = parts.pop("scores")
-    return scores, parts, groups, int(meta["total_params"]), json.loads(meta["allocation"]), meta
+    scores = parts.pop("scores", {})
+    missing = [g.id for g in groups if g.id not in scores]
+    if missing:
+        raise ValueError(f"{path}: no scores for group {missing[0]!r} ({len(missing)} of {len(groups)} missing)")
+    return scores, parts, groups, total, alloc, meta
+
+
+def check_shortfall(plan: PruningPlan, allow: bool, flag: str = "prune.allow_shortfall=true") -> None:
+    """A plan that stopped short of its target because every group sits at its floor is an error unless allowed."""
+    m = plan.meta
+    if m.get("reached_target", True) or not m.get("floors_hit", False):
+        return
+    msg = (f"ratio {m.get('target_ratio')} cannot be reached: every group is at its floor "
+           f"(max_group_prune_ratio={m.get('config', {}).get('max_group_prune_ratio', '?')}); the plan removes "
+           f"{m.get('achieved_ratio', float('nan')):.4f}")
+    if not allow:
+        raise ValueError(f"{msg} (pass {flag} to accept the shortfall)")
+    log.warning("%s; accepted (%s)", msg, flag)
 
 
 def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPlan:
@@ -195,11 +218,20 @@ class _Clock:
 
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
+    get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
+    calib = None
+    if not (cfg.prune.scores_from or cfg.prune.plan_from) and cfg.prune.method not in DATA_FREE:
+        from ukmp.data.loaders import load_dataset
+
+        calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
+        if len(calib) == 0:
+            raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
     total = count_parameters(model)
     before = adapter.parameter_breakdown(model)
+    dense_identity = dense_model_identity(cfg.model, model)  # of the dense model, before any layer is dropped
     drop = adapter.drop_unused(model) if cfg.prune.drop_unused_layers else {}
     pc = cfg.prune
     if drop:  # removed before scoring; the units then make up the rest of the ratio of the whole (dense) model
@@ -222,7 +254,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         if pc.method in DATA_FREE:
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
-            batches, n_batches, ids = calibration_batches(cfg, processor, model)
+            batches, n_batches, ids = calibration_batches(cfg, processor, model, calib)
         result = method(model, groups, batches, pc, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
@@ -235,6 +267,8 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if drop:
         plan.drop_layers = drop
         plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=cfg.prune.ratio)
+    if not pc.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
+        check_shortfall(plan, pc.allow_shortfall)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
     if not pc.plan_from:  # a given plan comes without scores
@@ -245,7 +279,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         result.pre_apply(model, plan)
     adapter.apply_(model, plan)
     after = adapter.parameter_breakdown(model)
-    save_pruned(model, plan, out / "model", processor=processor)
+    save_pruned(model, plan, out / "model", processor=processor, extra={"dense_model": dense_identity})
     plan.save(out / "plan.json")
     achieved = (total - count_parameters(model)) / total
     plot_kept_width(groups, plan, out / "kept_width.png",

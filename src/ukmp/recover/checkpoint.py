@@ -10,14 +10,17 @@ A checkpoint directory ``checkpoints/step-XXXXXXXX/`` holds::
 
 Every process writes its own RNG files into a temporary sibling directory; the main process writes the rest, renames
 the directory into place and finally rewrites ``checkpoints/latest.json``. A kill at any moment leaves either the
-previous complete checkpoint or the new one as ``latest``.
+previous complete checkpoint or the new one as ``latest``. A checkpoint that cannot be read (a truncated file, a
+damaged pointer) is reported with its file and :func:`resume_point` falls back to the previous one.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +28,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from ukmp.io import atomic_save_tensors, atomic_write_json
+from ukmp.io import atomic_save_tensors, atomic_write_json, read_safetensors
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest.json"
 CKPT_FORMAT = "ukmp.lpd_checkpoint"
@@ -157,7 +162,7 @@ def read_optimizer(ckpt: Path, state: dict[str, Any], device: torch.device) -> d
     f = ckpt / "optimizer.safetensors"
     if not f.is_file() or "optimizer" not in state:
         raise FileNotFoundError(f"{f}: optimizer state missing from the checkpoint")
-    tensors = load_file(str(f), device="cpu")
+    tensors = read_safetensors(f, "checkpoint optimizer state")
     tensors = {k: (v if k.endswith(".step") else v.to(device)) for k, v in tensors.items()}
     return optimizer_from_flat(tensors, state["optimizer"])
 
@@ -167,3 +172,64 @@ def restore_rng(ckpt: Path, rank: int) -> None:
     if not f.is_file():
         raise FileNotFoundError(f"{f}: RNG state of process {rank} missing (resume needs the same process count)")
     set_rng_state(load_file(str(f)), json.loads((ckpt / f"rng-{rank}.json").read_text()))
+
+
+# -------------------------------------------------------------------------------------------- resuming
+@dataclass
+class Resumable:
+    """Everything read from one checkpoint, so nothing is applied before the whole checkpoint proved readable."""
+
+    path: Path
+    state: dict[str, Any]
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None
+    rng: tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def read_checkpoint(ckpt: Path, rank: int, device: torch.device) -> Resumable:
+    """Read a whole checkpoint; any damage is a one-line ``ValueError``/``FileNotFoundError`` naming the file."""
+    f = ckpt / "state.json"
+    try:
+        state = read_state(ckpt)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{f}: unreadable ({type(e).__name__})") from None
+    adapter = read_safetensors(ckpt / "adapter.safetensors", "checkpoint adapter")
+    optimizer = read_optimizer(ckpt, state, device) if state.get("scheduler") is not None else None
+    rf = ckpt / f"rng-{rank}.safetensors"
+    if not rf.is_file():
+        raise FileNotFoundError(f"{rf}: RNG state of process {rank} missing (resume needs the same process count)")
+    try:
+        rng_meta = json.loads((ckpt / f"rng-{rank}.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ValueError(f"{ckpt / f'rng-{rank}.json'}: unreadable ({type(e).__name__})") from None
+    return Resumable(ckpt, state, adapter, optimizer, (read_safetensors(rf, "checkpoint RNG state"), rng_meta))
+
+
+def resume_point(out_dir: Path, rank: int, device: torch.device) -> Resumable | None:
+    """The newest readable checkpoint: the one ``latest.json`` names, else the other ``step-*`` ones newest first.
+    Each damaged one is logged as a one-line warning naming its file; ``None`` when none is left (start afresh).
+    Temporary directories of interrupted saves are removed (call before any process writes a checkpoint)."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return None
+    if rank == 0:
+        for t in root.glob(".step-*.tmp"):
+            shutil.rmtree(t, ignore_errors=True)
+    order: list[Path] = []
+    try:
+        first = latest_checkpoint(out_dir)
+        if first is not None:
+            order.append(first)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        log.warning("checkpoint: %s; trying older checkpoints", str(e).splitlines()[0])
+    order += [p for p in sorted(root.glob("step-*"), reverse=True) if p.is_dir() and p not in order]
+    for p in order:
+        try:
+            return read_checkpoint(p, rank, device)
+        except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+            msg = str(e.args[0]) if isinstance(e, KeyError) else str(e)
+            log.warning("checkpoint: %s is damaged (%s); falling back to the previous one", p,
+                        msg.splitlines()[0] if msg else type(e).__name__)
+    if order:
+        log.warning("checkpoint: no readable checkpoint in %s; training starts afresh", root)
+    return None

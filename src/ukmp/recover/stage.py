@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ukmp.config import RunConfig, section_hash
-from ukmp.io import atomic_write_json, load_pruned, read_plan, save_pruned
+from ukmp.io import MARKER, atomic_write_json, fingerprint, load_pruned, read_marker, read_plan, save_pruned
 from ukmp.models import adapter_for
 from ukmp.runtime import is_main_process, load_dense, load_processor, resolve_dataset, resolve_device
 
@@ -53,6 +53,27 @@ def stage_slices(n_data: int, counts: list[int | None], seed: int) -> list[list[
     return out
 
 
+def _describe(origin: dict[str, Any]) -> str:
+    return f"model.source={origin.get('source')!r}, seed {origin.get('seed')}"
+
+
+def check_teacher_config(origin: dict[str, Any] | None, mc, pruned_dir: Path) -> None:
+    """Refuse, before loading anything, a teacher that is visibly not the pruned model's origin: a model built from
+    a config (tiny, a shipped name, a .json) with another source or seed. Other sources are compared by
+    :func:`ukmp.io.fingerprint` once the teacher is loaded (the same weights may live under another path)."""
+    if not origin:
+        return
+    from ukmp.models.build import SHIPPED_CONFIGS
+
+    def built(source: str) -> bool:
+        return source == "tiny" or source in SHIPPED_CONFIGS or source.endswith(".json")
+
+    src = str(origin.get("source", ""))
+    if (built(src) or built(mc.source)) and (src, origin.get("seed")) != (mc.source, mc.seed):
+        raise ValueError(f"{Path(pruned_dir) / MARKER}: pruned from {_describe(origin)}, but the teacher would be "
+                         f"model.source={mc.source!r}, seed {mc.seed}; finetune needs the same dense model")
+
+
 def train_config(cfg: RunConfig):
     from ukmp.recover.schedule import ScheduleConfig
     from ukmp.recover.train import TrainConfig
@@ -77,6 +98,9 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     fc = cfg.finetune
     device = resolve_device(cfg.model.device)
     plan = read_plan(pruned_dir)
+    origin = read_marker(pruned_dir).get("dense_model")
+    check_teacher_config(origin, cfg.model, pruned_dir)
+    ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))  # bad data fails before the models load
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # checkpoints are only resumable by the same run: key the work directory by everything that shapes training
     work = Path(work) / section_hash(asdict(cfg.model), asdict(cfg.data), asdict(fc), cfg.seed, plan.digest(), world)
@@ -84,6 +108,9 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
                           attn_implementation=cfg.model.attn_implementation)
     processor = load_processor(pruned_dir)
     teacher, _ = load_dense(cfg.model, device)
+    if origin and origin.get("fingerprint") and fingerprint(teacher) != origin["fingerprint"]:
+        raise ValueError(f"{pruned_dir / MARKER}: the teacher model.source={cfg.model.source!r} (seed "
+                         f"{cfg.model.seed}) is not the dense model this was pruned from ({_describe(origin)})")
     teacher.requires_grad_(False)
     adapter = adapter_for(teacher)
     removed = adapter.removed_weights(teacher, plan)
@@ -92,7 +119,6 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
                                 alpha=fc.alpha, dropout=fc.dropout, plain_lora=fc.adapter == "lora")
     n_trainable = sum(p.numel() for p in trainable)
 
-    ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))
     collate = make_collator(ds, processor, adapter.batch_layout(), cfg.data.image_size or None,
                             cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
     tcfg = train_config(cfg)

@@ -30,7 +30,7 @@ from torch import nn
 from ukmp.data.batches import prefetched
 from ukmp.io import atomic_write_json
 from ukmp.models import forward_inputs
-from ukmp.recover import checkpoint as ckpt
+import ukmp.recover.checkpoint as ckpt
 from ukmp.recover.losses import lpd_loss
 from ukmp.recover.schedule import FeatureTaps, ScheduleConfig, Stage, build_schedule
 from ukmp.recover.wr_lora import WRLoRALinear, adapter_state_dict, load_adapter_state_dict_, named_lora_parameters
@@ -324,23 +324,21 @@ def train_lpd(
 
     start = {"stage_pos": 0, "epoch": 0, "step_in_epoch": 0, "step_in_stage": 0, "global_step": 0}
     resume_opt = None
-    last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
+    last = ckpt.resume_point(out_dir, acc.process_index, acc.device) if cfg.resume else None
     if last is not None:
-        state = ckpt.read_state(last)
-        from safetensors.torch import load_file
-
+        state = last.state
         if state.get("stage_indices") != [s.index for s in stages] or state.get("num_processes") != acc.num_processes:
-            raise ValueError(f"{last / 'state.json'}: written for sub-stages {state.get('stage_indices')} on "
+            raise ValueError(f"{last.path / 'state.json'}: written for sub-stages {state.get('stage_indices')} on "
                              f"{state.get('num_processes')} processes; exact resume needs the same (or a new out_dir)")
 
-        load_adapter_state_dict_(student, load_file(str(last / "adapter.safetensors")))
+        load_adapter_state_dict_(student, last.adapter)
         start = state["position"]
         run.log = list(state["log"])
-        if state.get("scheduler") is not None:
-            resume_opt = (ckpt.read_optimizer(last, state, acc.device), state["scheduler"])
-        ckpt.restore_rng(last, acc.process_index)
+        if last.optimizer is not None:
+            resume_opt = (last.optimizer, state["scheduler"])
+        ckpt.set_rng_state(*last.rng)
         if acc.is_main_process:
-            _log.info("finetune: resumed from step %d (%s)", start["global_step"], last)
+            _log.info("finetune: resumed from step %d (%s)", start["global_step"], last.path)
     else:
         set_seed(cfg.seed)
 
