@@ -13,6 +13,7 @@ part is mostly a table of module paths and unit shapes.
 from __future__ import annotations
 
 import contextlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Mapping
 
@@ -82,7 +83,7 @@ class FeatureBlock:
     path: str  # module path of the block
 
 
-class Part:
+class Part(ABC):
     """One prunable stack at ``prefix`` inside a model. Subclasses fill the four methods below."""
 
     modality = "language"
@@ -91,8 +92,9 @@ class Part:
         self.config = config
         self.prefix = prefix
 
+    @abstractmethod
     def groups(self) -> list[PrunableGroup]:
-        raise NotImplementedError  # abstract
+        """The prunable groups of this stack, derived from its config alone."""
 
     def update_attention_(self, model: nn.Module, group: PrunableGroup, kept: list[int]) -> None:
         """Make the attention that owns head group ``group`` work with ``kept`` units (weights already sliced)."""
@@ -117,7 +119,7 @@ class Part:
         return {}
 
 
-class ModelAdapter:
+class ModelAdapter(ABC):
     """Architecture of one whole model, composed of :class:`Part` s.
 
     Subclasses set ``name``, ``layout`` and ``parts`` and implement :meth:`stream_masks`. Group ids must be unique
@@ -188,9 +190,9 @@ class ModelAdapter:
             out.update(p.streams())
         return out
 
+    @abstractmethod
     def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """{stream: [B, L] mask of the real tokens, or None when every token is real} for one batch."""
-        raise NotImplementedError  # abstract
 
     def modality_of_param(self, name: str) -> str:
         for p in self.parts:
