@@ -389,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="which ViT weights also learn (default last-block: DINOv2 is trained to ignore colour)")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N train images (0: all 4000)")
     ap.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
+    ap.add_argument("--bench-limit", type=int, default=0,
+                    help="score only the first N of the 500 benchmark questions (0: all; a quick check)")
     ap.add_argument("--skip-checks", action="store_true", help="skip the ONNX and perplexity checks")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
@@ -462,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("training forward vs BLIP-2 forward: max abs diff %.2e", report["training_forward_max_abs_diff"])
     t = time.monotonic()
     feats = vision_features(model, pixels_of(vqa_train, rows.first), cut)
-    vqa_bench = load_dataset(configs["vqa_bench"])
+    vqa_bench = load_dataset(configs["vqa_bench"], **({"max_samples": args.bench_limit} if args.bench_limit else {}))
     bench_rows = Rows(vqa_bench, processor.tokenizer, image_id)
     bench_feats = vision_features(model, pixels_of(vqa_bench, bench_rows.first), cut)
     report["feature_seconds"] = round(time.monotonic() - t, 1)

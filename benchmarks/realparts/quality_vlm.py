@@ -37,6 +37,12 @@ VQA, PPL = "okvqa", "perplexity"
 # ratio, and reused at the others (the plan-producing methods -- FLAP, ECoFLaP, Wanda-sp, UPop -- use the ratio
 # while scoring and are re-run)
 RATIO_FREE = ("ukmp", "llm_pruner_global")
+# What a 2-core CPU affords on this 161M model (any key=value given wins over these): one calibration budget for
+# every method (64 captions; ECoFLaP's delta asks 128); UPop's search trains every weight for upop.steps steps
+# (configs/methods/upop.yaml's 200 would cost hours per ratio here): 20 steps, 4 gate updates; ECoFLaP's zeroth-order
+# block scores need 2 forwards per tensor per batch (~280 tensors): its first-order variant instead.
+TESTBED_OVERRIDES = ["prune.num_samples=64", "prune.options.upop.steps=20", "prune.options.upop.update_every=5",
+                     "prune.options.ecoflap.score=first"]
 ABLATIONS: dict[str, list[tuple[str, list[str], bool]]] = {
     # table -> [(row label, overrides, needs the ukmp scores recomputed)]; the UKMP row of each table is the
     # reference run itself and is not repeated
@@ -131,7 +137,7 @@ def gallery(result: dict[str, Any], root: Path, ratio: float, dataset_yaml: str,
     def answers(path: Path) -> dict[Any, str]:
         return {p["question_id"]: p["answer"] for p in json.loads(path.read_text())} if path.is_file() else {}
 
-    cols = {"dense": answers(croot / "dense" / "eval_dense" / VQA / "predictions.json")}
+    cols = {"dense": answers(root / "dense" / "eval_dense" / VQA / "predictions.json")}
     for m in result["methods"]:
         cols[m] = answers(croot / m / "eval_pruned" / VQA / "predictions.json")
         rec = answers(croot / m / "eval_finetuned" / VQA / "predictions.json")
@@ -233,7 +239,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Dense: easy-VQA **{d['vqa']:.2f} %** (500 fixed test questions), held-out perplexity "
              f"**{d['ppl']:.3f}** ({result['ppl_tokens']}). Ratio = fraction of all {result['total_params']:,} "
              f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "
-             f"Machine: {result['machine']}; {result['date']}; total {result['total_minutes']:.1f} min.", "",
+             f"Machine: {result['machine']}; {result['date']}; total {result['total_minutes']:.1f} min. "
+             f"Command: `{result.get('command', '')}`; overrides: `{' '.join(result.get('overrides', []))}`.", "",
              "## After pruning (VQA % / perplexity)", "",
              "| method | " + " | ".join(f"{r}: VQA | {r}: ppl" for r in result["ratios"]) + " | scoring s (0.5) |",
              "|---|" + "---:|---:|" * len(result["ratios"]) + "---:|"]
@@ -288,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.monotonic()
     configs = [args.config]
+    args.overrides = [*TESTBED_OVERRIDES, *args.overrides]
     base = load_config(configs, args.overrides)
     model_dir = Path(base.model.source)
     if not model_dir.is_dir():
@@ -301,18 +309,19 @@ def main(argv: list[str] | None = None) -> int:
     methods = tuple(args.methods.split(","))
     by_ratio: dict[str, dict[str, Any]] = {}
     dense: dict[str, Any] = {}
+    where = {"methods_dir": ROOT / "configs" / "methods", "dense_dir": root / "dense"}  # dense evaluated once
     scored: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # method -> (scores, overrides, first facts)
     for r in ratios:
         croot = root / f"{base.name}_compare_{r}"
         fresh = tuple(m for m in methods if m not in scored)
         found: dict[str, dict[str, Any]] = {}
         if fresh:
-            res = compare(configs, overrides, r, fresh, recover=False, methods_dir=ROOT / "configs" / "methods")
+            res = compare(configs, overrides, r, fresh, recover=False, **where)
             found.update(res["methods"])
         for m in (m for m in methods if m in scored):
             src, extra, _ = scored[m]
             res = compare(configs, [*overrides, f"prune.scores_from={src}", *extra], r, (m,), recover=False,
-                          methods_dir=ROOT / "configs" / "methods")
+                          **where)
             found.update(res["methods"])
         dense = {"vqa": metric(res["dense"], VQA), "ppl": metric(res["dense"], PPL)}
         rows = {}
@@ -336,13 +345,13 @@ def main(argv: list[str] | None = None) -> int:
     for r in recover_ratios:
         rows = by_ratio[str(r)]
         chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
-        res = compare(configs, overrides, r, tuple(chosen), recover=True, methods_dir=ROOT / "configs" / "methods")
+        res = compare(configs, overrides, r, tuple(chosen), recover=True, **where)
         for m, v in res["methods"].items():
             rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
             rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
     result: dict[str, Any] = {
         "name": base.name, "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
-        "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio,
+        "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio, "overrides": args.overrides,
         "ppl_tokens": "first 8 x 512 tokens of the held-out pydoc_data text",
         "total_params": None,
         "recovery_budget": f"schedule {base.finetune.schedule}, sample_scale {base.finetune.sample_scale}, final "

@@ -101,9 +101,11 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
 
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
             recover: bool = False, methods_dir: Path | None = None,
-            tasks: list[str] | None = None) -> dict[str, Any]:
+            tasks: list[str] | None = None, dense_dir: Path | None = None) -> dict[str, Any]:
     """Every method at ``ratio``, evaluated on ``tasks`` (default: eval.after_prune, or eval.after_finetune with
-    ``recover``); ``comparison.png`` has one panel per task with its headline metric."""
+    ``recover``); ``comparison.png`` has one panel per task with its headline metric. ``dense_dir``: where the
+    dense evaluation stage lives (default ``<root>/dense``; one directory shared by several ratios evaluates the
+    dense model once)."""
     import json
 
     from ukmp.eval.stage import run_eval_stage
@@ -118,7 +120,7 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
     for m in methods:  # every method's config (with its delta file) is checked before the dense evaluation
         method_config(configs, over, m, ratio, root, methods_dir)
-    dense_rec = run_stage("eval_dense", root / "dense" / "eval_dense", [asdict(dense_cfg.model),
+    dense_rec = run_stage("eval_dense", Path(dense_dir or root / "dense") / "eval_dense", [asdict(dense_cfg.model),
                           asdict(dense_cfg.eval), tasks], [],
                           lambda out: run_eval_stage(dense_cfg, None, tasks, out))
     dense = json.loads((dense_rec.path / "metrics.json").read_text())
