@@ -221,7 +221,9 @@ def load_model(
         cfg = load_config(s)
         return build_model(cfg, device=random_weights_device or device, dtype=dtype,
                            attn_implementation=attn_implementation)
-    if Path(s).exists() and not is_local_model_dir(s):
+    if gguf_file and not Path(s, gguf_file).is_file():
+        raise FileNotFoundError(f"{Path(s, gguf_file)}: no such GGUF file (model.source / model.gguf_file)")
+    if Path(s).exists() and not gguf_file and not is_local_model_dir(s):  # a GGUF file carries its own config
         raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
     if not Path(s).exists() and _looks_like_path(s):
         raise FileNotFoundError(f"{s}: no such model directory")
