@@ -248,8 +248,10 @@ def load_model(
         model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
     except (OSError, SafetensorError) as e:  # not in the local cache offline, no such repo, unreadable weights
         raise OSError(f"{s}: cannot load the model ({str(e).splitlines()[0]})") from None
-    if gguf_file and hasattr(model.config, "quantization_config"):  # dequantised: saved configs must not say GGUF
-        del model.config.quantization_config
+    if gguf_file:  # dequantised plain weights: saved configs must not say GGUF, and save_pretrained must not refuse
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
     if hasattr(model, "query_tokens"):
         untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()
