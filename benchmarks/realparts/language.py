@@ -163,16 +163,21 @@ def kept_text(kinds: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
+    full = ""
+    if result.get("dense_full") is not None:
+        n = f" ({s['heldout_tokens']:,} tokens)" if s.get("heldout_tokens") else ""
+        full = f"; {_fmt(result['dense_full'])} on the whole held-out text{n}"
     lines = [f"# Real weights, language only: {s['model']} pruned as a causal LM (held-out perplexity)", "",
              f"Dense perplexity: **{_fmt(result['dense'])}** on the evaluated {s['eval_tokens']:,} held-out tokens "
-             f"(the first {s['eval_windows']} windows of {s['eval_window']})"
-             + (f"; {_fmt(result['dense_full'])} on the whole {s['heldout_tokens'] or 0:,}-token held-out text."
-                if result.get("dense_full") is not None else "."), "",
+             f"(the first {s['eval_windows']} windows of {s['eval_window']}: "
+             f"{result['dense_metrics'].get('tokens', '?'):,} predicted tokens){full}.", "",
              f"- parameters: {s['parameters']}",
              f"- calibration: {s['calib_windows']} windows of {s['calib_window']} tokens (disjoint from the "
              "held-out text); no recovery",
              f"- scores re-used across ratios: {s['score_reuse']}",
-             f"- machine: {s['machine']}; {s['date']}; total {result['wall_seconds']:,.0f} s",
+             f"- machine: {s['machine']}; {s['date']}; {result.get('stage_seconds', 0):,.0f} s in the stages "
+             f"(every dense / prune / eval stage, summed over the invocations that ran them; this invocation "
+             f"{result['wall_seconds']:,.0f} s)",
              f"- command: `{s['command']}`", "",
              "## Perplexity after pruning (lower is better)", "",
              "| method | " + " | ".join(f"{r}" for r in result["ratios"]) + " |",
@@ -204,8 +209,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
-    """Perplexity vs ratio per method on a log axis, the dense perplexity at ratio 0."""
+def plot(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Perplexity vs ratio per method on a log axis, the dense perplexity at ratio 0; returns the axis' scale and
+    line labels (what a test can check without reading pixels)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,14 +231,23 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{result['setup']['model']}: perplexity after pruning (no recovery)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
+    shown = {"yscale": ax.get_yscale(), "lines": [ln.get_label() for ln in ax.get_lines() if ln.get_label()[0] != "_"]}
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+    return shown
+
+
+def stage_seconds(root: Path) -> float:
+    """The compute behind every result under ``root``: the seconds each stage took when it ran (cached stages keep
+    theirs), so the total does not depend on how many invocations it took."""
+    return round(sum(json.loads(f.read_text()).get("seconds", 0.0) for f in root.rglob("stage.json")), 1)
 
 
 def write_outputs(result: dict[str, Any], root: Path, results_dir: Path | None) -> str:
     root.mkdir(parents=True, exist_ok=True)
+    result["stage_seconds"] = stage_seconds(root)
     md = markdown(result)
     atomic_write_json(root / "quality_lm.json", result)
     atomic_write_text(root / "quality_lm.md", md)
