@@ -66,6 +66,7 @@ REUSE_ACROSS_RATIOS: dict[str, list[str]] = {
 CPU_BUDGET: dict[str, list[str]] = {
     "ecoflap_sp": ["prune.options.ecoflap.score=first"],  # zeroth-order: 2 forwards per tensor per batch (210 tensors)
     "upop": ["prune.options.upop.steps=4"],  # 4 search steps = one pass over 32 windows (the reference: 200)
+    "wanda_sp": ["prune.options.wanda.sequential=false"],  # sequential = one calibration forward per block (30)
 }
 ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {  # the override keys of benchmarks/quality.py's tables B / C
     "C: threshold T": [(f"T = {t}", [f"prune.threshold={t}"]) for t in (1.0, 0.8, 0.6, 0.4)],
@@ -99,14 +100,20 @@ def eval_dense(cfg: RunConfig, out: Path) -> dict[str, Any]:
     return {"metrics": json.loads((rec.path / "metrics.json").read_text()), "seconds": rec.seconds}
 
 
+class NotRun(Exception):
+    """``--cached-only``: this run has no finished evaluation yet."""
+
+
 def run_method(configs: list[str], over: list[str], m: str, ratio: float, rdir: Path, extra: list[str],
-               name: str | None = None) -> dict[str, Any]:
+               name: str | None = None, cached_only: bool = False) -> dict[str, Any]:
     from ukmp.pipeline import run
 
     cfg = method_config(configs, [*over, *CPU_BUDGET.get(m, []), *extra], m, ratio, rdir,
                         ROOT / "configs" / "methods")
     if name is not None:  # method_config names the run after its method
         cfg = replace(cfg, name=name)
+    if cached_only and not (rdir / cfg.name / "eval_pruned" / "stage.json").is_file():
+        raise NotRun(f"{cfg.name}@{ratio}")
     t = time.perf_counter()
     out = run(cfg)
     row = {"pruned": _ppl(out["metrics"].get("pruned")), **_summary(rdir / cfg.name / "prune"),
@@ -130,12 +137,12 @@ def ratio_dir(root: Path, ratio: float) -> Path:
     return root / f"ratio_{ratio}"
 
 
-def run_ablations(configs: list[str], over: list[str], root: Path, ratio: float,
-                  reference: dict[str, Any] | None) -> dict[str, list[dict[str, Any]]]:
-    """UKMP at ``ratio`` with one knob changed per row (each row scores afresh: T and entropy change the scores).
-    A row whose config equals UKMP's own (``reference``, the main table's run at ``ratio``) is that run."""
+def run_ablations(configs: list[str], over: list[str], root: Path, ratio: float, reference: dict[str, Any] | None,
+                  out: dict[str, list[dict[str, Any]]], cached_only: bool = False, done=lambda: None) -> None:
+    """UKMP at ``ratio`` with one knob changed per row (each row scores afresh: T and entropy change the scores),
+    into ``out`` (``done()`` after each row). A row whose config equals UKMP's own (``reference``, the main table's
+    run at ``ratio``) is that run; with ``cached_only`` a row not run yet says so."""
     default_t = load_config(configs, over).prune.threshold
-    out: dict[str, list[dict[str, Any]]] = {}
     for table, rows in ABLATIONS.items():
         out[table] = []
         for k, (label, ov) in enumerate(rows):
@@ -143,9 +150,12 @@ def run_ablations(configs: list[str], over: list[str], root: Path, ratio: float,
                 out[table].append({"variant": label, "overrides": ov, **reference, "same_run_as": f"ukmp@{ratio}"})
                 continue
             name = f"abl_{table.split(': ')[1].replace(' ', '_').lower()}_{k}"
-            r = run_method(configs, [*over, *ov], "ukmp", ratio, root, [], name=name)
+            try:
+                r = run_method(configs, [*over, *ov], "ukmp", ratio, root, [], name=name, cached_only=cached_only)
+            except NotRun:
+                r = {"pruned": None, "achieved_ratio": None, "not_run": True}
             out[table].append({"variant": label, "overrides": ov, **r})
-    return out
+            done()
 
 
 # ---------------------------------------------------------------------------------------------------- reporting
@@ -201,9 +211,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"## Ablation {table} (UKMP, ratio {result['ablation_ratio']})", "",
                   "| variant | ppl | tokens back-propagated | achieved | scoring s |", "|---|---:|---:|---:|---:|"]
         for r in rows:
+            if r.get("not_run"):
+                lines.append(f"| {r['variant']} | not run yet | – | – | – |")
+                continue
             tok = "–" if r.get("tokens_selected") is None else f"{r['tokens_selected']:,} / {r['tokens_total']:,}"
             lines.append(f"| {r['variant']} | {_fmt(r.get('pruned'))} | {tok} | {r['achieved_ratio']:.4f} | "
                          f"{_fmt(r.get('score_seconds'), 1)} |")
+    if result.get("not_run"):
+        lines += ["", f"Not run yet (`--cached-only` report): {', '.join(result['not_run'])}"]
     if result.get("errors"):
         lines += ["", "## Errors", ""] + [f"- {k}: {v}" for k, v in result["errors"].items()]
     return "\n".join(lines) + "\n"
@@ -308,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-full-dense", action="store_true", help="skip the dense ppl on the whole held-out text")
     p.add_argument("--ablation-ratio", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--cached-only", action="store_true",
+                   help="run nothing new: tabulate the finished runs (the others are listed as not run)")
     p.add_argument("--results-dir", default=str(RESULTS), help="where realparts_lm.* are copied ('' = nowhere)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -342,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         "dense_full": _ppl(dense_full["metrics"]) if dense_full else None,
         "dense_full_metrics": dense_full["metrics"][TASK] if dense_full else None,
         "dense_metrics": dense["metrics"][TASK], "ratios": sorted(ratios), "methods": list(methods),
-        "by_ratio": by_ratio, "errors": errors, "ablation_ratio": args.ablation_ratio, "wall_seconds": 0.0,
+        "by_ratio": by_ratio, "errors": errors, "not_run": [], "ablation_ratio": args.ablation_ratio, "wall_seconds": 0.0,
         "setup": {
             "model": "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised to float32)" if real else base.model.source,
             "parameters": "ratio = removed / all 134,515,008 parameters of the dense model, the tied input/output "
@@ -372,20 +389,25 @@ def main(argv: list[str] | None = None) -> int:
             log.info("language track: %s at ratio %s", m, r)
             try:
                 by_ratio[str(r)][m] = run_method(configs, over, m, r, ratio_dir(root, r),
-                                                 score_reuse(m, methods, r, ratios[0], root))
+                                                 score_reuse(m, methods, r, ratios[0], root), cached_only=args.cached_only)
+            except NotRun:
+                result["not_run"].append(f"{m}@{r}")
             except Exception as e:  # one method's failure (e.g. on GQA) is a result, not the end of the run
                 log.exception("language track: %s at ratio %s failed", m, r)
                 errors[f"{m}@{r}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
             write_outputs(result, root, None)  # what is done so far, readable while the rest runs
-    if not args.no_full_dense:  # after the methods: the slowest evaluation is the least needed
+    full_done = (root / "dense_full" / "eval_dense" / "stage.json").is_file()
+    if not args.no_full_dense and (full_done or not args.cached_only):  # after the methods: the least needed
         full_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense_full", "eval.max_samples=0"])
         dense_full = eval_dense(full_cfg, root / "dense_full" / "eval_dense")
         result.update(dense_full=_ppl(dense_full["metrics"]), dense_full_metrics=dense_full["metrics"][TASK])
         result["setup"]["dense_full_eval_seconds"] = dense_full["seconds"]
     if not args.no_ablations:
-        result["ablations"] = run_ablations(configs, over, ratio_dir(root, args.ablation_ratio) / "ablations",
-                                            args.ablation_ratio, by_ratio.get(str(args.ablation_ratio), {}).get("ukmp"))
+        result["ablations"] = {}
+        run_ablations(configs, over, ratio_dir(root, args.ablation_ratio) / "ablations", args.ablation_ratio,
+                      by_ratio.get(str(args.ablation_ratio), {}).get("ukmp"), result["ablations"], args.cached_only,
+                      lambda: write_outputs(result, root, None))
     result["wall_seconds"] = round(time.perf_counter() - t0, 1)
     md = write_outputs(result, root, Path(args.results_dir) if args.results_dir else None)
     print(md)

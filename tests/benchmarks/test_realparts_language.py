@@ -115,8 +115,12 @@ def test_command_on_tiny_llama(language, tmp_path):
     assert "| ukmp | " in (tmp_path / "results" / "realparts_lm.md").read_text()
     stage = root / "ratio_0.3" / "ukmp" / "prune" / "stage.json"
     before = stage.stat().st_mtime_ns
-    assert language.main(argv) == 0  # resumable: the second call reuses every finished stage
+    # resumable: a second call reuses every finished stage; --cached-only runs nothing new and says what is missing
+    again_argv = [*argv[:1], "0.3,0.5", "--cached-only", *argv[2:]]
+    assert language.main(again_argv) == 0
     assert stage.stat().st_mtime_ns == before
+    assert not (root / "ratio_0.5").exists()
+    assert json.loads((root / "quality_lm.json").read_text())["not_run"] == ["ukmp@0.5", "magnitude_sp@0.5"]
     again = json.loads((root / "quality_lm.json").read_text())["by_ratio"]["0.3"]
 
     def same(r):
