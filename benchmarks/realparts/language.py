@@ -243,7 +243,7 @@ def plot(result: dict[str, Any], path: Path) -> dict[str, Any]:
     ax.set_yscale("log")
     ax.set_xlabel("pruning ratio (fraction of all parameters, tied embedding counted once)")
     ax.set_ylabel(f"held-out perplexity ({result['setup']['eval_tokens']:,} tokens, log)")
-    ax.set_title(f"{result['setup']['model']}: perplexity after pruning (no recovery)")
+    ax.set_title(f"{result['setup']['model'].split(' (')[0]}: perplexity after pruning (no recovery)")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     shown = {"yscale": ax.get_yscale(), "lines": [ln.get_label() for ln in ax.get_lines() if ln.get_label()[0] != "_"]}
