@@ -185,6 +185,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"- calibration: {s['calib_windows']} windows of {s['calib_window']} tokens (disjoint from the "
              "held-out text); no recovery",
              f"- scores re-used across ratios: {s['score_reuse']}",
+             "- CPU-budget options (one thread): " + ("; ".join(f"{m} {' '.join(v)}" for m, v in
+                                                              s.get("cpu_budget_options", {}).items()) or "none"),
              f"- machine: {s['machine']}; {s['date']}; {result.get('stage_seconds', 0):,.0f} s in the stages "
              f"(every dense / prune / eval stage, summed over the invocations that ran them; this invocation "
              f"{result['wall_seconds']:,.0f} s)",
