@@ -48,14 +48,17 @@ def load_dense(mc: ModelConfig, device: torch.device | None = None):
     model = load_model(mc.source, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                        gguf_file=mc.gguf_file or None)
     processor = random_weights_processor(mc.source, model.config)
-    return model, processor if processor is not None else load_processor(Path(mc.source))
+    return model, processor if processor is not None else load_processor(Path(mc.source), mc.gguf_file or None)
 
 
-def load_processor(model_dir: Path):
-    """The processor saved with a model (BLIP-2: ``Blip2Processor``), or its tokenizer alone (a plain LM)."""
+def load_processor(model_dir: Path, gguf_file: str | None = None):
+    """The processor saved with a model (BLIP-2: ``Blip2Processor``), or its tokenizer alone (a plain LM); with
+    ``gguf_file`` the tokenizer stored in that GGUF file."""
     from transformers import AutoProcessor, AutoTokenizer
 
     path = Path(model_dir)
+    if gguf_file:
+        return AutoTokenizer.from_pretrained(str(model_dir), gguf_file=gguf_file)
     has_images = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
     if has_images or not path.is_dir():
         return AutoProcessor.from_pretrained(str(model_dir))

