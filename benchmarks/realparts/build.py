@@ -2,7 +2,7 @@
 LLM (SmolLM2-135M-Instruct), its Q-Former trained on easy-VQA, and calibration / recovery data it never saw.
 
     make realparts-install                       # once: the optional extra (see assets.py)
-    python benchmarks/realparts/build.py [--seed 0] [--out DIR] [--steps 700] [--minutes 60] [--train-vit last-block]
+    python benchmarks/realparts/build.py [--seed 0] [--out DIR] [--steps 450] [--minutes 60] [--train-vit last-block]
 
 Steps (each writes under DIR = $UKMP_REALPARTS or ~/.cache/ukmp/realparts; the trained model goes to DIR/model):
 
@@ -49,7 +49,7 @@ log = logging.getLogger("realparts")
 IMAGE_SIZE = 112  # 8 x 8 patches of 14 px; easy-VQA images are 64 px
 NUM_QUERY_TOKENS = 8
 QFORMER = {"hidden_size": 384, "num_hidden_layers": 2, "num_attention_heads": 6, "intermediate_size": 1536}
-TRAIN = {"steps": 700, "images": 8, "questions": 4, "lr": 5e-4, "vit_lr": 1e-4, "warmup": 30, "min_lr_ratio": 0.1,
+TRAIN = {"steps": 450, "images": 8, "questions": 4, "lr": 5e-4, "vit_lr": 1e-4, "warmup": 30, "min_lr_ratio": 0.1,
          "weight_decay": 0.01, "grad_clip": 1.0, "eval_every": 100, "curve_questions": 300}
 BENCH_QUESTIONS = 500
 CAPTION_TEMPLATES = (
@@ -383,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap on training only (default 60)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it; default 2)")
     ap.add_argument("--lr", type=float, default=TRAIN["lr"])
+    ap.add_argument("--vit-lr", type=float, default=TRAIN["vit_lr"], help="learning rate of the trained ViT part")
     ap.add_argument("--images", type=int, default=TRAIN["images"], help="train images per step")
     ap.add_argument("--questions", type=int, default=TRAIN["questions"], help="questions per image per step")
     ap.add_argument("--train-vit", default="last-block", choices=("none", "layernorm", "last-block"),
@@ -470,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     report["feature_seconds"] = round(time.monotonic() - t, 1)
     curve_picks = [(k, q) for k in range(len(bench_rows.images)) for q in range(len(bench_rows.by_image[k]))]
     curve_picks = curve_picks[: TRAIN["curve_questions"]]
-    cfg = {**TRAIN, "steps": args.steps, "lr": args.lr, "images": args.images, "questions": args.questions,
+    cfg = {**TRAIN, "steps": args.steps, "lr": args.lr, "vit_lr": args.vit_lr, "images": args.images,
+           "questions": args.questions,
            "eval_every": args.eval_every}
     info = train(model, rows, feats, cut, side, vit, cfg, args.seed, time.monotonic() + 60 * args.minutes,
                  lambda: accuracy(model, bench_rows, bench_feats, cut, curve_picks))
