@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-ratio", type=float, default=0.5)
     p.add_argument("--gallery", type=int, default=6, help="gallery questions (0: none)")
+    p.add_argument("--gallery-ratio", type=float, default=None,
+                   help="the ratio shown in the gallery (default: the smallest run; at 0.5 most answers are noise)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the copies go ('' = none)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(result, root / "quality.png")
     outputs = [root / "quality.json", root / "quality.md", root / "quality.png"]
     if args.gallery:
-        g = gallery(result, root, max(ratios), base.eval.datasets[VQA], args.gallery)
+        g = gallery(result, root, args.gallery_ratio if args.gallery_ratio is not None else min(ratios),
+                    base.eval.datasets[VQA], args.gallery)
         atomic_write_json(root / "gallery.json", g)
         atomic_write_text(root / "gallery.md", gallery_markdown(g))
         gallery_png(g, root / "gallery.png")
