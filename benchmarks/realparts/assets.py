@@ -13,7 +13,7 @@ later token is calibration / recovery text. Nothing is trained on either.
 from __future__ import annotations
 
 import importlib.metadata
-import os
+import importlib.util
 from pathlib import Path
 
 EXTRA = "ukmp[realparts]"
@@ -53,8 +53,6 @@ def missing_extra() -> str | None:
         except FileNotFoundError as e:
             return str(e)
     for mod in ("onnx", "onnxruntime", "gguf", "easy_vqa"):
-        import importlib.util
-
         if importlib.util.find_spec(mod) is None:
             return f"{mod}: not installed; {INSTALL_HINT}"
     return None
@@ -62,10 +60,9 @@ def missing_extra() -> str | None:
 
 def default_cache_dir() -> Path:
     """``$UKMP_REALPARTS``, else ``${XDG_CACHE_HOME:-~/.cache}/ukmp/realparts``."""
-    if os.environ.get("UKMP_REALPARTS"):
-        return Path(os.environ["UKMP_REALPARTS"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    return Path(base) / "ukmp" / "realparts"
+    from ukmp.testbed import default_cache_dir as cache_dir
+
+    return cache_dir("UKMP_REALPARTS", "realparts")
 
 
 def pydoc_text() -> str:

@@ -22,6 +22,7 @@ Steps (each writes under DIR = $UKMP_REALPARTS or ~/.cache/ukmp/realparts; the t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     all_picks = [(k, q) for k in range(len(bench_rows.images)) for q in range(len(bench_rows.by_image[k]))]
     report["bench_accuracy_teacher_forced"] = accuracy(model, bench_rows, bench_feats, cut, all_picks)
     log.info("accuracy on the %d benchmark questions: %s", len(all_picks), report["bench_accuracy_teacher_forced"])
-    digest = __import__("hashlib").sha256()
+    digest = hashlib.sha256()
     for name, p in sorted(model.named_parameters()):
         if p.requires_grad:
             digest.update(p.detach().numpy().tobytes())

@@ -184,15 +184,16 @@ def check_conversion(path: Path, pixels01: np.ndarray, w: dict[str, torch.Tensor
             "max_abs_diff_last_hidden_state": float((ours - torch.from_numpy(ref["last_hidden_state"])).abs().max()),
             "max_abs_last_hidden_state": scale,
             "max_abs_diff_position_table": float((pos - torch.from_numpy(ref["position_embedding"])).abs().max()),
-            "key_bias_effect": key_bias_effect(w, pixels01)}
+            "key_bias_effect": key_bias_effect(w, pixels01, without=model)}
 
 
-def key_bias_effect(w: dict[str, torch.Tensor], pixels01: np.ndarray) -> dict[str, float]:
+def key_bias_effect(w: dict[str, torch.Tensor], pixels01: np.ndarray, without=None) -> dict[str, float]:
     """The converted ViT with DINOv2's key bias kept vs dropped (max abs difference of the outputs), next to the
-    size of what was dropped (max over layers/heads of |q . b_k| on these images' first-layer queries)."""
+    size of what was dropped (max over heads of |q . b_k| on these images' first-layer queries). ``without``: the
+    converted model at 224 px when already built."""
     x = torch.from_numpy(normalise(pixels01, CLIP_MEAN, CLIP_STD))
     with_bias = build_vision_model(w, ONNX_SIZE, keep_key_bias=True)
-    without = build_vision_model(w, ONNX_SIZE)
+    without = build_vision_model(w, ONNX_SIZE) if without is None else without
     with torch.no_grad():
         a = with_bias(pixel_values=x).last_hidden_state
         b = without(pixel_values=x).last_hidden_state

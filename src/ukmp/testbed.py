@@ -56,12 +56,12 @@ def easy_vqa_root() -> Path:
     return root
 
 
-def default_cache_dir() -> Path:
-    """``$UKMP_TESTBED``, else ``${XDG_CACHE_HOME:-~/.cache}/ukmp/testbed``."""
-    if os.environ.get("UKMP_TESTBED"):
-        return Path(os.environ["UKMP_TESTBED"]).expanduser()
+def default_cache_dir(env: str = "UKMP_TESTBED", name: str = "testbed") -> Path:
+    """``$<env>`` (default ``$UKMP_TESTBED``), else ``${XDG_CACHE_HOME:-~/.cache}/ukmp/<name>``."""
+    if os.environ.get(env):
+        return Path(os.environ[env]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path("~/.cache").expanduser())
-    return Path(base) / "ukmp" / "testbed"
+    return Path(base) / "ukmp" / name
 
 
 def read_answers(path: Path) -> list[str]:

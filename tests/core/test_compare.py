@@ -27,6 +27,14 @@ def test_compare_all_methods_on_the_tiny_model(tmp_path, capsys):
         model = load_pruned(root / m / "prune" / "model")  # every plan reloads
         assert model.config.model_type == "blip-2"
     assert result["methods"]["llm_pruner_local"]["scores_from"].endswith("llm_pruner_global/prune/scores.safetensors")
+    # the same method re-allocating its own scores at another ratio keeps the allocation it imposes (raw sums)
+    scores = root / "llm_pruner_global" / "prune" / "scores.safetensors"
+    assert main(["compare", demo, f"output_dir={tmp_path}", f"prune.scores_from={scores}", "--ratio", "0.3",
+                 "--methods", "llm_pruner_global", "--methods-dir", str(METHODS_DIR)]) == 0
+    again = json.loads((tmp_path / "demo_compare_0.3" / "llm_pruner_global" / "prune" / "summary.json").read_text())
+    first = json.loads((root / "llm_pruner_global" / "prune" / "summary.json").read_text())
+    assert first["allocation"]["normalization"] == again["allocation"]["normalization"] == "none"
+    assert again["prune_config"]["normalization"] != "none"  # the config alone would have normalised
     table = (root / "comparison.md").read_text()
     assert all(f"| {m} |" in table for m in DEFAULT_METHODS) and "| dense |" in table
     assert (root / "comparison.png").stat().st_size > 5000

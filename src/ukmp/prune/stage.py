@@ -80,7 +80,7 @@ def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg
         tensors.update({f"{part}/{k}": v.float().cpu().clone() for k, v in d.items()})
     meta = {"format": SCORES_FORMAT, "version": "1", "method": method, "total_params": str(total_params),
             "allocation": json.dumps(acfg.to_dict()), "model_config": json.dumps(config.to_dict(), default=str),
-            "stats": json.dumps(result.stats)}
+            "stats": json.dumps(result.stats), "method_allocation": json.dumps(result.allocation, default=str)}
     if drop_layers:
         meta["drop_layers"] = json.dumps(drop_layers)
     atomic_save_tensors(path, tensors, metadata=meta)
@@ -143,12 +143,15 @@ def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPl
     return plan
 
 
-def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int) -> ScoreResult:
-    """Scores of an earlier prune stage for the same model structure (re-allocation needs no calibration)."""
+def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int, method: str | None = None) -> ScoreResult:
+    """Scores of an earlier prune stage for the same model structure (re-allocation needs no calibration). When
+    they were computed by ``method`` itself, the allocation settings that method imposes (LLM-Pruner's raw sums:
+    ``normalization: none``) come back with them, as if it had scored again."""
     scores, parts, cached_groups, cached_total, _alloc, meta = load_scores(path)
     if [(g.id, g.n_units) for g in cached_groups] != [(g.id, g.n_units) for g in groups] or cached_total != total:
         raise ValueError(f"prune.scores_from: {path} was computed for a different model structure")
-    return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")})
+    own = json.loads(meta.get("method_allocation", "{}")) if method and meta.get("method") == method else {}
+    return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")}, own)
 
 
 def planned(path: str | Path, groups: list[PrunableGroup]) -> ScoreResult:
@@ -248,7 +251,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if pc.plan_from:
         result, ids, n_batches = planned(pc.plan_from, groups), [], 0
     elif pc.scores_from:
-        result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total), [], 0
+        result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total, pc.method), [], 0
     else:
         method = get_method(pc.method)
         if pc.method in DATA_FREE:
