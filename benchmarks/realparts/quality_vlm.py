@@ -4,7 +4,9 @@ The BLIP-2 of ``build.py`` (DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, Q-Former tr
 every method at each ratio of ALL the model's parameters, each reporting easy-VQA accuracy on the fixed 500 test
 questions, the language model's perplexity on held-out ``pydoc_data`` text, the kept width per group kind and the
 seconds spent scoring. Recovery (one budget for all: the config's finetune section) for UKMP and the ``--recover-top``
-best baselines of each ratio. The appendix's ablations at ``--ablation-ratio``. A generation gallery.
+best baselines of each ratio. The appendix's ablations at ``--ablation-ratio``. A generation gallery. A variant with
+rows of its own: ``--text-methods`` (UKMP and LLM-Pruner by default) calibrated on the captions plus windows of the
+disjoint calibration part of the pydoc_data text (``data.calibration_text``), which reach the language model alone.
 
 Everything lands under ``outputs/realparts_quality/`` (each run a cached, resumable pipeline stage) and is copied to
 ``benchmarks/results/realparts_vlm*.{json,md,png}``.
@@ -215,13 +217,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     continue
                 ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
                         label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
+    tc = result.get("text_calibration") or {}
+    for m in tc.get("methods", []):
+        colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
+        for ax, key, dense in ((axes[0], "vqa", result["dense"]["vqa"]), (axes[1], "ppl", result["dense"]["ppl"])):
+            ys = [dense] + [tc["by_ratio"][str(r)][m].get(key) for r in result["ratios"]]
+            ax.plot(ratios, [float("nan") if y is None else y for y in ys], ":", marker="x", color=colour,
+                    label=f"{m} + text")
     axes[0].set_ylabel("easy-VQA accuracy (%), 500 test questions")
     axes[1].set_ylabel("held-out perplexity of the language model (log)")
     axes[1].set_yscale("log")
     for ax in axes:
         ax.set_xlabel("pruning ratio (fraction of all parameters)")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("real weights (DINOv2-S + SmolLM2-135M BLIP-2): solid = pruned, dashed = recovered")
+    fig.suptitle("real weights (DINOv2-S + SmolLM2-135M BLIP-2): solid = pruned, dashed = recovered, "
+                 "dotted = calibrated on captions + text")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -251,6 +261,21 @@ def markdown(result: dict[str, Any]) -> str:
             cells += [fmt(row["vqa"]), fmt(row["ppl"], 3)]
         last = result["by_ratio"][str(result["ratios"][-1])][m]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(last.get('score_seconds'), 1)} |")
+    tc = result.get("text_calibration") or {}
+    if tc.get("methods"):
+        lines += ["", f"## Variant: calibration on captions plus text ({tc['samples']} windows of {tc['window']} "
+                      f"tokens of the disjoint pydoc_data part, through the language model alone)", "",
+                  "| method | " + " | ".join(f"{r}: VQA | {r}: ppl" for r in result["ratios"]) + " |",
+                  "|---|" + "---:|---:|" * len(result["ratios"])]
+        for m in tc["methods"]:
+            cells = []
+            for r in result["ratios"]:
+                row, base_row = tc["by_ratio"][str(r)][m], result["by_ratio"][str(r)].get(m, {})
+                cells += [f"{fmt(row['vqa'])} ({fmt(base_row.get('vqa'))})",
+                          f"{fmt(row['ppl'], 3)} ({fmt(base_row.get('ppl'), 3)})"]
+            lines.append(f"| {m} + text | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append("In brackets: the same method calibrated on the captions alone (the table above).")
     rec_rows = [(r, m, row) for r in result["ratios"] for m, row in result["by_ratio"][str(r)].items()
                 if row.get("vqa_recovered") is not None]
     if rec_rows:
@@ -278,43 +303,16 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="quality.py --testbed realparts", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--config", default=str(HERE / "realparts.yaml"))
-    p.add_argument("--ratios", default="0.2,0.3,0.5")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
-    p.add_argument("--recover-ratios", default="0.5", help="ratios with recovery runs ('' = none; default 0.5)")
-    p.add_argument("--recover-top", type=int, default=2, help="baselines recovered next to UKMP (best after pruning)")
-    p.add_argument("--no-ablations", action="store_true")
-    p.add_argument("--ablation-ratio", type=float, default=0.5)
-    p.add_argument("--gallery", type=int, default=6, help="gallery questions (0: none)")
-    p.add_argument("--gallery-ratio", type=float, default=None,
-                   help="the ratio shown in the gallery (default: the smallest run; at 0.5 most answers are noise)")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the copies go ('' = none)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    t0 = time.monotonic()
-    configs = [args.config]
-    args.overrides = [*TESTBED_OVERRIDES, *args.overrides]
-    base = load_config(configs, args.overrides)
-    model_dir = Path(base.model.source)
-    if not model_dir.is_dir():
-        raise SystemExit(f"error: {model_dir}: no built model; run python benchmarks/realparts/build.py first")
-    import assets  # noqa: PLC0415  (benchmarks/realparts on the path)
-
-    assets.write_eval_text_yaml(model_dir.parent)
-    root = Path(base.output_dir) / f"{base.name}_quality"
-    overrides = [*args.overrides, f"output_dir={root}"]
-    ratios = [float(r) for r in args.ratios.split(",")]
-    methods = tuple(args.methods.split(","))
+def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: list[float],
+               methods: tuple[str, ...], where: dict[str, Path]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """(dense metrics, {ratio: {method: row}}) after pruning, each method a cached ``compare`` run under
+    ``<prefix>_compare_<ratio>/<method>``. The RATIO_FREE methods (and llm_pruner_local, which re-allocates
+    LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the others."""
     by_ratio: dict[str, dict[str, Any]] = {}
     dense: dict[str, Any] = {}
-    where = {"methods_dir": ROOT / "configs" / "methods", "dense_dir": root / "dense"}  # dense evaluated once
     scored: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # method -> (scores, overrides, first facts)
     for r in ratios:
-        croot = root / f"{base.name}_compare_{r}"
+        croot = Path(f"{prefix}_compare_{r}")
         fresh = tuple(m for m in methods if m not in scored)
         found: dict[str, dict[str, Any]] = {}
         if fresh:
@@ -343,6 +341,56 @@ def main(argv: list[str] | None = None) -> int:
                 elif m in SCORE_SHARING and SCORE_SHARING[m][0] in RATIO_FREE and SCORE_SHARING[m][0] in methods:
                     src, alloc = SCORE_SHARING[m]
                     scored[m] = (croot / src / "prune" / "scores.safetensors", list(alloc), rows[src])
+    return dense, by_ratio
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quality.py --testbed realparts", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--config", default=str(HERE / "realparts.yaml"))
+    p.add_argument("--ratios", default="0.2,0.3,0.5")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
+    p.add_argument("--recover-ratios", default="0.5", help="ratios with recovery runs ('' = none; default 0.5)")
+    p.add_argument("--recover-top", type=int, default=2, help="baselines recovered next to UKMP (best after pruning)")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-ratio", type=float, default=0.5)
+    p.add_argument("--gallery", type=int, default=6, help="gallery questions (0: none)")
+    p.add_argument("--gallery-ratio", type=float, default=None,
+                   help="the ratio shown in the gallery (default: the smallest run; at 0.5 most answers are noise)")
+    p.add_argument("--text-methods", default="ukmp,llm_pruner_global",
+                   help="methods also run with the held-out text's disjoint calibration part mixed into calibration "
+                        "(data.calibration_text: its language model sees real text, not captions alone); a "
+                        "variant with rows of its own ('' = none)")
+    p.add_argument("--text-samples", type=int, default=0,
+                   help="text windows (128 tokens) besides the captions (prune.num_text_samples; 0: as many)")
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the copies go ('' = none)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    t0 = time.monotonic()
+    configs = [args.config]
+    args.overrides = [*TESTBED_OVERRIDES, *args.overrides]
+    base = load_config(configs, args.overrides)
+    model_dir = Path(base.model.source)
+    if not model_dir.is_dir():
+        raise SystemExit(f"error: {model_dir}: no built model; run python benchmarks/realparts/build.py first")
+    import assets  # noqa: PLC0415  (benchmarks/realparts on the path)
+
+    assets.write_eval_text_yaml(model_dir.parent)
+    root = Path(base.output_dir) / f"{base.name}_quality"
+    overrides = [*args.overrides, f"output_dir={root}"]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    methods = tuple(args.methods.split(","))
+    where = {"methods_dir": ROOT / "configs" / "methods", "dense_dir": root / "dense"}  # dense evaluated once
+    dense, by_ratio = prune_rows(configs, overrides, root / f"{base.name}", ratios, methods, where)
+    text_methods = tuple(m for m in args.text_methods.split(",") if m.strip())
+    text_rows: dict[str, dict[str, Any]] = {}
+    if text_methods:
+        text_yaml = model_dir.parent / "configs" / "text_calibration.yaml"
+        vroot = root / "text_calibration"
+        _, text_rows = prune_rows(configs, [*overrides, f"output_dir={vroot}", f"data.calibration_text={text_yaml}",
+                                            f"prune.num_text_samples={args.text_samples}"],
+                                  vroot / base.name, ratios, text_methods, where)
     recover_ratios = [float(r) for r in args.recover_ratios.split(",") if r.strip()]
     for r in recover_ratios:
         rows = by_ratio[str(r)]
@@ -354,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "name": base.name, "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
         "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio, "overrides": args.overrides,
+        "text_calibration": {"methods": list(text_methods), "by_ratio": text_rows,
+                             "samples": args.text_samples or base.prune.num_samples, "window": 128},
         "ppl_tokens": "first 8 x 512 tokens of the held-out pydoc_data text",
         "total_params": None,
         "recovery_budget": f"schedule {base.finetune.schedule}, sample_scale {base.finetune.sample_scale}, final "

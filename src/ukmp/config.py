@@ -38,6 +38,7 @@ class DataConfig:
     image_size: int = 0  # 0: the model's image size
     max_text_tokens: int = 32
     augment: bool = True  # RandomResizedCrop(0.5, 1) + horizontal flip, as the reference does for calibration
+    calibration_text: str = ""  # a text dataset YAML mixed into a VLM's calibration (its language model alone)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PruneConfig:
     method: str = "ukmp"  # ukmp | random | magnitude (baselines register more)
     ratio: float = 0.5  # fraction of ALL model parameters to remove
     num_samples: int = 1000
+    num_text_samples: int = 0  # windows of data.calibration_text besides num_samples (0: as many as num_samples)
     batch_size: int = 8
     threshold: float = 0.4  # token-selection T; 1.0 selects every token
     taylor: str = "first"  # first | first_no_threshold | second | mix
@@ -224,6 +226,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 < p.threshold <= 1.0, "prune.threshold", "in (0, 1]", p.threshold)
     _check(0.0 < p.max_group_prune_ratio <= 1.0, "prune.max_group_prune_ratio", "in (0, 1]", p.max_group_prune_ratio)
     _check(p.prefetch >= 0, "prune.prefetch", ">= 0", p.prefetch)
+    _check(p.num_text_samples >= 0, "prune.num_text_samples", ">= 0", p.num_text_samples)
     bad_ns = sorted(set(p.options) - set(OPTION_NAMESPACES))
     if bad_ns:
         raise ConfigError(f"prune.options.{bad_ns[0]}: unknown namespace (known: {', '.join(OPTION_NAMESPACES)})")
@@ -256,13 +259,21 @@ def validate(cfg: RunConfig) -> None:
 # background thread). They stay out of the stage hashes, so changing one re-runs nothing. A knob belongs here only
 # with a test that the artifacts are identical with and without it.
 EXECUTION_ONLY: dict[str, tuple[str, ...]] = {"prune": ("prefetch",)}
+# Fields added after stage caches existed: hashed only when set away from their default, so that a run which
+# does not use them keeps the stage hashes (and the finished stages) it had before they were added.
+LATE_FIELDS: dict[str, tuple[str, ...]] = {"data": ("calibration_text",), "prune": ("num_text_samples",)}
 
 
 def hashed_section(name: str, section: Any) -> dict[str, Any]:
-    """``asdict(section)`` without the execution-only knobs of ``EXECUTION_ONLY[name]``, for a stage hash."""
+    """``asdict(section)`` without the execution-only knobs of ``EXECUTION_ONLY[name]`` and the ``LATE_FIELDS`` at
+    their defaults, for a stage hash."""
     d = asdict(section)
     for key in EXECUTION_ONLY.get(name, ()):
         d.pop(key, None)
+    defaults = type(section)()
+    for key in LATE_FIELDS.get(name, ()):
+        if key in d and d[key] == getattr(defaults, key):
+            d.pop(key)
     return d
 
 

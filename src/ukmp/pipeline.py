@@ -93,7 +93,7 @@ def prune_stage(cfg: RunConfig, root: Path, force: bool = False) -> StageRecord:
     """The prune stage under ``root/prune`` (shared by ``ukmp run`` and ``ukmp prune``, so their hashes agree)."""
     from ukmp.prune.stage import run_prune_stage
 
-    parts = [asdict(cfg.model), asdict(cfg.data), hashed_section("prune", cfg.prune), cfg.seed,
+    parts = [asdict(cfg.model), hashed_section("data", cfg.data), hashed_section("prune", cfg.prune), cfg.seed,
              file_digest(cfg.prune.scores_from)]
     if cfg.prune.plan_from:
         parts.append(file_digest(cfg.prune.plan_from))
@@ -105,7 +105,7 @@ def finetune_stage(cfg: RunConfig, root: Path, pruned_dir: Path, upstream: list[
     """The finetune stage under ``root/finetune`` (shared by ``ukmp run`` and ``ukmp finetune``)."""
     from ukmp.recover.stage import run_finetune_stage
 
-    parts = [asdict(cfg.model), asdict(cfg.data), asdict(cfg.finetune), cfg.seed, str(pruned_dir)]
+    parts = [asdict(cfg.model), hashed_section("data", cfg.data), asdict(cfg.finetune), cfg.seed, str(pruned_dir)]
     return run_stage("finetune", root / "finetune", parts, upstream,
                      lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"), force=force)
 

@@ -155,7 +155,9 @@ def fake_result():
                 "kept_width": {"vit_head": 0.5, "lm_mlp": 0.4}}
             for m, v, p in (("ukmp", 60.0, 30.0), ("flap", 70.0, 25.0), ("random", 70.0, 90.0), ("wanda_sp", 20.0, 40.0))}
     rows["ukmp"].update(vqa_recovered=80.0, ppl_recovered=20.0)
-    return {"name": "realparts", "dense": {"vqa": 92.0, "ppl": 14.5}, "ratios": [0.5], "methods": list(rows),
+    text = {"ukmp": {"vqa": 65.0, "ppl": 28.0, "achieved_ratio": 0.5}}
+    return {"text_calibration": {"methods": ["ukmp"], "by_ratio": {"0.5": text}, "samples": 64, "window": 128},
+            "name": "realparts", "dense": {"vqa": 92.0, "ppl": 14.5}, "ratios": [0.5], "methods": list(rows),
             "by_ratio": {"0.5": rows}, "ablation_ratio": 0.5, "ppl_tokens": "8 x 512", "total_params": 161_000_000,
             "recovery_budget": "x", "machine": "2 CPUs", "date": "2026-11-29", "total_minutes": 1.0,
             "ablations": {"C: threshold T": [{"variant": "T = 0.4 (UKMP)", "pruned_vqa": 60.0, "pruned_ppl": 30.0,
@@ -171,6 +173,7 @@ def test_report_tables_and_plot(tmp_path):
     assert "| ukmp | 60.00 | 30.000 | 2.0 |" in md
     assert "| 0.5 | ukmp | 60.00 → 80.00 | 30.000 → 20.000 |" in md
     assert "| T = 0.4 (UKMP) | 60.00 | 30.000 | 10 / 40 | 0.5000 |" in md
+    assert "| ukmp + text | 65.00 (60.00) | 28.000 (30.000) |" in md  # the variant next to captions alone
     q.plot(res, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000
     g = {"ratio": 0.5, "columns": ["dense", "ukmp"],

@@ -207,10 +207,10 @@ def to_device(batch: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, 
 def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], per_sample: bool = False) -> torch.Tensor:
     """Teacher-forced CE in fp32 over ``labels != -100``: the batch mean over tokens, or (``per_sample``) the sum
     over samples of each sample's token mean (batch-additive, so one backward equals B batch-1 backwards)."""
-    from ukmp.models import forward_inputs
+    from ukmp.models import forward_batch
 
     labels = batch["labels"]
-    logits = model(**forward_inputs(model, batch)).logits.float()
+    logits = forward_batch(model, batch).logits.float()
     valid = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none") * valid
     if per_sample:

@@ -109,11 +109,11 @@ class InputStats:
         """Forward every batch (no grad); returns the number of batches."""
         n = 0
         for batch in batches:
-            from ukmp.models import forward_inputs
+            from ukmp.models import forward_batch
 
             b = to_device(batch, self.model)
             self._masks = self.adapter.stream_masks(b)
-            self.model(**forward_inputs(self.model, b))
+            forward_batch(self.model, b)
             n += 1
         self._masks = {}
         return n

@@ -104,3 +104,15 @@ def forward_inputs(model, batch):
     if config is not None and is_decoder_only(config):
         return {k: v for k, v in batch.items() if k != "labels"}
     return dict(batch)
+
+
+def forward_batch(model, batch):
+    """``model``'s outputs on a collated batch. A text-only batch (no ``pixel_values``: windows of a text dataset)
+    given to a vision-language model runs through its language model alone, so calibration can mix plain text in
+    for the language model; every other batch goes through ``model`` itself."""
+    inputs = forward_inputs(model, batch)
+    if "pixel_values" not in inputs and getattr(model, "config", None) is not None:
+        adapter = adapter_for(model)
+        if adapter.batch_layout().has_images:
+            return adapter.language_model(model)(**inputs)
+    return model(**inputs)

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
-from ukmp.models import forward_inputs
+from ukmp.models import forward_batch
 from ukmp.prune.methods import DATA_FREE, METHODS, Batches, ScoreResult, get_method, register_method
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def _selected_backward(model: nn.Module, scorer, batches: Iterable[dict], thresh
     for batch in _progress(batches, desc, total):
         b = _to(batch, device, dtype)
         with _padding_masks(hist, model, b, exclude_padding), compute_context(device, compute_dtype):
-            logits = model(**forward_inputs(model, b)).logits
+            logits = forward_batch(model, b).logits
         loss, sel, valid = selected_loss(logits, b["labels"], threshold)
         scorer.backward(loss)
         n_sel += int(sel)
@@ -113,7 +113,7 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
             for batch in _progress(batches, "entropy pass", total):
                 b = _to(batch, device, dtype)
                 with _padding_masks(hist, model, b, exclude_padding):
-                    model(**forward_inputs(model, b))
+                    forward_batch(model, b)
         neuron = hist.entropy()
     return unit_entropies(neuron, language)
 

@@ -43,32 +43,62 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
 
 def calibration_batches(cfg: RunConfig, processor, model, ds=None):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples
-    (of ``ds``, or of the dataset ``data.calibration`` names)."""
-    from ukmp.data.batches import calibration_chunks, dataset_size, make_collator, prefetched
+    (of ``ds``, or of the dataset ``data.calibration`` names). With ``data.calibration_text`` (a vision-language
+    model), ``prune.num_text_samples`` shuffled windows of that text follow every epoch's image-text batches, in
+    batches of their own that run through the language model alone (:func:`ukmp.models.forward_batch`)."""
     from ukmp.data.loaders import load_dataset
 
     if ds is None:
         ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
-    collate = make_collator(ds, processor, adapter_for(model).batch_layout(), cfg.data.image_size or None,
-                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
-    size = dataset_size(ds, collate)
-    if size == 0:
-        raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
-    order = list(range(size))
-    random.Random(cfg.seed).shuffle(order)
-    n = min(cfg.prune.num_samples, size)
-    if n < cfg.prune.num_samples:
-        log.warning("calibration: %d samples requested, the dataset has %d", cfg.prune.num_samples, size)
-    chosen = order[:n]
+    layout = adapter_for(model).batch_layout()
+    sources = [_calibration_source(cfg, ds, processor, layout, cfg.prune.num_samples,
+                                   f"data.calibration: {cfg.data.calibration}")]
+    if cfg.data.calibration_text:
+        if not layout.has_images:
+            raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is for a vision-language model; "
+                             f"give a language model's text as data.calibration")
+        from ukmp.data.records import TextDataset
+
+        text = load_dataset(resolve_dataset(cfg.data.calibration_text, cfg.output_dir))
+        if not isinstance(text, TextDataset):
+            raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is not a text dataset "
+                             f"(format: text)")
+        sources.append(_calibration_source(cfg, text, processor, layout,
+                                           cfg.prune.num_text_samples or cfg.prune.num_samples,
+                                           f"data.calibration_text: {cfg.data.calibration_text}", prefix="text:"))
     bs = cfg.prune.batch_size
 
     def batches(epoch: int):
-        chunks = calibration_chunks(chosen, bs, collate, epoch, cfg.prune.group_by_length)
-        return prefetched((collate(c, epoch) for c in chunks), cfg.prune.prefetch)
+        from ukmp.data.batches import calibration_chunks, prefetched
 
+        jobs = ((collate, chunk) for collate, chosen, _ in sources
+                for chunk in calibration_chunks(chosen, bs, collate, epoch, cfg.prune.group_by_length))
+        return prefetched((collate(c, epoch) for collate, c in jobs), cfg.prune.prefetch)
+
+    n_batches = sum(math.ceil(len(chosen) / bs) for _, chosen, _ in sources)
+    return batches, n_batches, [i for _, _, ids in sources for i in ids]
+
+
+def _calibration_source(cfg: RunConfig, ds, processor, layout, wanted: int, where: str, prefix: str = ""):
+    """(collator, chosen sample indices, their ids): ``wanted`` samples of ``ds`` (``where``: its config field and
+    file, for messages) in a seeded shuffle."""
+    from ukmp.data.batches import dataset_size, make_collator
+
+    collate = make_collator(ds, processor, layout, cfg.data.image_size or None, cfg.data.max_text_tokens,
+                            cfg.data.augment, cfg.seed)
+    size = dataset_size(ds, collate)
+    if size == 0:
+        raise ValueError(f"{where} holds no samples")
+    order = list(range(size))
+    random.Random(cfg.seed).shuffle(order)
+    n = min(wanted, size)
+    if n < wanted:
+        log.warning("calibration: %d samples requested, %s has %d", wanted, where, size)
+    chosen = order[:n]
     records = getattr(collate, "records", None) or ds.records
-    ids = [r if isinstance(r, str) else getattr(r, "id", str(i)) for i, r in ((i, records[i]) for i in chosen)]
-    return batches, math.ceil(n / bs), ids
+    ids = [prefix + (r if isinstance(r, str) else getattr(r, "id", str(i)))
+           for i, r in ((i, records[i]) for i in chosen)]
+    return collate, chosen, ids
 
 
 def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg: AllocationConfig,
@@ -229,6 +259,8 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
         if len(calib) == 0:
             raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
+        if cfg.data.calibration_text:  # unreadable text fails before the model loads too
+            load_dataset(resolve_dataset(cfg.data.calibration_text, cfg.output_dir))
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)

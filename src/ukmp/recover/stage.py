@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ukmp.config import RunConfig, section_hash
+from ukmp.config import RunConfig, hashed_section, section_hash
 from ukmp.io import MARKER, atomic_write_json, fingerprint, load_pruned, read_marker, read_plan, save_pruned
 from ukmp.models import adapter_for
 from ukmp.runtime import is_main_process, load_dense, load_processor, resolve_dataset, resolve_device
@@ -103,7 +103,8 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))  # bad data fails before the models load
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # checkpoints are only resumable by the same run: key the work directory by everything that shapes training
-    work = Path(work) / section_hash(asdict(cfg.model), asdict(cfg.data), asdict(fc), cfg.seed, plan.digest(), world)
+    work = Path(work) / section_hash(asdict(cfg.model), hashed_section("data", cfg.data), asdict(fc), cfg.seed,
+                                     plan.digest(), world)
     student = load_pruned(pruned_dir, device=device, dtype=cfg.model.dtype,
                           attn_implementation=cfg.model.attn_implementation)
     processor = load_processor(pruned_dir)
