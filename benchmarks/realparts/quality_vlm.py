@@ -85,6 +85,12 @@ def prune_facts(run_dir: Path) -> dict[str, Any]:
             "tokens_total": cal.get("tokens_total")}
 
 
+def stage_minutes(root: Path) -> float:
+    """Minutes of every finished stage under ``root``, summed: what the tables cost however many (resumed,
+    parallel) invocations it took."""
+    return round(sum(json.loads(p.read_text()).get("seconds", 0.0) for p in root.rglob("stage.json")) / 60, 1)
+
+
 def best_baselines(rows: dict[str, dict[str, Any]], k: int) -> list[str]:
     """The ``k`` baselines with the highest VQA accuracy after pruning (ties: the lower perplexity)."""
     cands = [(m, r) for m, r in rows.items() if m != "ukmp" and r["vqa"] is not None]
@@ -249,7 +255,8 @@ def markdown(result: dict[str, Any]) -> str:
              f"Dense: easy-VQA **{d['vqa']:.2f} %** (500 fixed test questions), held-out perplexity "
              f"**{d['ppl']:.3f}** ({result['ppl_tokens']}). Ratio = fraction of all {result['total_params']:,} "
              f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "
-             f"Machine: {result['machine']}; {result['date']}; total {result['total_minutes']:.1f} min. "
+             f"Machine: {result['machine']}; {result['date']}; this invocation {result['total_minutes']:.1f} min, every "
+             f"stage behind the tables {result.get('stage_minutes', 0.0):.0f} min summed. "
              f"Command: `{result.get('command', '')}`; overrides: `{' '.join(result.get('overrides', []))}`.", "",
              "## After pruning (VQA % / perplexity)", "",
              "| method | " + " | ".join(f"{r}: VQA | {r}: ppl" for r in result["ratios"]) + " | scoring s (0.5) |",
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ablations"] = run_ablations(configs, args.overrides, root / f"ablations_{args.ablation_ratio}",
                                             args.ablation_ratio)
     result["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    result["stage_minutes"] = stage_minutes(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "quality.json", result)
     atomic_write_text(root / "quality.md", markdown(result))

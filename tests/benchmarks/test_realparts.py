@@ -5,6 +5,7 @@ pure parts of the build and of the quality report."""
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 from pathlib import Path
@@ -174,6 +175,10 @@ def test_report_tables_and_plot(tmp_path):
     assert "| 0.5 | ukmp | 60.00 → 80.00 | 30.000 → 20.000 |" in md
     assert "| T = 0.4 (UKMP) | 60.00 | 30.000 | 10 / 40 | 0.5000 |" in md
     assert "| ukmp + text | 65.00 (60.00) | 28.000 (30.000) |" in md  # the variant next to captions alone
+    for i, sec in enumerate((90.0, 30.0)):  # the cost of every stage behind the tables, summed
+        (tmp_path / "runs" / f"s{i}").mkdir(parents=True)
+        (tmp_path / "runs" / f"s{i}" / "stage.json").write_text(json.dumps({"seconds": sec}))
+    assert q.stage_minutes(tmp_path / "runs") == 2.0
     q.plot(res, tmp_path / "q.png")
     assert (tmp_path / "q.png").stat().st_size > 10_000
     g = {"ratio": 0.5, "columns": ["dense", "ukmp"],
