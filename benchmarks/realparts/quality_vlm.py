@@ -338,8 +338,11 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
             if m in scored:  # the seconds and tokens of the run that computed the scores
                 facts = {**facts, **{k: scored[m][2][k] for k in ("score_seconds", "tokens_selected", "tokens_total")},
                          "scores_from_ratio": ratios[0]}
+            src = v.get("scores_from")  # what the recovery of this row must pass too, or it prunes another way
             rows[m] = {"vqa": metric(v["pruned"], VQA), "ppl": metric(v["pruned"], PPL),
-                       "achieved_ratio": v["achieved_ratio"], "prune_seconds": v["prune_seconds"], **facts}
+                       "achieved_ratio": v["achieved_ratio"], "prune_seconds": v["prune_seconds"], **facts,
+                       "prune_overrides": [f"prune.scores_from={src}", *SCORE_SHARING.get(m, ("", []))[1]]
+                       if src else []}
         by_ratio[str(r)] = rows
         if not scored:
             for m in methods:
@@ -402,8 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in recover_ratios:
         rows = by_ratio[str(r)]
         chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
-        res = compare(configs, overrides, r, tuple(chosen), recover=True, **where)
-        for m, v in res["methods"].items():
+        for m in chosen:  # one method a call, with the overrides its pruned row had: the same cached prune stage
+            v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
+                        **where)["methods"][m]
             rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
             rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
     result: dict[str, Any] = {
