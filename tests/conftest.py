@@ -22,6 +22,17 @@ def tiny():
     return model, processor
 
 
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory):
+    """The generated sample datasets plus the sample text in 16-token windows: ``{name: YAML path}``."""
+    from ukmp.data.sample import write_sample_data, write_sample_text
+
+    root = tmp_path_factory.mktemp("sample")
+    paths = write_sample_data(root)
+    paths["text"] = write_sample_text(root, window=16)
+    return paths
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     """Every test starts from the same RNG state, whatever ran before it (no order-dependent flakiness)."""

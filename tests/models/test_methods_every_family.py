@@ -36,13 +36,8 @@ FAST = {"upop": {"upop": {"steps": 4, "update_every": 2}}, "ecoflap_sp": {"ecofl
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from ukmp.data.sample import write_sample_data, write_sample_text
-
-    root = tmp_path_factory.mktemp("sample")
-    paths = write_sample_data(root)
-    paths["text"] = write_sample_text(root, window=16)
-    return paths
+def sample(sample_data):
+    return sample_data
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,8 @@ SMALL = ["prune.num_samples=6", "prune.batch_size=3", "prune.options={upop: {ste
 
 
 @pytest.fixture(scope="module")
-def sample(tmp_path_factory):
-    from ukmp.data.sample import write_sample_data, write_sample_text
-
-    root = tmp_path_factory.mktemp("sample")
-    paths = write_sample_data(root)
-    paths["text"] = write_sample_text(root, window=16)
-    return paths
+def sample(sample_data):
+    return sample_data
 
 
 def cfg_for(tmp_path, sample, *extra, source="tiny-blip2-llama"):

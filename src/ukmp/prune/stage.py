@@ -41,7 +41,20 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
     return AllocationConfig.from_dict(d)
 
 
-def calibration_batches(cfg: RunConfig, processor, model, ds=None):
+def text_calibration(cfg: RunConfig):
+    """The text dataset ``data.calibration_text`` names (None when unset); anything but plain text is an error."""
+    if not cfg.data.calibration_text:
+        return None
+    from ukmp.data.loaders import load_dataset
+    from ukmp.data.records import TextDataset
+
+    text = load_dataset(resolve_dataset(cfg.data.calibration_text, cfg.output_dir))
+    if not isinstance(text, TextDataset):
+        raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is not a text dataset (format: text)")
+    return text
+
+
+def calibration_batches(cfg: RunConfig, processor, model, ds=None, text=None):
     """(batches(epoch) -> iterator, number of batches, sample ids) over ``prune.num_samples`` shuffled samples
     (of ``ds``, or of the dataset ``data.calibration`` names). With ``data.calibration_text`` (a vision-language
     model), ``prune.num_text_samples`` shuffled windows of that text follow every epoch's image-text batches, in
@@ -57,12 +70,7 @@ def calibration_batches(cfg: RunConfig, processor, model, ds=None):
         if not layout.has_images:
             raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is for a vision-language model; "
                              f"give a language model's text as data.calibration")
-        from ukmp.data.records import TextDataset
-
-        text = load_dataset(resolve_dataset(cfg.data.calibration_text, cfg.output_dir))
-        if not isinstance(text, TextDataset):
-            raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is not a text dataset "
-                             f"(format: text)")
+        text = text if text is not None else text_calibration(cfg)
         sources.append(_calibration_source(cfg, text, processor, layout,
                                            cfg.prune.num_text_samples or cfg.prune.num_samples,
                                            f"data.calibration_text: {cfg.data.calibration_text}", prefix="text:"))
@@ -252,15 +260,14 @@ class _Clock:
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
     get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
-    calib = None
+    calib = text = None
     if not (cfg.prune.scores_from or cfg.prune.plan_from) and cfg.prune.method not in DATA_FREE:
         from ukmp.data.loaders import load_dataset
 
         calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
         if len(calib) == 0:
             raise ValueError(f"data.calibration: {cfg.data.calibration} holds no samples")
-        if cfg.data.calibration_text:  # unreadable text fails before the model loads too
-            load_dataset(resolve_dataset(cfg.data.calibration_text, cfg.output_dir))
+        text = text_calibration(cfg)  # unreadable or non-text data fails before the model loads too
     device = resolve_device(cfg.model.device)
     model, processor = load_dense(cfg.model, device)
     adapter = adapter_for(model)
@@ -289,7 +296,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         if pc.method in DATA_FREE:
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
-            batches, n_batches, ids = calibration_batches(cfg, processor, model, calib)
+            batches, n_batches, ids = calibration_batches(cfg, processor, model, calib, text)
         result = method(model, groups, batches, pc, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
