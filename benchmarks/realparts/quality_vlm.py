@@ -121,6 +121,98 @@ def run_ablations(configs: list[str], overrides: list[str], root: Path, ratio: f
     return out
 
 
+KINDS = ("open", "colour", "shape", "yes/no: present", "yes/no: absent")
+
+
+def vqa_by_kind(predictions: Path, truth: dict[Any, tuple[str, list[str]]], scorer: str) -> dict[str, Any] | None:
+    """The evaluator's VQA accuracy per question kind (``build.question_kind``) from an evaluation stage's saved
+    predictions, and its commonest answer with that answer's share of the questions; None where it was not run."""
+    from build import accuracy_table, question_kind  # noqa: PLC0415
+
+    from ukmp.eval.metrics import vqa_accuracy
+
+    if not predictions.is_file():
+        return None
+    preds = json.loads(predictions.read_text())
+    hits: dict[str, list[float]] = {}
+    answers: dict[str, int] = {}
+    for p in preds:
+        question, gts = truth[p["question_id"]]
+        hits.setdefault(question_kind(question, gts[0]), []).append(vqa_accuracy(p["answer"], gts, scorer))
+        a = " ".join(p["answer"].split())
+        answers[a] = answers.get(a, 0) + 1
+    top = max(answers, key=lambda a: (answers[a], a))
+    return {**accuracy_table(hits), "commonest_answer": top, "commonest_share": round(100 * answers[top] / len(preds), 1)}
+
+
+def vqa_truth(dataset_yaml: str) -> dict[Any, tuple[str, list[str]]]:
+    """{question_id: (question, answers)} of the benchmark's VQA questions."""
+    from ukmp.data.loaders import load_dataset
+
+    return {r.question_id: (r.question, list(r.answers)) for r in load_dataset(dataset_yaml).records}
+
+
+def add_breakdowns(result: dict[str, Any], root: Path, truth: dict[Any, tuple[str, list[str]]], scorer: str) -> None:
+    """Per-kind VQA accuracy of every evaluated row (dense, pruned, recovered, the text variant), read from the
+    saved predictions under ``root``, and what a constant answer scores: the yes/no answers split about evenly, so
+    a model answering "no" to every question scores about half of the yes/no ones without looking."""
+    from ukmp.eval.metrics import vqa_accuracy
+
+    result["constant_answers"] = {a: round(100 * sum(vqa_accuracy(a, g, scorer) for _, g in truth.values())
+                                           / len(truth), 2) for a in ("yes", "no")}
+    result["dense"]["vqa_by_kind"] = vqa_by_kind(root / "dense" / "eval_dense" / VQA / "predictions.json", truth, scorer)
+    text_rows = (result.get("text_calibration") or {}).get("by_ratio") or {}
+    for sub, by_ratio in (("", result["by_ratio"]), ("text_calibration", text_rows)):
+        for r, rows in by_ratio.items():
+            for m, row in rows.items():
+                run_dir = root / sub / f"{result['name']}_compare_{r}" / m
+                row["vqa_by_kind"] = vqa_by_kind(run_dir / "eval_pruned" / VQA / "predictions.json", truth, scorer)
+                rec = vqa_by_kind(run_dir / "eval_finetuned" / VQA / "predictions.json", truth, scorer)
+                if rec is not None:
+                    row["vqa_by_kind_recovered"] = rec
+
+
+def kind_markdown(result: dict[str, Any]) -> list[str]:
+    """The per-kind table: dense, then every row (pruned, recovered, text variant) that answers anything right."""
+    d = result["dense"].get("vqa_by_kind")
+    if not d:
+        return []
+    const = result.get("constant_answers", {})
+    lines = ["", "## VQA by question kind (% of each kind; the commonest answer and its share of the 500)", "",
+             "\"present\": the yes/no question asks about a colour or shape the image holds; \"absent\": one it does "
+             "not. Absent questions are answered by their wording alone (\"is there a ...?\" no, \"is there not a "
+             "...?\" yes); only the open questions and the present ones need the image. A constant answer scores "
+             + ", ".join(f"\"{a}\" {v:.1f} %" for a, v in const.items()) + " of all 500.", "",
+             "| ratio | row | all | " + " | ".join(KINDS) + " | commonest answer |",
+             "|---|---|---:|" + "---:|" * len(KINDS) + "---|"]
+
+    def line(ratio: str, label: str, k: dict[str, Any]) -> str:
+        cells = " | ".join(fmt(k["by_type"].get(kind), 1) for kind in KINDS)
+        answer = k["commonest_answer"].replace("|", "/")
+        answer = answer if len(answer) <= 24 else answer[:23] + "…"
+        return f"| {ratio} | {label} | {k['accuracy']:.1f} | {cells} | \"{answer}\" ({k['commonest_share']:.0f} %) |"
+
+    lines.append(line("–", "dense", d))
+    silent = 0
+    tc = result.get("text_calibration") or {}
+    for r in result["ratios"]:
+        entries = []
+        for m, row in result["by_ratio"][str(r)].items():
+            entries += [(m, row.get("vqa_by_kind")), (f"{m} (recovered)", row.get("vqa_by_kind_recovered"))]
+        for m, row in (tc.get("by_ratio") or {}).get(str(r), {}).items():
+            entries.append((f"{m} + text", row.get("vqa_by_kind")))
+        for label, k in entries:
+            if k is None:
+                continue
+            if k["accuracy"] > 0:
+                lines.append(line(str(r), label, k))
+            else:
+                silent += 1
+    if silent:
+        lines += ["", f"{silent} other rows score 0 in every kind."]
+    return lines
+
+
 def gallery(result: dict[str, Any], root: Path, ratio: float, dataset_yaml: str, n: int) -> dict[str, Any]:
     """``n`` benchmark questions with distinct images, the question types in turn: each method's answer at
     ``ratio`` (after pruning and, where run, after recovery) next to the question, the truth and the dense answer."""
@@ -206,35 +298,43 @@ def gallery_png(g: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def open_accuracy(row: dict[str, Any], state: str = "") -> float | None:
+    """Accuracy on the open (colour / shape) questions, the part of easy-VQA no wording alone answers."""
+    k = row.get("vqa_by_kind" + state)
+    return None if not k else k["by_type"].get("open")
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    panels = [("easy-VQA accuracy (%), 500 test questions", lambda row, st: row.get("vqa" + st)),
+              ("held-out perplexity of the language model (log)", lambda row, st: row.get("ppl" + st))]
+    if result["dense"].get("vqa_by_kind"):
+        panels.insert(1, ("accuracy (%) on the open (colour / shape) questions", open_accuracy))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6))
     ratios = [0.0] + result["ratios"]
-    for i, m in enumerate(result["methods"]):
-        colour = f"C{i % 10}"
-        for ax, key, dense in ((axes[0], "vqa", result["dense"]["vqa"]), (axes[1], "ppl", result["dense"]["ppl"])):
+    tc = result.get("text_calibration") or {}
+    for ax, (label, get) in zip(axes, panels):
+        dense = get(result["dense"], "")
+        for i, m in enumerate(result["methods"]):
+            colour = f"C{i % 10}"
             for state, style in (("", "-"), ("_recovered", "--")):
-                ys = [dense] + [result["by_ratio"][str(r)][m].get(key + state) for r in result["ratios"]]
+                ys = [dense] + [get(result["by_ratio"][str(r)][m], state) for r in result["ratios"]]
                 if all(y is None for y in ys[1:]):
                     continue
                 ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
                         label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
-    tc = result.get("text_calibration") or {}
-    for m in tc.get("methods", []):
-        colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
-        for ax, key, dense in ((axes[0], "vqa", result["dense"]["vqa"]), (axes[1], "ppl", result["dense"]["ppl"])):
-            ys = [dense] + [tc["by_ratio"][str(r)][m].get(key) for r in result["ratios"]]
+        for m in tc.get("methods", []):
+            colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
+            ys = [dense] + [get(tc["by_ratio"][str(r)][m], "") for r in result["ratios"]]
             ax.plot(ratios, [float("nan") if y is None else y for y in ys], ":", marker="x", color=colour,
                     label=f"{m} + text")
-    axes[0].set_ylabel("easy-VQA accuracy (%), 500 test questions")
-    axes[1].set_ylabel("held-out perplexity of the language model (log)")
-    axes[1].set_yscale("log")
-    for ax in axes:
+        ax.set_ylabel(label)
         ax.set_xlabel("pruning ratio (fraction of all parameters)")
+    axes[-1].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
     fig.suptitle("real weights (DINOv2-S + SmolLM2-135M BLIP-2): solid = pruned, dashed = recovered, "
                  "dotted = calibrated on captions + text")
@@ -291,6 +391,7 @@ def markdown(result: dict[str, Any]) -> str:
         for r, m, row in rec_rows:
             lines.append(f"| {r} | {m} | {fmt(row['vqa'])} → {fmt(row['vqa_recovered'])} | "
                          f"{fmt(row['ppl'], 3)} → {fmt(row['ppl_recovered'], 3)} |")
+    lines += kind_markdown(result)
     kinds = sorted({k for r in result["ratios"] for row in result["by_ratio"][str(r)].values()
                     for k in row.get("kept_width", {})})
     for r in result["ratios"]:
@@ -375,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-samples", type=int, default=0,
                    help="text windows (128 tokens) besides the captions (prune.num_text_samples; 0: as many)")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"), help="where the copies go ('' = none)")
+    p.add_argument("--render-only", action="store_true",
+                   help="run nothing: re-read the saved quality.json, add what is derived from the finished stages "
+                        "(the per-kind VQA accuracy) and rewrite the JSON, Markdown and PNG")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.monotonic()
@@ -388,6 +492,14 @@ def main(argv: list[str] | None = None) -> int:
 
     assets.write_eval_text_yaml(model_dir.parent)
     root = Path(base.output_dir) / f"{base.name}_quality"
+    if args.render_only:
+        saved = root / "quality.json"
+        if not saved.is_file():
+            raise SystemExit(f"error: {saved}: no saved result to render; run without --render-only first")
+        result = json.loads(saved.read_text())
+        add_breakdowns(result, root, vqa_truth(base.eval.datasets[VQA]), base.eval.vqa_scorer)
+        write_outputs(result, root, [], args.results)
+        return 0
     overrides = [*args.overrides, f"output_dir={root}"]
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = tuple(args.methods.split(","))
@@ -431,25 +543,32 @@ def main(argv: list[str] | None = None) -> int:
                                             args.ablation_ratio)
     result["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
     result["stage_minutes"] = stage_minutes(root)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / "quality.json", result)
-    atomic_write_text(root / "quality.md", markdown(result))
-    plot(result, root / "quality.png")
-    outputs = [root / "quality.json", root / "quality.md", root / "quality.png"]
+    add_breakdowns(result, root, vqa_truth(base.eval.datasets[VQA]), base.eval.vqa_scorer)
+    extra: list[Path] = []
     if args.gallery:
+        root.mkdir(parents=True, exist_ok=True)
         g = gallery(result, root, args.gallery_ratio if args.gallery_ratio is not None else min(ratios),
                     base.eval.datasets[VQA], args.gallery)
         atomic_write_json(root / "gallery.json", g)
         atomic_write_text(root / "gallery.md", gallery_markdown(g))
         gallery_png(g, root / "gallery.png")
-        outputs += [root / "gallery.json", root / "gallery.md", root / "gallery.png"]
-    if args.results:
-        dest = Path(args.results)
+        extra += [root / "gallery.json", root / "gallery.md", root / "gallery.png"]
+    write_outputs(result, root, extra, args.results)
+    return 0
+
+
+def write_outputs(result: dict[str, Any], root: Path, extra: list[Path], results: str) -> None:
+    """quality.{json,md,png} under ``root``; those and ``extra`` copied to ``results`` as realparts_vlm_*."""
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root / "quality.json", result)
+    atomic_write_text(root / "quality.md", markdown(result))
+    plot(result, root / "quality.png")
+    if results:
+        dest = Path(results)
         dest.mkdir(parents=True, exist_ok=True)
-        for f in outputs:
+        for f in [root / "quality.json", root / "quality.md", root / "quality.png", *extra]:
             shutil.copyfile(f, dest / f"realparts_vlm_{f.name}")
     print(markdown(result))
-    return 0
 
 
 if __name__ == "__main__":

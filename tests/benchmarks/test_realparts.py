@@ -150,6 +150,63 @@ def test_teacher_forced_exact_match_needs_every_target_token():
     assert math.isclose(build.lr_at(9, 100, 1.0, cfg), 1.0) and math.isclose(build.lr_at(100, 100, 1.0, cfg), 0.1)
 
 
+@pytest.mark.unit
+def test_question_kind_splits_yes_no_by_what_the_image_holds():
+    """easy-VQA's three negated phrasings and its plain ones: "present" exactly when the thing asked about is in the
+    image, whichever way the question is worded."""
+    build = importlib.import_module("build")
+    cases = {("is there a red shape?", "yes"): "present", ("is there a red shape?", "no"): "absent",
+             ("is there not a red shape?", "no"): "present", ("is there not a red shape?", "yes"): "absent",
+             ("does the image not contain a circle?", "no"): "present", ("is no triangle present?", "no"): "present",
+             ("is no triangle present?", "yes"): "absent", ("is a gray shape present?", "yes"): "present",
+             ("Does the image contain a circle?", "no"): "absent"}
+    for (q, a), want in cases.items():
+        assert build.question_kind(q, a) == f"yes/no: {want}", (q, a)
+    assert build.question_kind("what color is the shape?", "teal") == "colour"
+    assert build.question_kind("what shape is in the image?", "circle") == "shape"
+    t = build.accuracy_table({"colour": [1.0, 0.0], "shape": [1.0, 1.0], "yes/no: present": [0.0, 0.0],
+                              "yes/no: absent": [1.0, 1.0, 1.0, 1.0]})
+    assert t["questions"] == 10 and t["accuracy"] == 70.0
+    assert t["by_type"] == {"colour": 50.0, "shape": 100.0, "open": 75.0, "yes/no": 66.67, "yes/no: present": 0.0,
+                            "yes/no: absent": 100.0}
+
+
+@pytest.mark.unit
+def test_per_kind_breakdown_reads_each_rows_predictions(tmp_path):
+    """A row that answers "no" to everything: 0 on the open and present questions, 100 on the absent plain ones, and
+    its commonest answer "no" at 100 %; a row whose stage did not run gets no breakdown. The constant answers are
+    scored by the evaluator's own VQA accuracy."""
+    q = importlib.import_module("quality_vlm")
+    truth = {1: ("what shape is it?", ["circle"] * 10), 2: ("is there a red shape?", ["no"] * 10),
+             3: ("is there not a red shape?", ["no"] * 10), 4: ("what color is it?", ["red"] * 10)}
+    res = fake_result()
+
+    def write(rel: str, answers: dict[int, str]) -> None:
+        f = tmp_path / rel / "okvqa" / "predictions.json"
+        f.parent.mkdir(parents=True)
+        f.write_text(json.dumps([{"question_id": k, "question": truth[k][0], "answer": a} for k, a in answers.items()]))
+
+    write("dense/eval_dense", {1: "circle", 2: "no", 3: "yes", 4: "Red."})
+    write("realparts_compare_0.5/ukmp/eval_pruned", {k: "no" for k in truth})
+    write("realparts_compare_0.5/ukmp/eval_finetuned", {1: "circle", 2: "no", 3: "no", 4: "red"})
+    q.add_breakdowns(res, tmp_path, truth, "lavis")
+    d = res["dense"]["vqa_by_kind"]
+    assert d["accuracy"] == 75.0 and d["by_type"]["open"] == 100.0 and d["by_type"]["yes/no: present"] == 0.0
+    u = res["by_ratio"]["0.5"]["ukmp"]
+    assert u["vqa_by_kind"]["by_type"] == {"open": 0.0, "shape": 0.0, "colour": 0.0, "yes/no": 100.0,
+                                           "yes/no: present": 100.0, "yes/no: absent": 100.0}
+    assert (u["vqa_by_kind"]["commonest_answer"], u["vqa_by_kind"]["commonest_share"]) == ("no", 100.0)
+    assert u["vqa_by_kind_recovered"]["accuracy"] == 100.0
+    assert res["by_ratio"]["0.5"]["flap"]["vqa_by_kind"] is None and "vqa_by_kind_recovered" not in res["by_ratio"]["0.5"]["flap"]
+    assert res["constant_answers"] == {"yes": 0.0, "no": 50.0}
+    md = q.markdown(res)
+    assert "| – | dense | 75.0 | 100.0 | 100.0 | 100.0 | 0.0 | 100.0 |" in md
+    assert "| 0.5 | ukmp (recovered) | 100.0 |" in md and '"no" 50.0 %' in md
+    assert q.open_accuracy(u) == 0.0 and q.open_accuracy(u, "_recovered") == 100.0 and q.open_accuracy({}) is None
+    q.plot(res, tmp_path / "q.png")  # three panels now: accuracy, open questions, perplexity
+    assert (tmp_path / "q.png").stat().st_size > 10_000
+
+
 # ------------------------------------------------------------------------------------------ report
 def fake_result():
     rows = {m: {"vqa": v, "ppl": p, "achieved_ratio": 0.5, "prune_seconds": 3.0, "score_seconds": 2.0,
