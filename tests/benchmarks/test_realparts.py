@@ -304,3 +304,49 @@ def test_real_smollm2_inside_blip2_has_the_standalone_perplexity(tmp_path):
             p.normal_()
     broken = build.perplexity(model, processor.tokenizer, text["text_heldout"], max_windows=2)
     assert broken["perplexity"] > 2 * alone["perplexity"]
+
+
+# ------------------------------------------------------------------------------------------ the whole command
+@pytest.mark.integration
+def test_quality_command_end_to_end_on_a_tiny_model(tmp_path, sample_data, monkeypatch):
+    """``quality.py --testbed realparts`` on a tiny BLIP-2 with a Llama LM saved where build.py would put it:
+    every method x ratio filled, recovery at the second ratio, the per-kind breakdown and the gallery written.
+    Then the same command again runs no stage: every ``stage.json`` is byte-identical and untouched. Not vacuous:
+    a recovery call without its pruned row's ``prune.scores_from`` (the bug of 4b7698d) re-scores UKMP's prune
+    stage at the second ratio under another config hash, and so would the pruned row's on the next invocation."""
+    from ukmp.models.build import build_tiny
+
+    q = importlib.import_module("quality_vlm")
+    rp = tmp_path / "rp"
+    model, processor = build_tiny(seed=0, name="tiny-blip2-llama")
+    model.save_pretrained(rp / "model")
+    processor.save_pretrained(rp / "model")
+    monkeypatch.setenv("UKMP_REALPARTS", str(rp))
+    out = tmp_path / "out"
+    args = ["--ratios", "0.3,0.2", "--methods", "ukmp,llm_pruner_global,llm_pruner_local,random",
+            "--recover-ratios", "0.2", "--recover-top", "1", "--no-ablations", "--gallery", "2", "--text-methods", "",
+            "--results", str(tmp_path / "results"),
+            f"data.calibration={sample_data['cc595k']}", f"data.finetune={sample_data['cc595k']}",
+            f"eval.datasets.okvqa={sample_data['okvqa']}", f"eval.datasets.perplexity={sample_data['text']}",
+            "data.max_text_tokens=16", "prune.num_samples=8", "prune.batch_size=4", "prune.units_per_step=1",
+            "prune.fine_units_per_step=1", "finetune.sample_scale=0.0001", "finetune.final_stage_samples=4",
+            "finetune.batch_size=4", "eval.batch_size=8", "eval.max_samples=8", f"output_dir={out}"]
+    assert q.main(args) == 0
+    root = out / "realparts_quality"
+    res = json.loads((tmp_path / "results" / "realparts_vlm_quality.json").read_text())
+    assert set(res["by_ratio"]) == {"0.3", "0.2"}
+    for r in ("0.3", "0.2"):
+        assert set(res["by_ratio"][r]) == {"ukmp", "llm_pruner_global", "llm_pruner_local", "random"}
+        for row in res["by_ratio"][r].values():
+            assert row["vqa"] is not None and row["ppl"] > 0 and row["vqa_by_kind"]["questions"] > 0
+    recovered = [m for m, row in res["by_ratio"]["0.2"].items() if row.get("ppl_recovered") is not None]
+    assert "ukmp" in recovered and len(recovered) == 2
+    assert not any(row.get("ppl_recovered") for row in res["by_ratio"]["0.3"].values())
+    ukmp_02 = res["by_ratio"]["0.2"]["ukmp"]
+    assert ukmp_02["prune_overrides"][0].startswith("prune.scores_from=") and "_compare_0.3" in ukmp_02["prune_overrides"][0]
+    assert "vqa_by_kind_recovered" in ukmp_02 and res["dense"]["vqa_by_kind"] is not None
+    assert (tmp_path / "results" / "realparts_vlm_gallery.md").is_file()
+    stages = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("stage.json")}
+    assert len(stages) >= 8 + 4  # a prune and an eval stage per row, the recoveries' finetune and eval stages
+    assert q.main(args) == 0
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("stage.json")} == stages
