@@ -353,8 +353,13 @@ def train(model, rows: Rows, feats: torch.Tensor, cut: int, side, vit, cfg: dict
         take, order = order[: cfg["images"]], order[cfg["images"]:]
         picks = []
         for k in take:
+            rng = random.Random((seed * 1_000_003 + k) * 7919 + step)
             qs = list(range(len(rows.by_image[k])))
-            random.Random((seed * 1_000_003 + k) * 7919 + step).shuffle(qs)
+            if cfg.get("present_weight", 1.0) == 1.0:
+                rng.shuffle(qs)
+            else:  # weighted draw without replacement: key u ** (1 / weight), the largest keys win
+                w = [cfg["present_weight"] if kind == "yes/no: present" else 1.0 for _, _, kind in rows.by_image[k]]
+                qs.sort(key=lambda q: rng.random() ** (1 / w[q]), reverse=True)
             picks += [(k, q) for q in qs[: cfg["questions"]]]
         batch = rows.batch(picks)
         for g in opt.param_groups:
@@ -416,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--questions", type=int, default=TRAIN["questions"], help="questions per image per step")
     ap.add_argument("--train-vit", default="last-block", choices=("none", "layernorm", "last-block"),
                     help="which ViT weights also learn (default last-block: DINOv2 is trained to ignore colour)")
+    ap.add_argument("--present-weight", type=float, default=1.0,
+                    help="draw the yes/no questions about things the image holds this many times as often (default "
+                         "1: as they come; easy-VQA asks 82 %% of its yes/no about absent things, which the wording "
+                         "answers; see yes_no_probe.py)")
     ap.add_argument("--train-images", type=int, default=0, help="use only the first N train images (0: all 4000)")
     ap.add_argument("--eval-every", type=int, default=TRAIN["eval_every"])
     ap.add_argument("--bench-limit", type=int, default=0,
@@ -500,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     curve_picks = [(k, q) for k in range(len(bench_rows.images)) for q in range(len(bench_rows.by_image[k]))]
     curve_picks = curve_picks[: TRAIN["curve_questions"]]
     cfg = {**TRAIN, "steps": args.steps, "lr": args.lr, "vit_lr": args.vit_lr, "images": args.images,
-           "questions": args.questions,
+           "questions": args.questions, "present_weight": args.present_weight,
            "eval_every": args.eval_every}
     info = train(model, rows, feats, cut, side, vit, cfg, args.seed, time.monotonic() + 60 * args.minutes,
                  lambda: accuracy(model, bench_rows, bench_feats, cut, curve_picks))
