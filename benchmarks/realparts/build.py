@@ -327,6 +327,32 @@ def accuracy_table(hits: dict[str, list[float]]) -> dict[str, Any]:
             "by_type": {k: round(100 * sum(v) / len(v), 2) for k, v in sorted(by_type.items())}}
 
 
+def draw_questions(rows: Rows, k: int, n: int, present_weight: float, rng: random.Random) -> list[int]:
+    """``n`` of image ``k``'s question indices: a shuffle, or (``present_weight`` != 1) a weighted draw without
+    replacement in which the "yes/no: present" questions weigh ``present_weight`` (key u ** (1 / weight), the
+    largest keys win)."""
+    qs = list(range(len(rows.by_image[k])))
+    if present_weight == 1.0:
+        rng.shuffle(qs)
+    else:
+        w = [present_weight if kind == "yes/no: present" else 1.0 for _, _, kind in rows.by_image[k]]
+        qs.sort(key=lambda q: rng.random() ** (1 / w[q]), reverse=True)
+    return qs[:n]
+
+
+def train_step(model, rows: Rows, feats: torch.Tensor, cut: int, picks: list[tuple[int, int]], opt, params,
+               grad_clip: float) -> float:
+    """One optimiser step on the rows ``picks`` (cross-entropy on the answer tokens); the loss."""
+    batch = rows.batch(picks)
+    logits, labels = row_logits(model, batch, image_tokens(model, feats[batch["images"]], cut))
+    loss = torch.nn.functional.cross_entropy(logits, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    return loss.item()
+
+
 def train(model, rows: Rows, feats: torch.Tensor, cut: int, side, vit, cfg: dict[str, Any], seed: int,
           deadline: float, curve_eval) -> dict[str, Any]:
     groups = [{"params": [p for p in side if p.ndim >= 2 and p is not model.query_tokens], "lr": cfg["lr"],
@@ -351,26 +377,12 @@ def train(model, rows: Rows, feats: torch.Tensor, cut: int, side, vit, cfg: dict
             random.Random(seed * 1_000_003 + step).shuffle(epoch_order)
             order += epoch_order
         take, order = order[: cfg["images"]], order[cfg["images"]:]
-        picks = []
-        for k in take:
-            rng = random.Random((seed * 1_000_003 + k) * 7919 + step)
-            qs = list(range(len(rows.by_image[k])))
-            if cfg.get("present_weight", 1.0) == 1.0:
-                rng.shuffle(qs)
-            else:  # weighted draw without replacement: key u ** (1 / weight), the largest keys win
-                w = [cfg["present_weight"] if kind == "yes/no: present" else 1.0 for _, _, kind in rows.by_image[k]]
-                qs.sort(key=lambda q: rng.random() ** (1 / w[q]), reverse=True)
-            picks += [(k, q) for q in qs[: cfg["questions"]]]
-        batch = rows.batch(picks)
+        picks = [(k, q) for k in take
+                 for q in draw_questions(rows, k, cfg["questions"], cfg.get("present_weight", 1.0),
+                                         random.Random((seed * 1_000_003 + k) * 7919 + step))]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, steps, g["base"], cfg)
-        logits, labels = row_logits(model, batch, image_tokens(model, feats[batch["images"]], cut))
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-        opt.step()
-        losses.append(loss.item())
+        losses.append(train_step(model, rows, feats, cut, picks, opt, params, cfg["grad_clip"]))
         if (step + 1) % 25 == 0:
             log.info("step %d/%d loss %.4f (%.1f min)", step + 1, steps, sum(losses[-25:]) / 25,
                      (time.monotonic() - t0) / 60)

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -135,12 +136,10 @@ def vqa_by_kind(predictions: Path, truth: dict[Any, tuple[str, list[str]]], scor
         return None
     preds = json.loads(predictions.read_text())
     hits: dict[str, list[float]] = {}
-    answers: dict[str, int] = {}
     for p in preds:
         question, gts = truth[p["question_id"]]
         hits.setdefault(question_kind(question, gts[0]), []).append(vqa_accuracy(p["answer"], gts, scorer))
-        a = " ".join(p["answer"].split())
-        answers[a] = answers.get(a, 0) + 1
+    answers = Counter(" ".join(p["answer"].split()) for p in preds)
     top = max(answers, key=lambda a: (answers[a], a))
     return {**accuracy_table(hits), "commonest_answer": top, "commonest_share": round(100 * answers[top] / len(preds), 1)}
 

@@ -127,19 +127,9 @@ def finetune_probe(model_dir: Path, configs: dict[str, Any], weight: float, step
     t0 = time.monotonic()
     model.train()
     for step in range(steps):
-        batch_picks = []
-        for k in rng.sample(range(len(rows.images)), 8):
-            keys = [(rng.random() ** (1 / (weight if kind == "yes/no: present" else 1.0)), q)
-                    for q, (_, _, kind) in enumerate(rows.by_image[k])]
-            batch_picks += [(k, q) for _, q in sorted(keys, reverse=True)[:4]]
-        batch = rows.batch(batch_picks)
-        logits, labels = build.row_logits(model, batch, build.image_tokens(model, feats[batch["images"]], cut))
-        loss = torch.nn.functional.cross_entropy(logits, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(side + vit, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        picks = [(k, q) for k in rng.sample(range(len(rows.images)), 8)
+                 for q in build.draw_questions(rows, k, 4, weight, rng)]
+        losses.append(build.train_step(model, rows, feats, cut, picks, opt, side + vit, 1.0))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             curve.append(evaluate(step + 1))
     return {"present_weight": weight, "steps": steps, "lr": lr, "train_images": len(rows.images),
