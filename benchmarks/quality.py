@@ -29,7 +29,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from ablations import ablation_table  # noqa: E402
 from ukmp.compare import DEFAULT_METHODS, compare  # noqa: E402
 from ukmp.config import load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
@@ -38,30 +40,7 @@ from ukmp.pipeline import run  # noqa: E402
 log = logging.getLogger("quality")
 TASK, METRIC = "okvqa", "accuracy"  # okvqa = the easy-VQA test set (VQA accuracy = exact match)
 
-ABLATIONS: dict[str, list[tuple[str, list[str], bool]]] = {
-    # table -> [(row label, overrides, needs the ukmp scores recomputed)]
-    "B: M-normalise": [
-        ("no normalisation", ["prune.normalization=none"], False),
-        ("mean, iterative (UKMP)", ["prune.normalization=mean_iterative"], False),
-        ("mean, not iterative", ["prune.normalization=mean_once"], False),
-        ("min-max", ["prune.normalization=minmax"], False),
-        ("standardise", ["prune.normalization=standardize"], False),
-    ],
-    "B: Taylor term": [
-        ("first-order with threshold (UKMP)", [], True),
-        ("first-order without threshold", ["prune.taylor=first_no_threshold"], True),
-        ("second-order with threshold", ["prune.taylor=second", "prune.batch_size=1"], True),
-        ("second-order without threshold", ["prune.taylor=second", "prune.threshold=1.0", "prune.batch_size=1"], True),
-        ("mixed with threshold", ["prune.taylor=mix", "prune.batch_size=1"], True),
-        ("mixed without threshold", ["prune.taylor=mix", "prune.threshold=1.0", "prune.batch_size=1"], True),
-    ],
-    "B: Entropy": [
-        ("none", ["prune.entropy=none"], True),
-        ("cosine (UKMP)", [], True),
-        ("arccos", ["prune.entropy=arccos"], True),
-    ],
-    "C: threshold T": [(f"T = {t}", [f"prune.threshold={t}"], True) for t in (1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)],
-}
+ABLATIONS = ablation_table(thresholds=(1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3))  # every row of Tables B and C
 LPD_ABLATIONS = [
     ("progressive (UKMP)", ["finetune.schedule=progressive"]),
     ("MSE + KL + Task throughout", ["finetune.schedule=mse_kl_task_all"]),

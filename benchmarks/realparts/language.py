@@ -13,10 +13,10 @@ The ratio is a fraction of ALL the model's parameters (134,515,008: the tied inp
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
 
 Scores are computed once and re-allocated at the other ratios (``prune.scores_from``) where that reproduces the
-method exactly: ``REUSE_ACROSS_RATIOS`` (their scores never read the ratio and they leave the allocation to the shared
-allocator). Methods that make their own plan (FLAP, ECoFLaP, Wanda-sp, UPop) or whose scores depend on the ratio
-(Wanda-sp's sequential pruning, UPop's search schedule) are re-scored at each ratio; magnitude and random are
-data-free and cost nothing to re-score.
+method exactly: ``ukmp.compare.RATIO_FREE`` (their scores never read the ratio, and the allocation the method
+imposes comes back with its cached scores). Methods that make their own plan (FLAP, ECoFLaP, Wanda-sp, UPop)
+or whose scores depend on the ratio (Wanda-sp's sequential pruning, UPop's search schedule) are re-scored at each
+ratio; magnitude and random are data-free and cost nothing to re-score.
 
 Everything runs under ``outputs/realparts_lm_quality/`` (each stage cached: a second invocation reuses finished
 stages); quality_lm.{json,md,png} are written there and copied to benchmarks/results/realparts_lm.{json,md,png}.
@@ -45,10 +45,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import assets  # noqa: E402
 
-from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, method_config  # noqa: E402
+from ablations import ablation_table  # noqa: E402
+from ukmp.compare import DEFAULT_METHODS, RATIO_FREE, SCORE_SHARING, method_config  # noqa: E402
 from ukmp.config import RunConfig, load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
 
@@ -57,21 +59,14 @@ TASK, METRIC = "perplexity", "perplexity"
 CONFIG = HERE / "smollm2_lm.yaml"
 DENSE_DIR = "smollm2-135m-instruct-f32"  # under the cache dir: the GGUF dequantised once
 RESULTS = ROOT / "benchmarks" / "results"
-# method -> allocation overrides that make the shared allocator reproduce the method's own (its ScoreResult's)
-REUSE_ACROSS_RATIOS: dict[str, list[str]] = {
-    "ukmp": [],
-    "llm_pruner_global": ["prune.scope=global", "prune.normalization=none"],
-}
 # CPU budget (one thread, ~45 min for the track): the two searches that cost hours at the reference settings
 CPU_BUDGET: dict[str, list[str]] = {
     "ecoflap_sp": ["prune.options.ecoflap.score=first"],  # zeroth-order: 2 forwards per tensor per batch (210 tensors)
     "upop": ["prune.options.upop.steps=4"],  # 4 search steps = one pass over 32 windows (the reference: 200)
     "wanda_sp": ["prune.options.wanda.sequential=false"],  # sequential = one calibration forward per block (30)
 }
-ABLATIONS: dict[str, list[tuple[str, list[str]]]] = {  # the override keys of benchmarks/quality.py's tables B / C
-    "C: threshold T": [(f"T = {t}", [f"prune.threshold={t}"]) for t in (1.0, 0.8, 0.6, 0.4)],
-    "B: Entropy": [("none", ["prune.entropy=none"]), ("cosine (UKMP)", [])],
-}
+ABLATIONS = ablation_table(thresholds=(1.0, 0.8, 0.6, 0.4), tables=("C: threshold T", "B: Entropy"),
+                           skip=("arccos",))
 
 
 def _ppl(metrics: dict[str, Any] | None) -> float | None:
@@ -127,9 +122,8 @@ def score_reuse(m: str, methods: tuple[str, ...], ratio: float, first: float, ro
     if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:  # llm_pruner_local re-allocates the global scores
         src, alloc = SCORE_SHARING[m]
         return [f"prune.scores_from={ratio_dir(root, ratio) / src / 'prune' / 'scores.safetensors'}", *alloc]
-    if m in REUSE_ACROSS_RATIOS and ratio != first:
-        return [f"prune.scores_from={ratio_dir(root, first) / m / 'prune' / 'scores.safetensors'}",
-                *REUSE_ACROSS_RATIOS[m]]
+    if m in RATIO_FREE and ratio != first:  # the method's own allocation comes back with its cached scores
+        return [f"prune.scores_from={ratio_dir(root, first) / m / 'prune' / 'scores.safetensors'}"]
     return []
 
 
@@ -145,7 +139,7 @@ def run_ablations(configs: list[str], over: list[str], root: Path, ratio: float,
     default_t = load_config(configs, over).prune.threshold
     for table, rows in ABLATIONS.items():
         out[table] = []
-        for k, (label, ov) in enumerate(rows):
+        for k, (label, ov, _rescore) in enumerate(rows):
             if reference is not None and ov in ([], [f"prune.threshold={default_t}"]):
                 out[table].append({"variant": label, "overrides": ov, **reference, "same_run_as": f"ukmp@{ratio}"})
                 continue
@@ -372,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_window": eval_window, "eval_tokens": args.eval_windows * eval_window,
             "heldout_tokens": assets.HELDOUT_TOKENS if real else None,
             "score_reuse": ", ".join(f"{m} (computed at ratio {ratios[0]}, re-allocated at the others)"
-                                     for m in REUSE_ACROSS_RATIOS if m in methods)
+                                     for m in RATIO_FREE if m in methods)
                            + "; llm_pruner_local re-allocates llm_pruner_global's scores at each ratio; the others "
                              "score afresh at every ratio (their own plan, or ratio-dependent scores)",
             "cpu_budget_options": {m: v for m, v in CPU_BUDGET.items() if m in methods},

@@ -28,46 +28,24 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, compare  # noqa: E402
+from ablations import UKMP_LABEL, WITHOUT_THRESHOLD, ablation_table  # noqa: E402
+from ukmp.compare import DEFAULT_METHODS, RATIO_FREE, SCORE_SHARING, compare  # noqa: E402
 from ukmp.config import load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
 from ukmp.pipeline import run  # noqa: E402
 
 log = logging.getLogger("quality.realparts")
 VQA, PPL = "okvqa", "perplexity"
-# methods whose scores do not depend on the ratio (the ratio enters only the allocation): scored once, at the first
-# ratio, and reused at the others (the plan-producing methods -- FLAP, ECoFLaP, Wanda-sp, UPop -- use the ratio
-# while scoring and are re-run)
-RATIO_FREE = ("ukmp", "llm_pruner_global")
 # What a 2-core CPU affords on this 161M model (any key=value given wins over these): one calibration budget for
 # every method (64 captions; ECoFLaP's delta asks 128); UPop's search trains every weight for upop.steps steps
 # (configs/methods/upop.yaml's 200 would cost hours per ratio here): 20 steps, 4 gate updates; ECoFLaP's zeroth-order
 # block scores need 2 forwards per tensor per batch (~280 tensors): its first-order variant instead.
 TESTBED_OVERRIDES = ["prune.num_samples=64", "prune.options.upop.steps=20", "prune.options.upop.update_every=5",
                      "prune.options.ecoflap.score=first"]
-ABLATIONS: dict[str, list[tuple[str, list[str], bool]]] = {
-    # table -> [(row label, overrides, needs the ukmp scores recomputed)]; the UKMP row of each table is the
-    # reference run itself and is not repeated
-    "B: M-normalise": [
-        ("no normalisation", ["prune.normalization=none"], False),
-        ("mean, not iterative", ["prune.normalization=mean_once"], False),
-        ("min-max", ["prune.normalization=minmax"], False),
-        ("standardise", ["prune.normalization=standardize"], False),
-    ],
-    "B: Taylor term": [
-        ("first-order without threshold", ["prune.taylor=first_no_threshold"], True),
-        ("second-order with threshold", ["prune.taylor=second", "prune.batch_size=1"], True),
-        ("mixed with threshold", ["prune.taylor=mix", "prune.batch_size=1"], True),
-    ],
-    "B: Entropy": [
-        ("none", ["prune.entropy=none"], True),
-        ("arccos", ["prune.entropy=arccos"], True),
-    ],
-    "C: threshold T": [(f"T = {t}", [f"prune.threshold={t}"], True) for t in (1.0, 0.8, 0.6, 0.2)],
-}
-UKMP_ROW = {"B: M-normalise": "mean, iterative (UKMP)", "B: Taylor term": "first-order with threshold (UKMP)",
-            "B: Entropy": "cosine (UKMP)", "C: threshold T": "T = 0.4 (UKMP)"}
+# Tables B and C without UKMP's own rows (the reference run stands there) and the two slowest Taylor rows
+ABLATIONS = ablation_table(thresholds=(1.0, 0.8, 0.6, 0.2), reference=False, skip=WITHOUT_THRESHOLD)
 
 
 def metric(metrics: dict[str, Any] | None, task: str) -> float | None:
@@ -109,7 +87,7 @@ def run_ablations(configs: list[str], overrides: list[str], root: Path, ratio: f
                **prune_facts(root / "ukmp_reference")}
     out: dict[str, Any] = {}
     for table, rows in ABLATIONS.items():
-        out[table] = [{"variant": UKMP_ROW[table], "overrides": [], **ref_row}]
+        out[table] = [{"variant": UKMP_LABEL[table], "overrides": [], **ref_row}]
         for k, (label, ov, rescore) in enumerate(rows):
             extra = [] if rescore else [f"prune.scores_from={base_scores}"]
             name = f"abl_{table.split(':')[0].lower()}_{table.split(': ')[1].replace(' ', '_').replace('-', '')}_{k}"

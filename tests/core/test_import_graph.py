@@ -79,3 +79,42 @@ def test_no_import_circle_in_ukmp():
     graph = import_graph(SRC)
     assert len(graph) > 50 and graph["ukmp.io"] and graph["ukmp.prune.scoring"]  # the scan read the library
     assert cycles(graph) == []
+
+
+# Lower layers never import higher ones: (importer prefix, imported prefix) pairs that must not occur.
+FORBIDDEN = [("ukmp.data", "ukmp.eval"), ("ukmp.prune", "ukmp.baselines")]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    def under(mod: str, pkg: str) -> bool:
+        return mod == pkg or mod.startswith(pkg + ".")
+
+    return sorted((m, t) for m, ts in graph.items() for t in ts for lo, hi in FORBIDDEN if under(m, lo) and under(t, hi))
+
+
+def test_layer_checker_is_not_vacuous():
+    graph = {"ukmp.data.batches": {"ukmp.eval.text", "ukmp.data.textclean"}, "ukmp.prune": {"ukmp.baselines"},
+             "ukmp.eval.text": {"ukmp.data.textclean"}, "ukmp.baselines.flap": {"ukmp.prune.methods"}}
+    assert upward_imports(graph) == [("ukmp.data.batches", "ukmp.eval.text"), ("ukmp.prune", "ukmp.baselines")]
+
+
+def test_no_upward_import_in_ukmp():
+    """data never imports eval (the caption normaliser lives in ukmp.data.textclean), prune never imports the
+    baselines (they register through the ``ukmp.methods`` entry points)."""
+    assert upward_imports(import_graph(SRC)) == []
+
+
+def test_prune_layer_finds_every_method_through_entry_points():
+    """In a fresh interpreter, importing only the registry module finds UKMP and every baseline by name (the
+    ``ukmp.methods`` entry points of the installed distribution), and marks the data-free ones."""
+    import subprocess
+    import sys
+
+    code = ("import ukmp.prune.methods as m, sys; names = m.available_methods(); "
+            "print(','.join(names)); print(m.is_data_free('magnitude_sp'), m.is_data_free('flap')); "
+            "print('ukmp.baselines' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    names = set(out[0].split(","))
+    assert {"ukmp", "random", "magnitude", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp", "flap", "upop",
+            "magnitude_sp", "wanda_sp"} <= names
+    assert out[1] == "True False" and out[2] == "True"

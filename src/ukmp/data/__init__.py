@@ -3,4 +3,4 @@
 Kept light: import ``ukmp.data.loaders``, ``ukmp.data.records`` or ``ukmp.data.sample`` for the contents.
 """
 
-__all__ = ["config", "loaders", "records", "sample"]
+__all__ = ["config", "loaders", "records", "sample", "textclean"]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ukmp.eval.text import blip_caption
+from ukmp.data.textclean import blip_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

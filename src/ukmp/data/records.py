@@ -1,6 +1,6 @@
 """Record types and small typed datasets (a list of records plus image opening) for the evaluation tasks.
 
-Text is stored exactly as in the annotation files; the evaluators apply ``ukmp.eval.text.blip_question`` /
+Text is stored exactly as in the annotation files; the evaluators apply ``ukmp.data.textclean.blip_question`` /
 ``blip_caption`` themselves. Images are opened lazily by ``open_image`` and returned as RGB PIL images.
 """
 

@@ -1,11 +1,13 @@
-"""Text pre-processing and prompts of the reference (LAVIS ``blip_question`` / ``blip_caption``), and the
-per-task decoding settings of UKMP_METHOD.md section 4, for the model-driven evaluators to use.
+"""Prompts of the reference, its text cleaning (LAVIS ``blip_question`` / ``blip_caption``, defined in
+:mod:`ukmp.data.textclean` and re-exported here), and the per-task decoding settings of UKMP_METHOD.md section 4,
+for the model-driven evaluators to use.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from ukmp.data.textclean import blip_caption, blip_question
 
 __all__ = [
     "CAPTION_DECODING",
@@ -19,34 +21,8 @@ __all__ = [
     "vqa_prompt",
 ]
 
-_STRIPPED = re.compile(r"[.!\"()*#:;~]")
-_WHITESPACE_RUN = re.compile(r"\s{2,}")
-
 VQA_PROMPT = "Question: {} Short answer:"
 CAPTION_PROMPT = "a photo of"
-
-
-def _truncate(text: str, max_words: int) -> str:
-    if max_words < 1:
-        raise ValueError(f"max_words: must be >= 1, got {max_words}")
-    words = text.split(" ")
-    return " ".join(words[:max_words]) if len(words) > max_words else text
-
-
-def blip_question(text: str, max_words: int = 50) -> str:
-    """LAVIS ``blip_question``: lower-case, delete ``.!"()*#:;~``, strip trailing spaces, keep <= max_words words.
-
-    Like the reference, inner runs of spaces are not collapsed and words are split on single spaces.
-    """
-    return _truncate(_STRIPPED.sub("", text.lower()).rstrip(" "), max_words)
-
-
-def blip_caption(text: str, max_words: int = 50) -> str:
-    """LAVIS ``blip_caption``: lower-case, ``.!"()*#:;~`` become spaces, runs of >= 2 whitespace characters become
-    one space, trailing newlines and surrounding spaces are stripped, then at most ``max_words`` words are kept.
-    """
-    text = _WHITESPACE_RUN.sub(" ", _STRIPPED.sub(" ", text.lower()))
-    return _truncate(text.rstrip("\n").strip(" "), max_words)
 
 
 def vqa_prompt(question: str, template: str = VQA_PROMPT, process: bool = True) -> str:

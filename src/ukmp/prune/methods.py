@@ -1,12 +1,17 @@
 """The pruning-method vocabulary: what a method returns (:class:`ScoreResult`) and the registry of methods.
 
-A method is ``fn(model, groups, batches, prune_config, n_batches) -> ScoreResult``. UKMP and the trivial methods are
-registered by :mod:`ukmp.prune.scoring`, the baselines by :mod:`ukmp.baselines`; this module imports neither.
+A method is ``fn(model, groups, batches, prune_config, n_batches) -> ScoreResult``. The registry is filled without
+this layer knowing who provides the methods: UKMP and the trivial methods register when :mod:`ukmp.prune.scoring` is
+imported (same layer), and every other provider through the ``ukmp.methods`` entry-point group of the installed
+distributions (ukmp's own baselines declare their registering function there, in ``pyproject.toml``). Each entry
+point names a callable that registers its methods with :func:`register_method`; the group is loaded once, the first
+time a name is looked up that is not registered yet. A third-party package adds methods the same way.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
@@ -16,6 +21,7 @@ if TYPE_CHECKING:
     from ukmp.plan import PruningPlan
 
 Batches = Callable[[int], Iterable[dict[str, torch.Tensor]]]  # epoch -> batches
+ENTRY_POINT_GROUP = "ukmp.methods"
 
 
 @dataclass
@@ -30,6 +36,7 @@ class ScoreResult:
 
 METHODS: dict[str, Callable[..., ScoreResult]] = {}
 DATA_FREE: set[str] = set()
+_plugins_loaded = False
 
 
 def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool = False) -> None:
@@ -40,7 +47,35 @@ def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool =
         DATA_FREE.add(name)
 
 
+def load_plugins() -> None:
+    """Call every ``ukmp.methods`` entry point once (each registers its methods); idempotent."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()()
+        except Exception as e:  # a broken third-party plugin must name itself, not surface as an unknown method
+            raise RuntimeError(f"pruning-method plugin {ep.name!r} ({ep.value}) failed to register: {e}") from e
+
+
+def available_methods() -> list[str]:
+    """Every registered method name, plugins included, sorted."""
+    load_plugins()
+    return sorted(METHODS)
+
+
 def get_method(name: str) -> Callable[..., ScoreResult]:
     if name not in METHODS:
-        raise ValueError(f"prune.method: unknown method {name!r} (choose from {', '.join(sorted(METHODS))})")
+        load_plugins()
+    if name not in METHODS:
+        hint = "" if len(METHODS) > 3 else " (no plugin methods found: is ukmp installed, e.g. `pip install -e .`?)"
+        raise ValueError(f"prune.method: unknown method {name!r} (choose from {', '.join(sorted(METHODS))}){hint}")
     return METHODS[name]
+
+
+def is_data_free(name: str) -> bool:
+    """Whether ``name`` scores without calibration data (looks the method up first, so plugins are loaded)."""
+    get_method(name)
+    return name in DATA_FREE

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
 from ukmp.models import forward_batch
-from ukmp.prune.methods import DATA_FREE, METHODS, Batches, ScoreResult, get_method, register_method
+from ukmp.prune.methods import DATA_FREE, METHODS, Batches, ScoreResult, get_method, is_data_free, register_method
 
 log = logging.getLogger(__name__)
 
@@ -191,12 +191,15 @@ def score_magnitude(model, groups, batches: Batches, pc: PruneConfig, n_batches:
     return ScoreResult(scores, {"magnitude": scores})
 
 
-register_method("ukmp", score_ukmp)
-register_method("random", score_random, data_free=True)
-register_method("magnitude", score_magnitude, data_free=True)
+def register_builtin() -> None:
+    """Register UKMP, random and magnitude (idempotent; also the ``ukmp.methods`` entry point ``ukmp``)."""
+    for name, fn, data_free in (("ukmp", score_ukmp, False), ("random", score_random, True),
+                                ("magnitude", score_magnitude, True)):
+        if name not in METHODS:
+            register_method(name, fn, data_free=data_free)
 
 
-import ukmp.baselines  # noqa: E402,F401  (registers the baselines)
+register_builtin()
 
 __all__ = ["DATA_FREE", "METHODS", "Batches", "ScoreResult", "entropy_pass", "fused_pass", "get_method",
-           "register_method", "taylor_pass"]
+           "is_data_free", "register_builtin", "register_method", "taylor_pass"]

@@ -25,7 +25,7 @@ from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
-from ukmp.prune.scoring import DATA_FREE, ScoreResult, get_method
+from ukmp.prune.scoring import ScoreResult, get_method, is_data_free
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
 
 log = logging.getLogger(__name__)
@@ -261,7 +261,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
     get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
     calib = text = None
-    if not (cfg.prune.scores_from or cfg.prune.plan_from) and cfg.prune.method not in DATA_FREE:
+    if not (cfg.prune.scores_from or cfg.prune.plan_from) and not is_data_free(cfg.prune.method):
         from ukmp.data.loaders import load_dataset
 
         calib = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
@@ -293,7 +293,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total, pc.method), [], 0
     else:
         method = get_method(pc.method)
-        if pc.method in DATA_FREE:
+        if is_data_free(pc.method):
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
             batches, n_batches, ids = calibration_batches(cfg, processor, model, calib, text)
