@@ -63,6 +63,8 @@ class PruneConfig:
     prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)
     compute_dtype: str = ""  # '' = the model's dtype; bfloat16 | float16: autocast matmuls, fp32 accumulators
     fused_passes: bool = False  # one forward feeds both passes (the reference uses separate, differently augmented ones)
+    accumulate_on: str = "device"  # UKMP's fp32 Taylor accumulators: device (fastest) | cpu (host memory, pinned)
+    score_passes: int = 1  # k > 1: k passes over the calibration data, each accumulating 1/k of the groups
     drop_unused_layers: bool = True  # drop layers whose output never reaches the output (LLaVA's last ViT layer)
     scores_from: str = ""  # reuse scores.safetensors of an earlier prune stage; allocation from this config
     allow_shortfall: bool = False  # accept a plan below the target ratio (every group at its floor) instead of failing
@@ -179,6 +181,7 @@ _CHOICES = {
     ("prune", "scope"): ("global", "local"),
     ("prune", "local_rounding"): ("floor", "carry"),
     ("prune", "compute_dtype"): ("", "model", "bfloat16", "float16", "bf16", "fp16"),
+    ("prune", "accumulate_on"): ("device", "cpu"),
     ("finetune", "adapter"): ("wr_lora", "lora"),
     ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
     ("finetune", "lr_schedule"): ("constant", "cosine"),
@@ -226,6 +229,7 @@ def validate(cfg: RunConfig) -> None:
     _check(0.0 < p.threshold <= 1.0, "prune.threshold", "in (0, 1]", p.threshold)
     _check(0.0 < p.max_group_prune_ratio <= 1.0, "prune.max_group_prune_ratio", "in (0, 1]", p.max_group_prune_ratio)
     _check(p.prefetch >= 0, "prune.prefetch", ">= 0", p.prefetch)
+    _check(p.score_passes >= 1, "prune.score_passes", ">= 1", p.score_passes)
     _check(p.num_text_samples >= 0, "prune.num_text_samples", ">= 0", p.num_text_samples)
     bad_ns = sorted(set(p.options) - set(OPTION_NAMESPACES))
     if bad_ns:

@@ -9,6 +9,9 @@ Pure parts:
 * :func:`unit_reduce` — per-weight saliency -> one score per unit: the mean over every weight the unit owns
   (sum over the unit's weight slices / their number of weights; biases are ignored).
 
+* :func:`partition_groups` — the groups split into parts of about equal accumulator memory, for scoring in
+  several passes (``prune.score_passes``).
+
 Stateful shell: :class:`TaylorScorer` keeps fp32 accumulators of the gradients of every Linear weight touched
 by the groups (so a bf16 model never sums gradients in bf16). While it is open the scored Linears run as
 :class:`_TrackedLinear`, whose backward adds ``grad_out.T @ x`` over the rows that carry a gradient straight into
@@ -27,6 +30,7 @@ from ukmp.groups import PrunableGroup
 
 IGNORE_INDEX = -100
 TaylorOrder = Literal["first", "second", "mix"]
+AccumulateOn = Literal["device", "cpu"]
 LossReduction = Literal["per_sample_mean", "token_mean"]
 
 
@@ -176,6 +180,23 @@ def _accumulate_into(acc: torch.Tensor) -> GradSink:
     return sink
 
 
+def _offload_into(acc: torch.Tensor, stage: dict[tuple[int, int], torch.Tensor]) -> GradSink:
+    """A sink for an accumulator kept off the weight's device (``accumulate_on="cpu"``): ``grad_out.T @ x`` is formed
+    on the device (one layer's product, transient), copied to host memory (through a pinned staging buffer when the
+    device is CUDA) and added to the fp32 ``acc`` there."""
+    def sink(g: torch.Tensor, x: torch.Tensor) -> None:
+        prod = g.T @ x
+        if prod.device.type == "cuda":
+            buf = stage.get(tuple(prod.shape))
+            if buf is None:
+                buf = stage[tuple(prod.shape)] = torch.empty(prod.shape, dtype=acc.dtype, pin_memory=True)
+            buf.copy_(prod)  # synchronous: the buffer is reused by the next layer's backward
+            acc.add_(buf)
+        else:
+            acc.add_(prod.to(acc.device, acc.dtype))
+    return sink
+
+
 class ForwardPatches:
     """Replaces the ``forward`` of some modules (an instance attribute each) until :meth:`remove`."""
 
@@ -268,6 +289,41 @@ def unit_reduce(per_weight_score: dict[str, torch.Tensor], group: PrunableGroup)
     return total / unit_weight_count(group, shapes)
 
 
+def partition_groups(groups: list[PrunableGroup], passes: int,
+                     weight_bytes: Callable[[str], int]) -> list[list[PrunableGroup]]:
+    """``groups`` split into at most ``passes`` parts of about equal accumulator bytes, for scoring in several
+    passes over the calibration data (each pass accumulates one part). Groups that share a weight stay in one
+    part; parts are filled largest first (ties in input order), each keeps the input order. Deterministic."""
+    if passes < 1:
+        raise ValueError(f"passes: must be >= 1, got {passes}")
+    parent = list(range(len(groups)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: dict[str, int] = {}
+    for i, g in enumerate(groups):
+        for s in g.slices:
+            if s.param == "weight":
+                j = owner.setdefault(s.name, i)
+                parent[root(i)] = root(j)
+    clusters: dict[int, list[int]] = {}
+    for i in range(len(groups)):
+        clusters.setdefault(root(i), []).append(i)
+    sized = [(sum(weight_bytes(n) for n in {s.name for k in c for s in groups[k].slices if s.param == "weight"}), c)
+             for c in clusters.values()]
+    sized.sort(key=lambda t: (-t[0], t[1][0]))
+    load, parts = [0] * passes, [[] for _ in range(passes)]
+    for size, c in sized:
+        k = min(range(passes), key=lambda j: (load[j], j))
+        load[k] += size
+        parts[k].extend(c)
+    return [[groups[i] for i in sorted(p)] for p in parts if p]
+
+
 # ---------------------------------------------------------------------------------------- per-weight saliency
 def taylor_saliency(
     weight: torch.Tensor,
@@ -285,7 +341,7 @@ def taylor_saliency(
       LLM-Pruner.
     * ``mix``: ``|W * Gm - 0.5 * W * F * W|`` with ``Gm = G / n_batches`` so both terms share one scale.
     """
-    w = weight.detach().float()
+    w = weight.detach().to(grad_sum.device, torch.float32)
     if order == "first":
         return (w * grad_sum).abs()
     if sq_sum is None or n_batches < 1:
@@ -322,6 +378,11 @@ class TaylorScorer:
     the Linear runs as :class:`_TrackedLinear` while the scorer is open, whose backward adds
     ``grad_out.T @ x`` over the rows with a gradient straight into the fp32 accumulator. Other scored weights
     go through ``.grad`` as usual.
+
+    ``accumulate_on="cpu"`` keeps every accumulator in host memory (pinned for a CUDA model): each Linear's
+    product is formed on the device as its backward runs and added on the host, so the device holds the weights,
+    the activations and one layer's product, not an fp32 copy of every scored weight. ``accumulator_bytes`` is
+    what the accumulators occupy, per device type.
     """
 
     def __init__(
@@ -331,9 +392,13 @@ class TaylorScorer:
         order: TaylorOrder = "first",
         freeze_others: bool = True,
         track_linears: bool = True,
+        accumulate_on: AccumulateOn = "device",
     ):
         if order not in ("first", "second", "mix"):
             raise ValueError(f"order: unknown value {order!r} (choose 'first', 'second' or 'mix')")
+        if accumulate_on not in ("device", "cpu"):
+            raise ValueError(f"accumulate_on: unknown value {accumulate_on!r} (choose 'device' or 'cpu')")
+        self.accumulate_on: AccumulateOn = accumulate_on
         self.model = model
         self.groups = list(groups)
         self.order: TaylorOrder = order
@@ -352,15 +417,12 @@ class TaylorScorer:
                 p.requires_grad_(True)
             elif freeze_others:
                 p.requires_grad_(False)
-        self.grad_sum = {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                         for n, p in self.params.items()}
-        self.sq_sum = (
-            {n: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for n, p in self.params.items()}
-            if order != "first" else None
-        )
+        self.grad_sum = {n: self._zeros(p) for n, p in self.params.items()}
+        self.sq_sum = {n: self._zeros(p) for n, p in self.params.items()} if order != "first" else None
         self.n_batches = 0
         # per-batch fp32 gradient of tracked weights when the squares are needed; else straight into grad_sum
         self._batch: dict[str, torch.Tensor] = {}
+        self._stage: dict[tuple[int, int], torch.Tensor] = {}  # pinned staging buffers (CUDA, accumulate_on=cpu)
         self._tracked = ForwardPatches()
         if track_linears:
             for n, p in self.params.items():
@@ -369,7 +431,24 @@ class TaylorScorer:
                     continue
                 if self.sq_sum is not None:
                     self._batch[n] = torch.zeros_like(self.grad_sum[n])
-                self._tracked.track(owner, _accumulate_into(self._batch.get(n, self.grad_sum[n])))
+                acc = self._batch.get(n, self.grad_sum[n])
+                self._tracked.track(owner, _offload_into(acc, self._stage) if self.accumulate_on == "cpu"
+                                    else _accumulate_into(acc))
+        self.accumulator_bytes = self._held_bytes()  # measured from the tensors held, not from arithmetic
+
+    def _zeros(self, p: torch.Tensor) -> torch.Tensor:
+        """An fp32 accumulator for ``p``: on ``p``'s device, or in host memory (pinned when ``p`` is on CUDA)."""
+        if self.accumulate_on == "cpu":
+            return torch.zeros(p.shape, dtype=torch.float32, pin_memory=p.device.type == "cuda")
+        return torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+
+    def _held_bytes(self) -> dict[str, int]:
+        """Bytes of the accumulators this scorer holds, by device type (``{"cpu": ..., "cuda": ...}``)."""
+        out: dict[str, int] = {}
+        for d in (self.grad_sum, self.sq_sum or {}, self._batch):
+            for t in d.values():
+                out[t.device.type] = out.get(t.device.type, 0) + t.numel() * t.element_size()
+        return out
 
     def backward(self, loss: torch.Tensor) -> None:
         """``loss.backward()`` followed by :meth:`collect`."""
@@ -388,6 +467,7 @@ class TaylorScorer:
                 g = buf if g is None else buf.add_(g)
             if g is None:
                 continue
+            g = g.to(self.grad_sum[n].device)  # accumulate_on=cpu: a .grad weight's gradient goes to the host
             self.grad_sum[n].add_(g)
             if self.sq_sum is not None:
                 self.sq_sum[n].add_(g * g)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -118,33 +118,98 @@ def entropy_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterabl
     return unit_entropies(neuron, language)
 
 
-def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
+BatchSource = Iterable[dict] | Callable[[], Iterable[dict]]  # one stream, or a maker of identical fresh streams
+
+
+def _stream(batches: BatchSource, passes: int) -> Callable[[], Iterable[dict]]:
+    if callable(batches):
+        return batches
+    if passes > 1:
+        raise ValueError("score_passes > 1 needs a callable that makes the same calibration batches again")
+    return lambda: batches
+
+
+def _pass_parts(model: nn.Module, groups: list[PrunableGroup], passes: int) -> list[list[PrunableGroup]]:
+    from ukmp.importance.taylor import partition_groups
+
+    def weight_bytes(name: str) -> int:
+        return model.get_parameter(name).numel() * 4  # fp32 accumulators
+
+    return partition_groups(groups, passes, weight_bytes) if passes > 1 else [list(groups)]
+
+
+def _merge_pass_stats(stats: dict[str, int], passes: list[dict[str, int]], held: list[dict[str, int]]) -> None:
+    """Token counts must agree between passes (the same batches, the same model); the accumulators' peak over the
+    passes, per device type, as the scorers measured it."""
+    if any(p != passes[0] for p in passes[1:]):
+        raise RuntimeError(f"scoring passes saw different calibration batches (token counts {passes}): the batches "
+                           "must be reproducible for prune.score_passes > 1")
+    stats.update(passes[0])
+    for dev in sorted({d for h in held for d in h}):
+        stats[f"accumulator_peak_bytes_{dev}"] = max(h.get(dev, 0) for h in held)
+    stats["score_passes"] = len(held)
+
+
+def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSource, threshold: float | None,
                 order: str = "first", total: int | None = None, compute_dtype: torch.dtype | None = None,
-                ) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Per-unit Taylor scores with the selected-token loss; gradients summed over samples in fp32."""
+                passes: int = 1, accumulate_on: str = "device") -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per-unit Taylor scores with the selected-token loss; gradients summed over samples in fp32.
+
+    ``passes`` > 1 runs the calibration data that many times (``batches`` then makes a fresh, identical stream per
+    call), each pass accumulating one part of the groups (:func:`~ukmp.importance.taylor.partition_groups`): the
+    accumulators take 1/passes of the memory for passes times the compute. ``accumulate_on="cpu"`` keeps them in
+    host memory (:class:`~ukmp.importance.taylor.TaylorScorer`)."""
     from ukmp.importance.taylor import TaylorScorer, row_sparse_head
 
-    with TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
-        stats = _selected_backward(model, scorer, batches, threshold, "taylor pass", total, compute_dtype)
-        return scorer.scores(), stats
+    make = _stream(batches, passes)
+    scores: dict[str, torch.Tensor] = {}
+    counts, held = [], []
+    parts = _pass_parts(model, groups, passes)
+    for k, part in enumerate(parts):
+        desc = "taylor pass" if len(parts) == 1 else f"taylor pass {k + 1}/{len(parts)}"
+        with TaylorScorer(model, part, order=order, accumulate_on=accumulate_on) as scorer, row_sparse_head(model):
+            counts.append(_selected_backward(model, scorer, make(), threshold, desc, total, compute_dtype))
+            scores.update(scorer.scores())
+            held.append(scorer.accumulator_bytes)
+    stats: dict[str, int] = {}
+    _merge_pass_stats(stats, counts, held)
+    return {g.id: scores[g.id] for g in groups}, stats
 
 
-def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: Iterable[dict], threshold: float | None,
+def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSource, threshold: float | None,
                order: str = "first", angle: bool = False, exclude_padding: bool = True, total: int | None = None,
-               compute_dtype: torch.dtype | None = None):
+               compute_dtype: torch.dtype | None = None, passes: int = 1, accumulate_on: str = "device"):
     """Both UKMP passes over one stream of batches: the entropy hooks read the activations of the Taylor forward.
 
     Equal to the two separate passes when both see the same inputs (augmentation off, or the same epoch); saves one
-    forward per sample."""
+    forward per sample. With ``passes`` > 1 the first pass also fills the histograms, the others are Taylor only
+    (see :func:`taylor_pass`)."""
     from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
     from ukmp.importance.taylor import TaylorScorer, row_sparse_head
 
+    make = _stream(batches, passes)
+    parts = _pass_parts(model, groups, passes)
     language = [g for g in groups if g.modality == "language"]
+    desc = "fused pass" if len(parts) == 1 else f"fused pass 1/{len(parts)}"
     with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
-            TaylorScorer(model, groups, order=order) as scorer, row_sparse_head(model):
-        stats = _selected_backward(model, scorer, batches, threshold, "fused pass", total, compute_dtype, hist,
+            TaylorScorer(model, parts[0], order=order, accumulate_on=accumulate_on) as scorer, \
+            row_sparse_head(model):
+        first = _selected_backward(model, scorer, make(), threshold, desc, total, compute_dtype, hist,
                                    exclude_padding)
-        return scorer.scores(), unit_entropies(hist.entropy(), language), stats
+        scores, entropy, held = scorer.scores(), unit_entropies(hist.entropy(), language), scorer.accumulator_bytes
+    stats: dict[str, int] = {}
+    if len(parts) == 1:
+        _merge_pass_stats(stats, [first], [held])
+        return scores, entropy, stats
+    rest = [g for part in parts[1:] for g in part]
+    more, more_stats = taylor_pass(model, rest, make, threshold, order, total, compute_dtype, len(parts) - 1,
+                                   accumulate_on)
+    scores.update(more)
+    _merge_pass_stats(stats, [first, {k: more_stats[k] for k in first}],
+                      [held, {k[len("accumulator_peak_bytes_"):]: v for k, v in more_stats.items()
+                              if k.startswith("accumulator_peak_bytes_")}])
+    stats["score_passes"] = len(parts)
+    return {g.id: scores[g.id] for g in groups}, entropy, stats
 
 
 # ---------------------------------------------------------------------------------------------------- methods
@@ -155,16 +220,17 @@ def score_ukmp(model, groups, batches: Batches, pc: PruneConfig, n_batches: int)
     order = "first" if pc.taylor == "first_no_threshold" else pc.taylor
     entropy = None
     cdt = parse_compute_dtype(pc.compute_dtype)
+    memory = {"passes": pc.score_passes, "accumulate_on": pc.accumulate_on}
     if pc.fused_passes and pc.entropy != "none":
-        taylor, entropy, stats = fused_pass(model, groups, batches(1), threshold, order=order,
+        taylor, entropy, stats = fused_pass(model, groups, lambda: batches(1), threshold, order=order,
                                             angle=pc.entropy == "arccos", exclude_padding=pc.entropy_exclude_padding,
-                                            total=n_batches, compute_dtype=cdt)
+                                            total=n_batches, compute_dtype=cdt, **memory)
     else:
         if pc.entropy != "none":
             entropy = entropy_pass(model, groups, batches(0), angle=pc.entropy == "arccos",
                                    exclude_padding=pc.entropy_exclude_padding, total=n_batches, compute_dtype=cdt)
-        taylor, stats = taylor_pass(model, groups, batches(1), threshold, order=order, total=n_batches,
-                                    compute_dtype=cdt)
+        taylor, stats = taylor_pass(model, groups, lambda: batches(1), threshold, order=order, total=n_batches,
+                                    compute_dtype=cdt, **memory)
     combined = combine(taylor, entropy, groups, mode="product" if entropy is not None else "taylor_only")
     parts = {"taylor": taylor, "combined": combined}
     if entropy is not None:
