@@ -85,3 +85,14 @@ def test_inspect_pruned_decoder_directory(name, tmp_path):
     p = r["parameters"]
     assert p["total"] == count_parameters(model) and p["dense_total"] == dense_total
     assert p["removed"] == plan.removed_params(groups) == dense_total - p["total"] > 0
+
+
+@pytest.mark.parametrize("name", ["blip2-flan-t5-xl", "blip2-opt-2.7b", "instructblip-flan-t5-xl",
+                                  "instructblip-vicuna-7b", "llava-1.5-7b"])
+def test_full_size_vlm_configs_place_their_image_tokens(name):
+    """transformers 5 puts the query / patch features where ``input_ids == image_token_index``: every shipped
+    full-size VLM config names that id, inside its language model's vocabulary (InstructBLIP-Vicuna-7B's config
+    once had none: its first calibration batch failed at real width)."""
+    config = load_config(name)
+    image_id = getattr(config, "image_token_index", None)
+    assert isinstance(image_id, int) and 0 <= image_id < config.text_config.vocab_size
