@@ -1,0 +1,98 @@
+"""A new user's path, round 2 (issue 24, part B): plans carry their own ratio and model, self-allocating methods'
+scores are not re-allocated, Ctrl-C during caption scoring never hangs, and the smaller rough edges."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+from ukmp.cli import main
+from ukmp.plan import PruningPlan
+
+DEMO = str(resources.files("ukmp") / "configs" / "demo.yaml")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory):
+    """Prune stages of the tiny BLIP-2 at 0.3: magnitude (re-allocatable scores) and FLAP (its own plan)."""
+    tmp = tmp_path_factory.mktemp("pruned")
+    for method in ("magnitude", "flap"):
+        assert main(["prune", DEMO, f"output_dir={tmp}", f"name={method}", f"prune.method={method}",
+                     "prune.ratio=0.3"]) == 0
+    return tmp
+
+
+# ---------------------------------------------------------------------------------- item 6: --plan's own ratio
+def test_prune_with_plan_labels_the_plans_ratio(pruned, tmp_path, caplog, monkeypatch):
+    from ukmp.prune import stage
+
+    titles = []
+    monkeypatch.setattr(stage, "plot_kept_width", lambda groups, plan, path, title="": titles.append(title))
+    scores = pruned / "magnitude" / "prune" / "scores.safetensors"
+    assert main(["plan", "--scores", str(scores), "--ratio", "0.4", "--out", str(tmp_path / "p.json")]) == 0
+    with caplog.at_level(logging.INFO, logger="ukmp.prune.stage"):  # the config says 0.5
+        assert main(["prune", DEMO, "--plan", str(tmp_path / "p.json"), f"output_dir={tmp_path}", "name=c",
+                     "prune.method=magnitude"]) == 0
+    summary = json.loads((tmp_path / "c" / "prune" / "summary.json").read_text())
+    assert summary["target_ratio"] == 0.4  # exact: the ratio `ukmp plan --ratio` recorded (was the config's 0.5)
+    assert "(target 40.00%)" in caplog.text and "(target 50.00%)" not in caplog.text
+    assert titles and titles[0].endswith("(target 0.4)")
+
+
+def test_hand_written_plan_is_labelled_with_what_it_removes(pruned, tmp_path):
+    plan = PruningPlan.load(pruned / "magnitude" / "prune" / "plan.json")
+    plan.meta = {}  # no target, no model size recorded
+    plan.save(tmp_path / "p.json")
+    assert main(["prune", DEMO, "--plan", str(tmp_path / "p.json"), f"output_dir={tmp_path}", "name=c",
+                 "prune.method=magnitude"]) == 0
+    summary = json.loads((tmp_path / "c" / "prune" / "summary.json").read_text())
+    assert summary["target_ratio"] == summary["achieved_ratio"]
+    assert abs(summary["achieved_ratio"] - 0.3) < 0.02  # the magnitude plan's own 0.3 (+- one coarse step)
+
+
+# ------------------------------------------------------------------ item 8: scores of a self-allocating method
+def test_plan_refuses_scores_of_a_method_with_its_own_allocation(pruned, tmp_path, capsys):
+    scores = pruned / "flap" / "prune" / "scores.safetensors"
+    assert main(["plan", "--scores", str(scores), "--ratio", "0.4", "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flap makes its own plan" in err and "prune.method=flap" in err
+    assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize("meta, own", [
+    ({"method": "flap"}, True), ({"method": "wanda_sp", "method_allocation": "{}"}, True),  # files before own_plan
+    ({"method": "wanda_sp", "method_allocation": '{"scope": "local"}'}, False),  # the floor variant: overrides
+    ({"method": "llm_pruner", "method_allocation": '{"normalization": "none"}'}, False),
+    ({"method": "flap", "own_plan": "false"}, False),  # FLAP scores re-allocated by a prune stage: a UKMP plan
+    ({"method": "ukmp", "own_plan": "true"}, True),
+])
+def test_allocates_itself(meta, own):
+    from ukmp.prune.stage import allocates_itself
+
+    assert allocates_itself(meta) is own
+
+
+# ---------------------------------------------------------------------------- item 10: a plan of another model
+def test_plan_of_another_model_is_refused_naming_both_sizes(pruned, tmp_path, capsys):
+    from ukmp.models import adapter_for
+    from ukmp.models.build import build_tiny
+
+    plan_file = pruned / "magnitude" / "prune" / "plan.json"
+    plan = PruningPlan.load(plan_file)
+    other, _ = build_tiny(seed=0, name="tiny-instructblip-t5")
+    plan.validate(adapter_for(other).groups())  # same group ids and unit counts: only the size tells them apart
+    assert main(["prune", DEMO, "--plan", str(plan_file), f"output_dir={tmp_path}", "name=c",
+                 "model.source=tiny-instructblip-t5"]) == 2
+    err = capsys.readouterr().err.strip()
+    total = sum(p.numel() for p in other.parameters())
+    assert len(err.splitlines()) == 1
+    assert f"{plan.meta['total_params']:,} parameters (blip-2)" in err and f"{total:,} (instructblip)" in err
+    assert not (tmp_path / "c" / "prune" / "plan.json").exists()
