@@ -96,3 +96,50 @@ def test_plan_of_another_model_is_refused_naming_both_sizes(pruned, tmp_path, ca
     assert len(err.splitlines()) == 1
     assert f"{plan.meta['total_params']:,} parameters (blip-2)" in err and f"{total:,} (instructblip)" in err
     assert not (tmp_path / "c" / "prune" / "plan.json").exists()
+
+
+# ------------------------------------------------------------------------ item 2: Ctrl-C during caption scoring
+_FAKE_METEOR = "import pathlib, sys, time; sys.stdin.readline(); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
+_CHILD = """
+import subprocess, sys, threading
+from pycocoevalcap.meteor import meteor
+
+def fake_init(self):  # METEOR's java stand-in: reads the first SCORE line, then never answers
+    self.meteor_p = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    self.lock = threading.Lock()
+
+meteor.Meteor.__init__ = fake_init  # the real compute_score and __del__ (with their lock) stay
+from ukmp import cli
+from ukmp.eval.metrics import _caption_scorers
+
+class Bar:
+    def update(self, n): pass
+    def set_postfix_str(self, s): pass
+
+cli._cmd_inspect = lambda args: _caption_scorers({"0": ["a cat sits"]}, {"0": ["a cat sat"]}, False, Bar())
+sys.exit(cli.main(["inspect", "tiny"]))
+"""
+
+
+def test_ctrl_c_while_meteor_scores_exits_130_promptly(tmp_path):
+    mark = tmp_path / "meteor_waiting"
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, _FAKE_METEOR, str(mark)], start_new_session=True,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not mark.exists():  # METEOR holds its lock and waits for an answer
+            assert child.poll() is None and time.monotonic() < deadline, "the scorer never reached METEOR"
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        os.kill(child.pid, signal.SIGINT)
+        try:
+            rc = child.wait(timeout=15)  # before: hung in Meteor.__del__ (its lock) until a second Ctrl-C
+        except subprocess.TimeoutExpired:
+            pytest.fail("Ctrl-C during METEOR: still running 15 s later")
+        assert rc == 130 and time.monotonic() - t0 < 15
+        assert "interrupted" in child.stderr.read()
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
