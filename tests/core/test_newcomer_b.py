@@ -143,3 +143,64 @@ def test_ctrl_c_while_meteor_scores_exits_130_promptly(tmp_path):
         if child.poll() is None:
             os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+# ---------------------------------------------------------------------- errors that stopped one step short, GGUF
+def test_finetune_before_prune_says_to_prune_first(tmp_path, capsys):
+    assert main(["finetune", DEMO, f"output_dir={tmp_path}", "name=n"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "run `ukmp prune CONFIG` first" in err  # was "plan file not found"
+
+
+def test_gguf_directory_without_gguf_file_names_the_setting(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "smol.gguf").write_bytes(b"GGUF")
+    assert main(["prune", DEMO, f"output_dir={tmp_path}", f"model.source={tmp_path / 'm'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "set model.gguf_file=smol.gguf" in err  # was "config.json missing"
+    assert main(["inspect", str(tmp_path / "m")]) == 2
+    assert f"ukmp inspect {tmp_path / 'm' / 'smol.gguf'}" in capsys.readouterr().err
+
+
+def test_pruned_model_as_source_gives_the_cli_command(pruned, tmp_path, capsys):
+    model = pruned / "magnitude" / "prune" / "model"
+    assert main(["prune", DEMO, f"output_dir={tmp_path}", f"model.source={model}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"ukmp eval CONFIG --model {model}" in err and "load_pruned" not in err
+
+
+def _write_tiny_gguf(path: Path) -> None:
+    gguf = pytest.importorskip("gguf")  # the realparts extra (make realparts-install)
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(100)
+    w.add_tensor("token_embd.weight", np.zeros((100, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_inspect_reads_a_gguf_file(tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from ukmp.inspect import inspect_model
+    from ukmp.models.build import build_model
+
+    _write_tiny_gguf(tmp_path / "m.gguf")
+    report = inspect_model(tmp_path / "m.gguf")
+    kinds = report["group_kinds"]
+    assert (kinds["lm_heads"]["layers"], kinds["lm_heads"]["units_per_layer"], kinds["lm_mlp"]["units_per_layer"]) \
+        == (2, 2, 64)  # 2 layers, 4 query heads in 2 KV groups, 64 MLP channels
+    same = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)  # no output.weight
+    assert report["parameters"]["total"] == sum(p.numel() for p in build_model(same, device="meta").parameters())
+    assert main(["inspect", str(tmp_path / "m.gguf")]) == 0

@@ -97,6 +97,9 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
 
     fc = cfg.finetune
     device = resolve_device(cfg.model.device)
+    if not (Path(pruned_dir) / "plan.json").is_file():
+        raise FileNotFoundError(f"{pruned_dir}: no pruned model there; run `ukmp prune CONFIG` first (or give one "
+                                "with `ukmp finetune CONFIG --pruned DIR`)")
     plan = read_plan(pruned_dir)
     origin = read_marker(pruned_dir).get("dense_model")
     check_teacher_config(origin, cfg.model, pruned_dir)
