@@ -204,3 +204,24 @@ def test_inspect_reads_a_gguf_file(tmp_path, capsys):
                        num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)  # no output.weight
     assert report["parameters"]["total"] == sum(p.numel() for p in build_model(same, device="meta").parameters())
     assert main(["inspect", str(tmp_path / "m.gguf")]) == 0
+
+
+# ------------------------------------------------------------------------------------- results.md, plots, demo
+@pytest.mark.parametrize("tasks, says_scorer", [(("perplexity",), False), (("perplexity", "okvqa"), True)])
+def test_results_md_names_the_vqa_scorer_only_with_vqa_and_no_token_counts(tmp_path, tasks, says_scorer):
+    from ukmp.config import load_config
+    from ukmp.io import atomic_write_json
+    from ukmp.pipeline import write_results
+    from ukmp.stages import StageRecord
+
+    cfg = load_config([DEMO], [f"output_dir={tmp_path}"])
+    root = tmp_path / "demo"
+    metrics = {"perplexity": {"perplexity": 14.7, "nll": 2.69, "tokens": 4096},
+               "okvqa": {"accuracy": 30.0, "count": 8}}
+    atomic_write_json(root / "eval_dense" / "metrics.json", {t: metrics[t] for t in tasks})
+    atomic_write_json(root / "prune" / "summary.json", {"achieved_ratio": 0.5})
+    records = {s: StageRecord(s, root / s, "h", "r", False, 1.0, {}) for s in ("eval_dense", "prune")}
+    write_results(cfg, root, records)
+    md = (root / "results.md").read_text()
+    assert ("lavis scorer" in md) is says_scorer
+    assert "| perplexity | perplexity |" in md and "| nll |" in md and "tokens" not in md
