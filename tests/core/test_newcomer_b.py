@@ -225,3 +225,22 @@ def test_results_md_names_the_vqa_scorer_only_with_vqa_and_no_token_counts(tmp_p
     md = (root / "results.md").read_text()
     assert ("lavis scorer" in md) is says_scorer
     assert "| perplexity | perplexity |" in md and "| nll |" in md and "tokens" not in md
+
+
+def test_loss_plot_one_colour_per_sub_stage_across_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from ukmp.recover.train import save_loss_plot
+
+    figs = []
+    monkeypatch.setattr(plt, "close", figs.append)
+    log = [{"stage": s, "global_step": s + 1, "loss": 1.0 + s, "parts_rank0": parts}
+           for s, parts in ((0, {"mse_vision": 5.0}), (1, {"mse_vision": 4.0}), (6, {"ce": 2.0, "kl": 1.0}))]
+    save_loss_plot(log, tmp_path / "loss.png")
+    colours: dict[str, set] = {}
+    for ax in figs[0].axes:
+        for line in ax.get_lines():
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert set(colours) == {"sub-stage 1", "sub-stage 2", "sub-stage 7"}
+    assert all(len(c) == 1 for c in colours.values()), colours  # was: sub-stage 7 in C2 on "loss", C0 on "ce"
+    assert len({next(iter(c)) for c in colours.values()}) == 3  # and the sub-stages tell apart
