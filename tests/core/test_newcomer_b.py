@@ -244,3 +244,33 @@ def test_loss_plot_one_colour_per_sub_stage_across_panels(tmp_path, monkeypatch)
     assert set(colours) == {"sub-stage 1", "sub-stage 2", "sub-stage 7"}
     assert all(len(c) == 1 for c in colours.values()), colours  # was: sub-stage 7 in C2 on "loss", C0 on "ce"
     assert len({next(iter(c)) for c in colours.values()}) == 3  # and the sub-stages tell apart
+
+
+def test_comparison_plot_is_a_grid_with_readable_labels(tmp_path):
+    import matplotlib.image
+
+    from ukmp.compare import DEFAULT_METHODS, plot_comparison
+
+    tasks = ["okvqa", "gqa", "vqav2", "nocaps", "flickr30k"]
+    metrics = {"okvqa": {"accuracy": 30.0}, "gqa": {"accuracy": 20.0}, "vqav2": {"accuracy": 40.0},
+               "nocaps": {"cider": 3.5}, "flickr30k": {"r_mean": 50.0}}
+    rows = {m: {"pruned": metrics, "recovered": metrics} for m in DEFAULT_METHODS}
+    titles = plot_comparison(rows, metrics, tasks, tmp_path / "c.png", "t")
+    assert titles == ["okvqa (accuracy)", "gqa (accuracy)", "vqav2 (accuracy)", "nocaps (cider)",
+                      "flickr30k (r_mean)"]
+    height, width = matplotlib.image.imread(tmp_path / "c.png").shape[:2]
+    # was one 5-panel row, 3,547 x 462 px for nine methods (7.7 : 1): scaled to a page, 6 pt labels vanish
+    assert width / height < 2.5 and height >= 800, (width, height)
+
+
+def test_compare_evaluates_the_dense_model_once_across_ratios(tmp_path, caplog):
+    over = [DEMO, f"output_dir={tmp_path}", "eval.after_prune=[gqa]", "eval.max_samples=4", "--methods", "random"]
+    with caplog.at_level(logging.INFO, logger="ukmp.stages"):
+        assert main(["compare", *over, "--ratio", "0.3"]) == 0
+        assert main(["compare", *over, "--ratio", "0.4"]) == 0  # was: a second dense evaluation
+        second = json.loads((tmp_path / "demo_compare_0.4" / "comparison.json").read_text())
+        assert main(["compare", *over, "eval.num_beams=1", "--ratio", "0.4"]) == 0  # what it depends on changed
+    dense = [r.getMessage().split(" ")[2] for r in caplog.records if r.getMessage().startswith("stage eval_dense:")]
+    assert [m for m in dense if m in ("running", "up")] == ["running", "up", "running"], dense
+    first = json.loads((tmp_path / "demo_compare_0.3" / "comparison.json").read_text())
+    assert first["dense"] == second["dense"]
