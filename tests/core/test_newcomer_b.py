@@ -274,3 +274,26 @@ def test_compare_evaluates_the_dense_model_once_across_ratios(tmp_path, caplog):
     assert [m for m in dense if m in ("running", "up")] == ["running", "up", "running"], dense
     first = json.loads((tmp_path / "demo_compare_0.3" / "comparison.json").read_text())
     assert first["dense"] == second["dense"]
+
+
+def test_structure_demo_generates_visible_text(tmp_path):
+    from ukmp.demo import run_demo
+
+    summary = run_demo(tmp_path, ratio=0.5, seed=0)  # the default ratio: greedy picks fell on unspellable rows
+    assert len(summary["generated"][0].strip()) >= 4, summary["generated"]
+
+
+def test_make_demo_ends_on_a_short_summary_and_the_result_paths(tmp_path, capsys, monkeypatch):
+    from ukmp import pipeline
+
+    metrics = {"okvqa": {"accuracy": 12.5, "count": 8}, "nocaps": {"cider": 3.25, "bleu_4": 1.0}}
+    out = {"name": "demo", "method": "ukmp", "target_ratio": 0.5, "achieved_ratio": 0.5012,
+           "metrics": {"dense": metrics, "pruned": {"okvqa": {"accuracy": 0.0}}, "recovered": metrics}}
+    monkeypatch.setattr(pipeline, "run", lambda cfg, **kw: out)  # the full pipeline is `make demo`'s 20-50 s
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) <= 6, lines  # was the 120-line JSON of every metric
+    assert lines[0] == "demo: ukmp removed 50.1 % of the parameters (target 50 %)"
+    assert lines[2].split() == ["okvqa", "accuracy", "12.50", "0.00", "12.50"]
+    assert lines[3].split() == ["nocaps", "cider", "3.25", "–", "3.25"]
+    assert lines[-1] == f"full results: {tmp_path / 'demo' / 'results.md'}  {tmp_path / 'demo' / 'results.json'}"
