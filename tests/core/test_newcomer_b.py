@@ -297,3 +297,17 @@ def test_make_demo_ends_on_a_short_summary_and_the_result_paths(tmp_path, capsys
     assert lines[2].split() == ["okvqa", "accuracy", "12.50", "0.00", "12.50"]
     assert lines[3].split() == ["nocaps", "cider", "3.25", "–", "3.25"]
     assert lines[-1] == f"full results: {tmp_path / 'demo' / 'results.md'}  {tmp_path / 'demo' / 'results.json'}"
+
+
+# ------------------------------------------------------------------- stranded checkpoints of an older recovery
+def test_finetune_names_stale_work_dirs_and_deletes_only_its_own(pruned, tmp_path, caplog):
+    stale = tmp_path / "n" / "finetune.work" / "0123456789abcdef" / "train"
+    stale.mkdir(parents=True)
+    (stale / "checkpoint.safetensors").write_bytes(b"x" * 2048)  # a run interrupted under another finetune.lr
+    with caplog.at_level(logging.WARNING, logger="ukmp.recover.stage"):
+        assert main(["finetune", DEMO, "--pruned", str(pruned / "magnitude" / "prune" / "model"),
+                     f"output_dir={tmp_path}", "name=n", "finetune.max_steps_per_stage=1"]) == 0
+    lines = [r.getMessage() for r in caplog.records if "interrupted recovery" in r.getMessage()]
+    assert len(lines) == 1 and "0123456789abcdef" in lines[0]  # was: nothing said
+    assert (stale / "checkpoint.safetensors").is_file()  # not this run's to delete
+    assert [p.name for p in (tmp_path / "n" / "finetune.work").iterdir()] == ["0123456789abcdef"]  # its own: gone
