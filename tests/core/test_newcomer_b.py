@@ -67,6 +67,17 @@ def test_plan_refuses_scores_of_a_method_with_its_own_allocation(pruned, tmp_pat
     assert not (tmp_path / "p.json").exists()
 
 
+def test_prune_refuses_a_self_allocating_methods_own_scores_from(pruned, tmp_path, capsys):
+    scores = pruned / "flap" / "prune" / "scores.safetensors"
+    assert main(["prune", DEMO, f"output_dir={tmp_path}", "prune.method=flap", f"prune.scores_from={scores}",
+                 "prune.ratio=0.4"]) == 2  # was: UKMP's allocator on FLAP's scores, labelled flap, no bias
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "flap makes its own plan" in err
+    other = pruned / "magnitude" / "prune" / "scores.safetensors"  # re-allocating a ranking method: as before
+    assert main(["prune", DEMO, f"output_dir={tmp_path}", "prune.method=magnitude", f"prune.scores_from={other}",
+                 "prune.ratio=0.4"]) == 0
+
+
 @pytest.mark.parametrize("meta, own", [
     ({"method": "flap"}, True), ({"method": "wanda_sp", "method_allocation": "{}"}, True),  # files before own_plan
     ({"method": "wanda_sp", "method_allocation": '{"scope": "local"}'}, False),  # the floor variant: overrides

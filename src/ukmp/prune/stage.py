@@ -205,10 +205,14 @@ def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPl
 def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int, method: str | None = None) -> ScoreResult:
     """Scores of an earlier prune stage for the same model structure (re-allocation needs no calibration). When
     they were computed by ``method`` itself, the allocation settings that method imposes (LLM-Pruner's raw sums:
-    ``normalization: none``) come back with them, as if it had scored again."""
+    ``normalization: none``) come back with them, as if it had scored again; a method that makes its own plan
+    (:func:`allocates_itself`) is refused its own scores: UKMP's allocator on them would be another method."""
     scores, parts, cached_groups, cached_total, _alloc, meta = load_scores(path)
     if [(g.id, g.n_units) for g in cached_groups] != [(g.id, g.n_units) for g in groups] or cached_total != total:
         raise ValueError(f"prune.scores_from: {path} was computed for a different model structure")
+    if method and meta.get("method") == method and allocates_itself(meta):  # as `ukmp plan --scores` refuses them
+        raise ValueError(f"prune.scores_from: {path} holds {method} scores, and {method} makes its own plan (not a "
+                         f"re-allocation of its scores); drop prune.scores_from to run {method} itself")
     own = json.loads(meta.get("method_allocation", "{}")) if method and meta.get("method") == method else {}
     return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")}, own)
 
