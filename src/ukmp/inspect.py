@@ -15,7 +15,9 @@ def _structure_model(source: str):
     from ukmp.io import is_pruned_dir, read_plan
     from ukmp.models.build import SHIPPED_CONFIGS, build_model, load_config
 
-    if source.endswith(".gguf") and Path(source).is_file():
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such GGUF file")
         config = gguf_config(Path(source))
     elif gguf_files(source):
         raise ValueError(f"{source} holds GGUF weights but no config.json; name the file: "

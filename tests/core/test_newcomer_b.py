@@ -112,7 +112,8 @@ def test_plan_of_another_model_is_refused_naming_both_sizes(pruned, tmp_path, ca
 # ------------------------------------------------------------------------ item 2: Ctrl-C during caption scoring
 _FAKE_METEOR = "import pathlib, sys, time; sys.stdin.readline(); pathlib.Path(sys.argv[1]).touch(); time.sleep(60)"
 _CHILD = """
-import subprocess, sys, threading
+import signal, subprocess, sys, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when pytest runs in the background
 from pycocoevalcap.meteor import meteor
 
 def fake_init(self):  # METEOR's java stand-in: reads the first SCORE line, then never answers
