@@ -47,6 +47,14 @@ def test_prune_with_plan_labels_the_plans_ratio(pruned, tmp_path, caplog, monkey
     assert titles and titles[0].endswith("(target 0.4)")
 
 
+def test_a_stage_plan_applied_with_plan_keeps_its_ratio(pruned, tmp_path):
+    plan = PruningPlan.load(pruned / "magnitude" / "prune" / "plan.json")  # every stage records its ratio now
+    assert main(["prune", DEMO, "--plan", str(pruned / "magnitude" / "prune" / "plan.json"), f"output_dir={tmp_path}",
+                 "name=c", "prune.method=magnitude"]) == 0
+    summary = json.loads((tmp_path / "c" / "prune" / "summary.json").read_text())
+    assert summary["target_ratio"] == plan.meta["whole_model_ratio"] == 0.3
+
+
 def test_hand_written_plan_is_labelled_with_what_it_removes(pruned, tmp_path):
     plan = PruningPlan.load(pruned / "magnitude" / "prune" / "plan.json")
     plan.meta = {}  # no target, no model size recorded

@@ -342,10 +342,10 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
     target = plan_ratio(plan) if pc.plan_from else cfg.prune.ratio  # --plan: the labels say the plan's ratio
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids),
-                     model_type=model.config.model_type)
+                     model_type=model.config.model_type, whole_model_ratio=target)  # every plan says its ratio
     if drop:
         plan.drop_layers = drop
-        plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=target)
+        plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()))
     if not pc.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
         check_shortfall(plan, pc.allow_shortfall)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
