@@ -191,7 +191,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_config([demo_yaml], [f"output_dir={args.out}", f"prune.ratio={args.ratio}", f"model.seed={args.seed}",
                                     *overrides])
     out = run(cfg)
-    print(json.dumps({k: out[k] for k in ("name", "method", "target_ratio", "achieved_ratio", "metrics")}, indent=1))
+    from pathlib import Path  # issue 24 part B: a short human summary instead of the 120-line JSON
+
+    from ukmp.demo import pipeline_summary
+
+    print(pipeline_summary(out, Path(cfg.output_dir) / cfg.name))
     return 0
 
 

@@ -3,7 +3,9 @@
 Each method is an ordinary pipeline run under ``<output_dir>/<name>_compare_<ratio>/<method>/`` (so every stage is
 cached and resumable); the dense model is evaluated once. All methods see the same calibration samples and
 augmentations (same ids and seeds). Methods that differ only in allocation reuse the scores of their sibling
-(``llm_pruner_local`` re-allocates ``llm_pruner_global``'s scores via ``prune.scores_from``).
+(``llm_pruner_local`` re-allocates ``llm_pruner_global``'s scores via ``prune.scores_from``). The dense evaluation
+is a stage of its own under ``<output_dir>/<name>_compare_dense/eval_dense_<key>/``, keyed by what it depends on
+(model, eval settings, tasks): a comparison at another ratio, or with other methods, reuses it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ukmp.config import RunConfig, load_config
+from ukmp.config import RunConfig, load_config, section_hash
 from ukmp.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,8 @@ def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | No
 
 def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str], path: Path,
                     title: str) -> list[str]:
-    """One panel per task with its headline metric (``PRIMARY_METRIC``), bars labelled; returns the panel titles."""
+    """One panel per task with its headline metric (``PRIMARY_METRIC``), bars labelled, in a grid of up to three
+    columns (one long row made the labels unreadable once scaled to a page); returns the panel titles."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,31 +79,37 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
 
     methods = list(rows)
     states = ["pruned"] + (["recovered"] if any(r.get("recovered") for r in rows.values()) else [])
-    fig, axes = plt.subplots(1, len(tasks), figsize=(max(5, 0.55 * len(methods) + 1.5) * len(tasks), 4.2),
+    cols = min(3, len(tasks))
+    n_rows = -(-len(tasks) // cols)
+    fig, grid = plt.subplots(n_rows, cols, figsize=(max(4.5, 0.5 * len(methods) + 1.5) * cols, 4.4 * n_rows),
                              squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    axes = list(grid.flat)[:len(tasks)]
+    for ax in list(grid.flat)[len(tasks):]:
+        ax.axis("off")
+    for ax, task in zip(axes, tasks):
         x = np.arange(len(methods))
         width = 0.8 / len(states)
         for k, state in enumerate(states):
             vals = [(rows[m].get(state) or {}).get(task, {}).get(primary(task), np.nan) for m in methods]
             bars = ax.bar(x + (k - (len(states) - 1) / 2) * width, vals, width, label=state)
-            ax.bar_label(bars, fmt="%.1f", fontsize=6)  # a zero is a value, not a missing bar
+            # a zero is a value, not a missing bar; side-by-side bars get upright labels that do not run together
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2, rotation=90 if len(states) > 1 else 0)
         if dense and task in dense:
             ax.axhline(dense[task][primary(task)], color="k", ls="--", lw=1, label="dense")
-        ax.set_xticks(x, methods, rotation=45, ha="right")
-        ax.set_ylim(bottom=0)
+        ax.set_xticks(x, methods, rotation=45, ha="right", fontsize=9)
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.18)  # room for the labels above the tallest bar
         shown = [v for c in ax.containers for v in c.datavalues if np.isfinite(v)]
         if shown and not any(shown):  # e.g. VQA accuracy of a random model: say so instead of an empty panel
             ax.text(0.5, 0.5, f"every {primary(task)} is 0", transform=ax.transAxes, ha="center", fontsize=8)
-        ax.set_title(f"{task} ({primary(task)})")
-    axes[0][0].legend(fontsize=8)
+        ax.set_title(f"{task} ({primary(task)})", fontsize=11)
+    axes[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     tmp.replace(path)
-    return [ax.get_title() for ax in axes[0]]
+    return [ax.get_title() for ax in axes]
 
 
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
@@ -108,8 +117,8 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
             tasks: list[str] | None = None, dense_dir: Path | None = None) -> dict[str, Any]:
     """Every method at ``ratio``, evaluated on ``tasks`` (default: eval.after_prune, or eval.after_finetune with
     ``recover``); ``comparison.png`` has one panel per task with its headline metric. ``dense_dir``: where the
-    dense evaluation stage lives (default ``<root>/dense``; one directory shared by several ratios evaluates the
-    dense model once)."""
+    dense evaluation stage lives (default: one directory per model, eval settings and tasks, shared by every
+    ratio, so the dense model is evaluated once)."""
     import json
 
     from ukmp.eval.stage import run_eval_stage
@@ -124,9 +133,10 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
     for m in methods:  # every method's config (with its delta file) is checked before the dense evaluation
         method_config(configs, over, m, ratio, root, methods_dir)
-    dense_rec = run_stage("eval_dense", Path(dense_dir or root / "dense") / "eval_dense", [asdict(dense_cfg.model),
-                          asdict(dense_cfg.eval), tasks], [],
-                          lambda out: run_eval_stage(dense_cfg, None, tasks, out))
+    key = [asdict(dense_cfg.model), asdict(dense_cfg.eval), tasks]  # what the dense metrics depend on
+    where = (Path(dense_dir) / "eval_dense" if dense_dir else
+             Path(base.output_dir) / f"{base.name}_compare_dense" / f"eval_dense_{section_hash(*key)[:12]}")
+    dense_rec = run_stage("eval_dense", where, key, [], lambda out: run_eval_stage(dense_cfg, None, tasks, out))
     dense = json.loads((dense_rec.path / "metrics.json").read_text())
     rows: dict[str, dict[str, Any]] = {}
     for m in methods:

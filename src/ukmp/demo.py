@@ -35,6 +35,20 @@ def random_plan(groups: list[PrunableGroup], remove_fraction: float, seed: int =
                        meta={"method": "random", "remove_fraction": remove_fraction, "seed": seed})
 
 
+def visible_text(tokenizer, model, min_tokens: int = 4) -> dict[str, Any]:
+    """Generation settings under which a random model's greedy output decodes to visible text: at least
+    ``min_tokens`` tokens (no immediate end of sequence), none of them a row of the (padded) vocabulary that the
+    tokenizer cannot spell nor a special token (the tiny model has 192 rows for 110 tokens; at the default ratio
+    every greedy pick fell there and the demo printed an empty string)."""
+    rows = model.get_output_embeddings().weight.shape[0]
+    unspellable = set(range(len(tokenizer), rows)) | set(tokenizer.all_special_ids)
+    image = getattr(model.config, "image_token_index", None)
+    if image is not None:
+        unspellable.add(image)
+    unspellable.discard(tokenizer.eos_token_id)  # it may still end the text after ``min_tokens``
+    return {"min_new_tokens": min_tokens, "suppress_tokens": sorted(unspellable)}
+
+
 def _demo_image(size: int = 48) -> Image.Image:
     arr = np.zeros((size, size, 3), dtype=np.uint8)
     arr[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = (200, 30, 30)
@@ -49,7 +63,7 @@ def run_demo(out: str | Path = "outputs/demo", ratio: float = 0.5, seed: int = 0
     groups = adapter.groups()
     plan = random_plan(groups, ratio, seed)
     inputs = processor(images=_demo_image(), text="a photo of", return_tensors="pt")
-    gen_kwargs = dict(max_new_tokens=8, do_sample=False)
+    gen_kwargs = dict(max_new_tokens=8, do_sample=False, **visible_text(processor.tokenizer, model))
     with torch.no_grad():
         with adapter.mask(model, plan):
             masked_logits = model(**inputs, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long)).logits
@@ -75,3 +89,25 @@ def run_demo(out: str | Path = "outputs/demo", ratio: float = 0.5, seed: int = 0
     atomic_write_json(out / "summary.json", summary)
     log.info("demo: wrote %s", out / "summary.json")
     return summary
+
+
+def pipeline_summary(out: dict[str, Any], root: Path) -> str:
+    """A few lines for the end of ``ukmp demo`` (``make demo``): what was pruned, each task's headline metric
+    through the stages, and where the full results are (the JSON alone ran to 120 lines)."""
+    from ukmp.compare import primary
+    from ukmp.eval.stage import TASKS
+
+    metrics = out.get("metrics", {})
+    states = [s for s in ("dense", "pruned", "recovered") if metrics.get(s)]
+    lines = [f"{out['name']}: {out['method']} removed {100 * out['achieved_ratio']:.1f} % of the parameters "
+             f"(target {100 * out['target_ratio']:.0f} %)"]
+    tasks = list(dict.fromkeys(t for s in states for t in metrics[s] if t in TASKS))
+    width = max((len(f"{t} {primary(t)}") for t in tasks), default=0)
+    if tasks:
+        lines.append(f"  {'':<{width}}  " + "  ".join(f"{s:>9}" for s in states))
+    for t in tasks:
+        cells = [metrics[s].get(t, {}).get(primary(t)) for s in states]
+        lines.append(f"  {f'{t} {primary(t)}':<{width}}  " + "  ".join(
+            f"{c:>9.2f}" if isinstance(c, (int, float)) else f"{'–':>9}" for c in cells))
+    lines.append(f"full results: {root / 'results.md'}  {root / 'results.json'}")
+    return "\n".join(lines)

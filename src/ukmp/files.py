@@ -112,3 +112,23 @@ def read_json_file(path: Path, what: str, error: type[Exception] = ValueError) -
 
 def is_pruned_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
+
+
+def gguf_files(path: str | os.PathLike) -> list[str]:
+    """Names of the GGUF files in a directory that has no ``config.json`` (a GGUF carries its own config), else []."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file():
+        return []
+    return sorted(f.name for f in p.glob("*.gguf") if f.is_file())
+
+
+def check_dense_source(source: str, gguf_file: str = "") -> None:
+    """One line, one step further than the loader's own error, for a ``model.source`` that names a directory of
+    GGUF files without ``model.gguf_file``, or a pruned model (which a CLI user gives with ``--model`` / ``--pruned``)."""
+    found = [] if gguf_file else gguf_files(source)
+    if found:
+        raise ValueError(f"model.source: {source} holds GGUF weights but no config.json; set "
+                         f"model.gguf_file={found[0]}" + (f" (or one of {', '.join(found[1:])})" if found[1:] else ""))
+    if Path(source).is_dir() and is_pruned_dir(source):
+        raise ValueError(f"model.source: {source} is a pruned model, not a dense one; evaluate it with `ukmp eval "
+                         f"CONFIG --model {source}`, recover it with `ukmp finetune CONFIG --pruned {source}`")

@@ -11,10 +11,18 @@ from ukmp.models import adapter_for, count_parameters
 
 def _structure_model(source: str):
     """Build ``source`` on the meta device (no weights are read); pruned directories get their plan applied."""
+    from ukmp.files import gguf_files
     from ukmp.io import is_pruned_dir, read_plan
     from ukmp.models.build import SHIPPED_CONFIGS, build_model, load_config
 
-    if source in SHIPPED_CONFIGS or source.endswith(".json") or Path(source).is_dir():
+    if source.endswith(".gguf"):
+        if not Path(source).is_file():
+            raise FileNotFoundError(f"{source}: no such GGUF file")
+        config = gguf_config(Path(source))
+    elif gguf_files(source):
+        raise ValueError(f"{source} holds GGUF weights but no config.json; name the file: "
+                         f"ukmp inspect {Path(source) / gguf_files(source)[0]}")
+    elif source in SHIPPED_CONFIGS or source.endswith(".json") or Path(source).is_dir():
         config = load_config(source)
     else:  # a hub id: only the config is fetched (or read from the local cache when offline)
         from transformers import AutoConfig
@@ -26,6 +34,22 @@ def _structure_model(source: str):
         plan = read_plan(source)
         adapter_for(config).apply_(model, plan)
     return model, plan
+
+
+def gguf_config(path: Path):
+    """The config a GGUF file carries, read as ``model.source=DIR model.gguf_file=NAME`` reads it (metadata only)."""
+    from transformers import AutoConfig
+
+    from ukmp.models.build import config_from_dict
+
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise ValueError(f"{path}: reading a GGUF file needs the gguf package (make realparts-install): "
+                         f"{str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
+    return config_from_dict(config.to_dict(), str(path))
 
 
 def inspect_model(source: str | os.PathLike) -> dict[str, Any]:

@@ -80,7 +80,7 @@ def results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     for state in states:
         for task, metrics in results[state].items():
             for metric, value in metrics.items():
-                if isinstance(value, (int, float)) and metric not in ("n", "count", "seconds"):
+                if isinstance(value, (int, float)) and metric not in ("n", "count", "seconds", "tokens"):
                     rows.setdefault((task, metric), {})[state] = float(value)
     lines = ["| task | metric | " + " | ".join(states) + " |", "|---|---|" + "---:|" * len(states)]
     for (task, metric), vals in rows.items():
@@ -177,9 +177,12 @@ def write_results(cfg: RunConfig, root: Path, records: dict[str, StageRecord]) -
     }
     atomic_write_json(root / "results.json", out)
     table = results_table(results)
+    from ukmp.eval.stage import TASKS
+
+    vqa = any(TASKS[t].kind == "vqa" for m in results.values() for t in m if t in TASKS)  # the scorer's only use
     header = (f"# {cfg.name}: {cfg.prune.method} at ratio {cfg.prune.ratio} "
               f"(achieved {prune_summary.get('achieved_ratio', float('nan')):.4f})\n\n"
-              f"VQA accuracy by the {cfg.eval.vqa_scorer} scorer.\n\n")
+              + (f"VQA accuracy by the {cfg.eval.vqa_scorer} scorer.\n\n" if vqa else ""))
     atomic_write_text(root / "results.md", header + table)
     manifest = {
         "versions": package_versions(),

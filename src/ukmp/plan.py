@@ -123,6 +123,21 @@ class PruningPlan:
                     raise PlanError(f"plan: group {gid!r}: duplicate index {i}")
                 seen.add(i)
 
+    def check_model(self, total_params: int, model_type: str | None = None, source: str = "plan") -> None:
+        """Raise :class:`PlanError` when the plan records a model of another size than ``total_params`` (the dense
+        model's parameters; the plan's ``meta.total_params`` counts the scored model, after ``drop_layers``): group
+        ids alone do not tell BLIP-2 from InstructBLIP. Plans without the field (hand-written) are not checked."""
+        recorded = self.meta.get("total_params")
+        if recorded is None:
+            return
+        planned = int(recorded) + self.dropped_params()
+        if planned != int(total_params):
+            kind = self.meta.get("model_type")
+            made = f"{planned:,} parameters" + (f" ({kind})" if kind else "")
+            this = f"{int(total_params):,}" + (f" ({model_type})" if model_type else "")
+            raise PlanError(f"{source}: the plan was made for a model of {made}, this model has {this}; "
+                            "make a plan for this model (ukmp prune CONFIG, then ukmp plan --scores)")
+
     def normalized(self) -> "PruningPlan":
         """Same plan with sorted indices (slicing keeps units in original order)."""
         return PruningPlan(

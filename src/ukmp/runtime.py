@@ -45,6 +45,9 @@ def load_dense(mc: ModelConfig, device: torch.device | None = None):
 
         cast_(model, parse_dtype(mc.dtype))
         return model.to(device).eval(), processor
+    from ukmp.files import check_dense_source
+
+    check_dense_source(mc.source, mc.gguf_file)
     model = load_model(mc.source, dtype=mc.dtype, device=device, attn_implementation=mc.attn_implementation,
                        gguf_file=mc.gguf_file or None)
     processor = random_weights_processor(mc.source, model.config)

@@ -7,6 +7,7 @@ imported inside ``caption_scores``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import subprocess
@@ -296,7 +297,7 @@ def _caption_scorers(gts: dict, res: dict, spice: bool | Literal["auto"], bar) -
     try:
         out["meteor"] = 100.0 * float(meteor.compute_score(gts, res)[0])
     finally:
-        del meteor  # its __del__ closes the java process
+        _stop_meteor(meteor)
     step("ROUGE-L")
     out["rouge_l"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
     step("CIDEr")
@@ -309,6 +310,20 @@ def _caption_scorers(gts: dict, res: dict, spice: bool | Literal["auto"], bar) -
             out["spice"] = value
     bar.update(1)
     return out
+
+
+def _stop_meteor(meteor) -> None:
+    """End METEOR's java process and free the lock its ``compute_score`` holds while it waits for java. Its
+    ``__del__`` takes that lock first, so after a Ctrl-C (or java dying) mid-score, the interpreter hung in it once
+    the error was handled, until a second Ctrl-C; closed here, the later ``__del__`` finds nothing left to wait for."""
+    proc = meteor.meteor_p
+    proc.kill()  # a no-op when java has already exited
+    proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        with contextlib.suppress(OSError):  # unflushed input to a dead process: nothing to deliver
+            pipe.close()
+    if meteor.lock.locked():
+        meteor.lock.release()
 
 
 def _spice(gts: dict, res: dict, required: bool) -> float | None:

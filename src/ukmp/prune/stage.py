@@ -118,7 +118,8 @@ def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg
         tensors.update({f"{part}/{k}": v.float().cpu().clone() for k, v in d.items()})
     meta = {"format": SCORES_FORMAT, "version": "1", "method": method, "total_params": str(total_params),
             "allocation": json.dumps(acfg.to_dict()), "model_config": json.dumps(config.to_dict(), default=str),
-            "stats": json.dumps(result.stats), "method_allocation": json.dumps(result.allocation, default=str)}
+            "stats": json.dumps(result.stats), "method_allocation": json.dumps(result.allocation, default=str),
+            "own_plan": "true" if result.plan is not None else "false"}
     if drop_layers:
         meta["drop_layers"] = json.dumps(drop_layers)
     atomic_save_tensors(path, tensors, metadata=meta)
@@ -167,39 +168,73 @@ def check_shortfall(plan: PruningPlan, allow: bool, flag: str = "prune.allow_sho
     log.warning("%s; accepted (%s)", msg, flag)
 
 
+# methods whose plan is their own allocation, not UKMP's allocator on their scores (for scores files written before
+# ``own_plan`` was recorded; wanda_sp's floor-rounded variant returns allocation overrides instead of a plan)
+SELF_ALLOCATING = ("flap", "upop", "ecoflap_sp", "wanda_sp")
+
+
+def allocates_itself(meta: dict[str, str]) -> bool:
+    """Whether the scores' method made its plan itself (FLAP's AL-AM with bias compensation, UPop's search,
+    ECoFLaP's block sparsities, Wanda-sp's per-module P1): re-allocating its scores would be another method."""
+    if "own_plan" in meta:
+        return meta["own_plan"] == "true"
+    return meta.get("method") in SELF_ALLOCATING and not json.loads(meta.get("method_allocation", "{}"))
+
+
 def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPlan:
-    """Re-allocate from cached scores at another ratio (no model, no data)."""
+    """Re-allocate from cached scores at another ratio (no model, no data). Scores of a method that allocates
+    itself are refused: its plan cannot be made again without the model and its calibration pass."""
     scores, _parts, groups, total, alloc, meta = load_scores(scores_path)
+    if allocates_itself(meta):
+        m = meta.get("method")
+        raise ValueError(f"--scores: {scores_path} holds {m} scores, and {m} makes its own plan (not a re-allocation "
+                         f"of its scores); run `ukmp prune CONFIG prune.method={m} prune.ratio={ratio}` instead")
     alloc.update({k: v for k, v in overrides.items() if v is not None})
     drop = json.loads(meta.get("drop_layers", "{}"))
     dropped = sum(d["params"] for d in drop.values())  # ``ratio`` is of the whole dense model, dropped layers included
-    alloc["target_ratio"] = max(0.0, (ratio * (total + dropped) - dropped) / total)
+    alloc["target_ratio"] = max(0.0, (ratio * (total + dropped) - dropped) / total) if dropped else ratio
     plan = allocate(scores, groups, total, AllocationConfig.from_dict(alloc))
     plan.drop_layers = drop
     plan.meta["method"] = meta.get("method")
     plan.meta["scores_file"] = str(scores_path)
+    plan.meta["model_type"] = json.loads(meta["model_config"]).get("model_type")
+    plan.meta["whole_model_ratio"] = ratio  # what --ratio asked for (``target_ratio`` is of the scored model)
     return plan
 
 
 def cached_scores(path: str | Path, groups: list[PrunableGroup], total: int, method: str | None = None) -> ScoreResult:
     """Scores of an earlier prune stage for the same model structure (re-allocation needs no calibration). When
     they were computed by ``method`` itself, the allocation settings that method imposes (LLM-Pruner's raw sums:
-    ``normalization: none``) come back with them, as if it had scored again."""
+    ``normalization: none``) come back with them, as if it had scored again; a method that makes its own plan
+    (:func:`allocates_itself`) is refused its own scores: UKMP's allocator on them would be another method."""
     scores, parts, cached_groups, cached_total, _alloc, meta = load_scores(path)
     if [(g.id, g.n_units) for g in cached_groups] != [(g.id, g.n_units) for g in groups] or cached_total != total:
         raise ValueError(f"prune.scores_from: {path} was computed for a different model structure")
+    if method and meta.get("method") == method and allocates_itself(meta):  # as `ukmp plan --scores` refuses them
+        raise ValueError(f"prune.scores_from: {path} holds {method} scores, and {method} makes its own plan (not a "
+                         f"re-allocation of its scores); drop prune.scores_from to run {method} itself")
     own = json.loads(meta.get("method_allocation", "{}")) if method and meta.get("method") == method else {}
     return ScoreResult(scores, parts, {"scores_from": str(path), "scores_method": meta.get("method")}, own)
 
 
-def planned(path: str | Path, groups: list[PrunableGroup]) -> ScoreResult:
-    """A plan written by ``ukmp plan`` (or an earlier prune stage), applied as is: no scoring, no allocation."""
+def planned(path: str | Path, groups: list[PrunableGroup], total: int | None = None,
+            model_type: str | None = None) -> ScoreResult:
+    """A plan written by ``ukmp plan`` (or an earlier prune stage), applied as is: no scoring, no allocation. A plan
+    recording another model size than ``total`` (the dense model's parameters) is refused."""
     plan = PruningPlan.load(path)
     if plan.out_bias:
         raise ValueError(f"prune.plan_from: {path} adds output biases (FLAP compensation), which only a prune stage "
                          "with its calibration pass can compute")
     plan.validate(groups)
+    if total is not None:
+        plan.check_model(total, model_type, f"prune.plan_from: {path}")
     return ScoreResult({}, stats={"plan_from": str(path)}, plan=plan)
+
+
+def plan_ratio(plan: PruningPlan) -> float | None:
+    """The whole-model ratio a given plan was made for (None for a plan that records none)."""
+    r = plan.meta.get("whole_model_ratio", plan.meta.get("target_ratio"))
+    return float(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else None
 
 
 def kind_breakdown(groups: list[PrunableGroup], plan: PruningPlan | None) -> dict[str, dict[str, int]]:
@@ -288,7 +323,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
     if pc.plan_from:
-        result, ids, n_batches = planned(pc.plan_from, groups), [], 0
+        result, ids, n_batches = planned(pc.plan_from, groups, total, model.config.model_type), [], 0
     elif pc.scores_from:
         result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total, pc.method), [], 0
     else:
@@ -305,10 +340,12 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
              len(ids), n_batches, clock.lap("score"), sel)
     acfg = allocation_config(pc, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
-    plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids))
+    target = plan_ratio(plan) if pc.plan_from else cfg.prune.ratio  # --plan: the labels say the plan's ratio
+    plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids),
+                     model_type=model.config.model_type, whole_model_ratio=target)  # every plan says its ratio
     if drop:
         plan.drop_layers = drop
-        plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()), whole_model_ratio=cfg.prune.ratio)
+        plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()))
     if not pc.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
         check_shortfall(plan, pc.allow_shortfall)
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
@@ -324,12 +361,13 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     save_pruned(model, plan, out / "model", processor=processor, extra={"dense_model": dense_identity})
     plan.save(out / "plan.json")
     achieved = (total - count_parameters(model)) / total
+    target = achieved if target is None else target  # a hand-written plan: no target but what it removes
     plot_kept_width(groups, plan, out / "kept_width.png",
-                    f"{cfg.prune.method}: kept width, achieved ratio {achieved:.4f} (target {cfg.prune.ratio})")
+                    f"{cfg.prune.method}: kept width, achieved ratio {achieved:.4f} (target {target:g})")
     clock.lap("apply_and_save")
     summary = {
         "method": cfg.prune.method,
-        "target_ratio": cfg.prune.ratio,
+        "target_ratio": target,
         "achieved_ratio": achieved,
         "plan_digest": plan.digest(),
         "parameters": {"total_before": total, "total_after": count_parameters(model),
@@ -344,5 +382,5 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     }
     atomic_write_json(out / "summary.json", summary)
     log.info("prune: removed %.2f%% of %s parameters (target %.2f%%); applied and saved in %.1f s",
-             100 * summary["achieved_ratio"], f"{total:,}", 100 * cfg.prune.ratio, clock.laps["apply_and_save"])
+             100 * summary["achieved_ratio"], f"{total:,}", 100 * target, clock.laps["apply_and_save"])
     return {"achieved_ratio": summary["achieved_ratio"], "plan_digest": plan.digest()}

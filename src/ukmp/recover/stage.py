@@ -2,7 +2,9 @@
 
 The recall branches get their frozen P tensors from the dense teacher and the plan (no removed-weights file is
 needed). Training checkpoints live in a work directory outside the stage directory, so a killed run resumes from
-its last checkpoint; the stage directory receives the merged, reloadable model at the end.
+its last checkpoint; the stage directory receives the merged, reloadable model at the end. The work directory is
+``<run>/finetune.work/<hash of the settings>/``: a run with another knob starts afresh beside an interrupted one,
+says so on one log line naming the stranded directories, and deletes only its own once its model is saved.
 """
 
 from __future__ import annotations
@@ -88,6 +90,20 @@ def train_config(cfg: RunConfig):
     )
 
 
+def report_stale_work(work: Path) -> list[Path]:
+    """One log line naming the checkpoint directories beside ``work`` (``finetune.work/<hash>/``): recoveries
+    interrupted under other settings, which this run neither resumes nor deletes (it removes only its own, once
+    its model is saved); returns them."""
+    parent = Path(work).parent
+    stale = sorted(p for p in parent.iterdir() if p.is_dir() and p.name != Path(work).name) if parent.is_dir() else []
+    if stale and is_main_process():
+        size = sum(f.stat().st_size for p in stale for f in p.rglob("*") if f.is_file())
+        log.warning("finetune: checkpoints of %d interrupted recover%s with other settings are left in %s (%.1f MB: "
+                    "%s); this run does not resume them: delete them when no longer wanted", len(stale),
+                    "y" if len(stale) == 1 else "ies", parent, size / 2**20, ", ".join(p.name for p in stale))
+    return stale
+
+
 def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) -> dict[str, Any]:
     from ukmp.data.batches import dataset_size, make_collator
     from ukmp.data.loaders import load_dataset
@@ -97,6 +113,9 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
 
     fc = cfg.finetune
     device = resolve_device(cfg.model.device)
+    if not (Path(pruned_dir) / "plan.json").is_file():
+        raise FileNotFoundError(f"{pruned_dir}: no pruned model there; run `ukmp prune CONFIG` first (or give one "
+                                "with `ukmp finetune CONFIG --pruned DIR`)")
     plan = read_plan(pruned_dir)
     origin = read_marker(pruned_dir).get("dense_model")
     check_teacher_config(origin, cfg.model, pruned_dir)
@@ -105,6 +124,7 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
     # checkpoints are only resumable by the same run: key the work directory by everything that shapes training
     work = Path(work) / section_hash(asdict(cfg.model), hashed_section("data", cfg.data), asdict(fc), cfg.seed,
                                      plan.digest(), world)
+    report_stale_work(work)
     student = load_pruned(pruned_dir, device=device, dtype=cfg.model.dtype,
                           attn_implementation=cfg.model.attn_implementation)
     processor = load_processor(pruned_dir)

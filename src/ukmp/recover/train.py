@@ -163,7 +163,8 @@ def save_loss_plot(log: list[dict[str, Any]], path: Path) -> None:
             pts = [(e["global_step"], e["loss"] if term == "loss" else e["parts_rank0"][term])
                    for e in log if e["stage"] == stage and (term == "loss" or term in e.get("parts_rank0", {}))]
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"sub-stage {stage + 1}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"sub-stage {stage + 1}",
+                        color=f"C{stage % 10}")  # a sub-stage keeps its colour in every panel
                 vals += [p[1] for p in pts]
         ax.set_title(term)
         ax.set_xlabel("optimizer step")
