@@ -1,4 +1,4 @@
-"""Baseline pruning methods (BASELINES.md), registered in the method registry of :mod:`ukmp.prune.methods`.
+"""Baseline pruning methods (docs/BASELINES.md), registered in the method registry of :mod:`ukmp.prune.methods`.
 
 =====================  ===========================================================================
 ``llm_pruner_global``  LLM-Pruner element-wise Taylor, shared P2 allocator, no modality normalisation

@@ -1,4 +1,4 @@
-"""LLM-Pruner, global and local (BASELINES.md §2), on head/channel units.
+"""LLM-Pruner, global and local (docs/BASELINES.md), on head/channel units.
 
 Element-wise salience per Linear weight (fp32), with G = (1/N) Σ_n g_n and F = (1/N) Σ_n g_n ⊙ g_n from per-sample
 gradients (sample loss = mean CE over its own target tokens):
@@ -10,11 +10,13 @@ gradients (sample loss = mean CE over its own target tokens):
 
 Per hidden dim, the layers of a group (attention: query/key/value rows + output columns; MLP: input rows + output column)
 are reduced with ``group_reduction`` (sum by default); a head sums its hd dims. A KV group (grouped-query attention)
-counts each parameter channel once: q rows and o columns per query head, its k and v rows once. ``imp_normalizer='param'`` divides
-by the unit's weight count. Global → the shared P2 allocator without modality normalisation; local → P1.
+counts each parameter channel once: q rows and o columns per query head, its k and v rows once.
+``imp_normalizer='param'`` divides by the unit's weight count. Global → the shared P2 allocator without modality normalisation; local → P1.
 
 Knobs (``prune.options.llmp``): taylor=param_first, group_reduction=sum, imp_normalizer=none, skip_edge_layers=false,
-local_ratio_mode=whole_model.
+local_ratio_mode=whole_model. ``skip_edge_layers`` is a shorthand for ``prune.layers`` (:func:`edge_layer_ranges`);
+LLM-Pruner's own setups are named by ``prune.layers``, ``prune.local_rounding: llm_pruner`` and ``prune.budget:
+units`` (configs/compare/llm_pruner_*_l4.yaml).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch import nn
 from ukmp.baselines.primitives import read_options, to_device
 from ukmp.groups import PrunableGroup
 from ukmp.importance.taylor import unit_weight_count
+from ukmp.layer_ranges import select_layers, tower_depths
 
 DEFAULTS = {"taylor": "param_first", "group_reduction": "sum", "imp_normalizer": "none",
             "skip_edge_layers": False, "local_ratio_mode": "whole_model"}
@@ -108,14 +111,20 @@ def edge_layer_skips(n_layers: int) -> set[int]:
     return set(range(first)) | set(range(n_layers - last, n_layers))
 
 
+def edge_layer_ranges(groups: list[PrunableGroup]) -> dict[str, str]:
+    """``skip_edge_layers`` as the ``prune.layers`` it stands for: per tower, the slice between the skipped edges
+    (``"4:30"`` on 32 layers, ``"4:29"`` on 30, ``"3:23"`` on 24)."""
+    out = {}
+    for tower, n in tower_depths(groups).items():
+        skip = edge_layer_skips(n)
+        kept = [i for i in range(n) if i not in skip]
+        out[tower] = f"{kept[0]}:{kept[-1] + 1}" if kept else "0:0"
+    return out
+
+
 def eligible_groups(groups: list[PrunableGroup], skip_edges: bool) -> list[PrunableGroup]:
-    if not skip_edges:
-        return list(groups)
-    towers: dict[str, int] = {}
-    for g in groups:
-        t = g.id.split(".")[0]
-        towers[t] = max(towers.get(t, 0), g.layer + 1)
-    return [g for g in groups if g.layer not in edge_layer_skips(towers[g.id.split(".")[0]])]
+    return select_layers(groups, edge_layer_ranges(groups), "prune.options.llmp.skip_edge_layers") \
+        if skip_edges else list(groups)
 
 
 # ------------------------------------------------------------------------------------------------ gradients

@@ -1,4 +1,4 @@
-"""Shared selection primitives of the baselines (BASELINES.md §1.2, §1.4) and small shared helpers.
+"""Shared selection primitives of the baselines (docs/BASELINES.md §1.2, §1.4) and small shared helpers.
 
 * :func:`prunable_ratio` — ρ' = ρ·N_total/N_prunable, the unit budget that gives whole-model ratio ρ.
 * :func:`uniform_local` — **P1**: every module loses ⌊r·n_m⌋ of its lowest-scoring units (ties: lower index first).
