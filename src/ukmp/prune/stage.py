@@ -347,6 +347,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if not pc.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
         check_shortfall(plan, pc.allow_shortfall)
         plan.meta["ratio_check"] = check_overshoot(plan, chosen, scored_total, pc)
+    elif "removed_params" in plan.meta:  # stated against the plan's own target, as written by ukmp plan
+        plan.meta["ratio_check"] = ratio_check(plan.meta, groups, scored_total,
+                                               float(plan.meta.get("target_ratio", pc.ratio)))
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
     if not pc.plan_from:  # a given plan comes without scores
