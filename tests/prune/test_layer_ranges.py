@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ukmp.compare import allocation_label
 from ukmp.config import ConfigError, load_config
 from ukmp.groups import PrunableGroup
 from ukmp.layer_ranges import TOWERS, chosen_layers, parse_range, select_layers
@@ -119,6 +120,8 @@ def test_the_stage_prunes_only_inside_the_layer_range(method, tmp_path, sample_d
     assert check["budget"] == "params" and check["target"] == 0.3 and check["max_overshoot"] == 0.005
     assert abs(check["achieved"] - summary["achieved_ratio"]) < 1e-12
     assert -check["largest_unit"] <= check["overshoot"] <= check["largest_unit"]
+    label = allocation_label(summary)
+    assert label.endswith(", lm 1..2") and label.startswith("own (" if method == "flap" else "global, params budget")
 
 
 def test_an_overshoot_beyond_max_overshoot_fails_before_anything_is_written(tmp_path, sample_data, monkeypatch,
@@ -159,10 +162,12 @@ def test_unit_budget_and_llm_pruner_rounding_through_the_stage(tmp_path, sample_
                               "prune.budget=units", "prune.layers={lm: '1:'}", "prune.max_group_prune_ratio=1.0")
     assert summary["allocation_meta"]["removed_units"] == 52 and summary["ratio_check"]["budget"] == "units"
     assert summary["ratio_check"]["achieved"] == 52 / 260
+    assert allocation_label(summary) == "global, units budget, cut at target, lm 1..2"  # ukmp compare's column
     summary, plan = run_stage(tmp_path / "l", sample_data, "prune.method=llm_pruner_local", "prune.ratio=0.2",
                               "prune.budget=units", "prune.local_rounding=llm_pruner", "prune.layers={lm: '1:'}")
     removed = {gid: {"attn": 2, "mlp": 128}[gid.rsplit(".", 1)[1]] - len(k) for gid, k in plan["keep"].items()}
     assert removed == {"lm.layers.1.attn": 0, "lm.layers.1.mlp": 26, "lm.layers.2.attn": 0, "lm.layers.2.mlp": 26}
+    assert allocation_label(summary) == "local, units budget, llm_pruner rounding, lm 1..2"
     with pytest.raises(ValueError, match=r"^prune\.budget: 'units' is a budget of the shared allocator; flap"):
         run_stage(tmp_path / "f", sample_data, "prune.method=flap", "prune.budget=units")
 
