@@ -49,11 +49,9 @@ class AllocationConfig:
     ``minmax`` and ``standardize`` (recomputed every step), ``none``. ``local_ratio_mode`` (local scope):
     ``whole_model`` removes ``target * total_params / prunable_params`` of each group's units so that the
     whole-model ratio matches the target; ``per_module_raw`` removes ``target`` of each group's units (as
-    UKMP's ``prune_local``). ``local_rounding``: ``floor`` removes ``floor(r * n)`` units per group (P1 as
-    written), ``carry`` carries the fractional units per group kind (hits the ratio), ``llm_pruner`` removes
-    ``c - int(c * (1 - r))`` of the group's ``c = n * w`` root channels, in whole units of ``w`` (LLM-Pruner's
-    local rule; ``w`` = the narrowest weight slice, e.g. a KV group's key rows), so ``(c - int(c (1 - r))) // w``
-    units.
+    UKMP's ``prune_local``). ``local_rounding``: ``floor`` (P1 as written), ``carry`` (hits the ratio) or
+    ``llm_pruner`` (LLM-Pruner's ``c - int(c * (1 - r))`` root channels in whole units); see
+    :func:`ukmp.prune.budget.local_count`.
 
     ``budget``: ``params`` (the ratio is of the whole model's parameters) or ``units`` (global scope: remove
     ``N - int(N * (1 - target))`` of the ``N`` scored units, each unit counting 1, as LLM-Pruner's global
