@@ -384,6 +384,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "seconds": clock.laps,
     }
     atomic_write_json(out / "summary.json", summary)
-    log.info("prune: removed %.2f%% of %s parameters (target %.2f%%); applied and saved in %.1f s",
-             100 * summary["achieved_ratio"], f"{total:,}", 100 * cfg.prune.ratio, clock.laps["apply_and_save"])
+    check = summary["ratio_check"] or {}
+    target = (f"{100 * check['achieved']:.2f}% of the units in range, target {100 * check['target']:.2f}%"
+              if check.get("budget") == "units" else f"target {100 * cfg.prune.ratio:.2f}%")
+    log.info("prune: removed %.2f%% of %s parameters (%s); applied and saved in %.1f s",
+             100 * summary["achieved_ratio"], f"{total:,}", target, clock.laps["apply_and_save"])
     return {"achieved_ratio": summary["achieved_ratio"], "plan_digest": plan.digest()}
