@@ -163,6 +163,10 @@ def test_unit_budget_and_llm_pruner_rounding_through_the_stage(tmp_path, sample_
     assert summary["allocation_meta"]["removed_units"] == 52 and summary["ratio_check"]["budget"] == "units"
     assert summary["ratio_check"]["achieved"] == 52 / 260
     assert allocation_label(summary) == "global, units budget, cut at target, lm 1..2"  # ukmp compare's column
+    from ukmp.prune.stage import replan
+
+    again = replan(tmp_path / "g" / "prune" / "scores.safetensors", 0.2)  # scores of the range only re-plan alike
+    assert again.keep == plan["keep"] and again.meta["unscored_groups"] == ["lm.layers.0.attn", "lm.layers.0.mlp"]
     summary, plan = run_stage(tmp_path / "l", sample_data, "prune.method=llm_pruner_local", "prune.ratio=0.2",
                               "prune.budget=units", "prune.local_rounding=llm_pruner", "prune.layers={lm: '1:'}")
     removed = {gid: {"attn": 2, "mlp": 128}[gid.rsplit(".", 1)[1]] - len(k) for gid, k in plan["keep"].items()}
