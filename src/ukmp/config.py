@@ -62,7 +62,7 @@ class PruneConfig:
     exact_stop: bool = False  # scope=global: never overshoot (skip a unit that would); else the last unit may
     budget: str = "params"  # what prune.ratio counts: params (of the whole model) | units (LLM-Pruner: each unit is 1)
     layers: dict[str, str] = field(default_factory=dict)  # per tower: "all" | "start:stop[:step]"; {} = every layer
-    max_overshoot: float = 0.005  # an achieved ratio above target + max(one unit, this) is an error
+    max_overshoot: float = 0.005  # an achieved ratio above target + max(largest unit, this) is an error
     entropy_exclude_padding: bool = True  # padded positions stay out of the histograms (as at batch size 1)
     group_by_length: bool = True  # calibration batches of similar text length (less padding; the sums are unchanged)
     prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)

@@ -22,9 +22,9 @@ from safetensors import SafetensorError, safe_open
 from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity, save_pruned
+from ukmp.layer_ranges import describe_layers, select_layers
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
-from ukmp.layer_ranges import describe_layers, select_layers
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.budget import overshoot_problem, ratio_check
 from ukmp.prune.scoring import DATA_FREE, ScoreResult, get_method
@@ -188,8 +188,10 @@ def check_overshoot(plan: PruningPlan, chosen: list[PrunableGroup], total: int, 
     msg, error = overshoot_problem(check, pc.max_overshoot)
     check["max_overshoot"] = pc.max_overshoot
     if error:
-        raise ValueError(f"prune.max_overshoot: {msg}, more than {100 * pc.max_overshoot:.2f} points over "
-                         f"(raise prune.max_overshoot, or set prune.exact_stop=true for a global allocation)")
+        raise ValueError(f"prune.max_overshoot: {msg}, over by more than max_overshoot "
+                         f"({100 * pc.max_overshoot:.2f} points) and its largest unit "
+                         f"({100 * check['largest_unit']:.3f}); raise prune.max_overshoot, or set "
+                         f"prune.exact_stop=true for a global allocation")
     if msg:
         log.warning("prune: %s", msg)
     return check
