@@ -49,11 +49,29 @@ def primary(task: str) -> str:
     return PRIMARY_METRIC[TASKS[task].kind]
 
 
+def allocation_label(summary: dict[str, Any]) -> str:
+    """How a prune stage turned scores into a plan, by the names of its options: scope, budget, rounding or stop
+    rule, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``), or the method's own."""
+    a, meta = summary.get("allocation", {}), summary.get("allocation_meta", {})
+    if meta.get("allocator") != "ukmp.prune.allocate":
+        label = f"own ({meta.get('allocator', summary.get('method'))})"
+    elif a.get("scope") == "local":
+        label = f"local, {a.get('budget', 'params')} budget, {a.get('local_rounding')} rounding"
+    else:
+        label = f"global, {a.get('budget', 'params')} budget, {'exact stop' if a.get('exact_stop') else 'cut at target'}"
+    ranges = []
+    for tower, text in summary.get("layers", {}).items():  # "4..27 (24 of 30 layers)"
+        n, _, of = text[text.index("(") + 1:].split(" ")[:3]
+        if n != of:
+            ranges.append(f"{tower} {text.split(' ')[0]}")
+    return ", ".join([label, *ranges])
+
+
 def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | None, tasks: list[str]) -> str:
-    head = "| method | achieved ratio | " + " | ".join(f"{t} {primary(t)}" for t in tasks) + " |"
-    lines = [head, "|---|---:|" + "---:|" * len(tasks)]
+    head = "| method | allocation | achieved ratio | " + " | ".join(f"{t} {primary(t)}" for t in tasks) + " |"
+    lines = [head, "|---|---|---:|" + "---:|" * len(tasks)]
     if dense:
-        lines.append("| dense | 0.0000 | " + " | ".join(f"{dense[t][primary(t)]:.2f}" for t in tasks) + " |")
+        lines.append("| dense | – | 0.0000 | " + " | ".join(f"{dense[t][primary(t)]:.2f}" for t in tasks) + " |")
     for m, r in rows.items():
         cells = []
         for t in tasks:
@@ -63,7 +81,7 @@ def comparison_table(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | No
             if rec is not None:
                 cell += f" → {rec:.2f}"
             cells.append(cell)
-        lines.append(f"| {m} | {r['achieved_ratio']:.4f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {m} | {r.get('allocation', '?')} | {r['achieved_ratio']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -150,7 +168,9 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
         log.info("compare: %s at ratio %s", m, ratio)
         out = run(cfg)
         prune_info = json.loads((root / m / "prune" / "stage.json").read_text())
-        rows[m] = {"achieved_ratio": out["achieved_ratio"], "pruned": out["metrics"].get("pruned", {}),
+        summary = json.loads((root / m / "prune" / "summary.json").read_text())
+        rows[m] = {"achieved_ratio": out["achieved_ratio"], "allocation": allocation_label(summary),
+                   "ratio_check": summary.get("ratio_check"), "pruned": out["metrics"].get("pruned", {}),
                    "recovered": out["metrics"].get("recovered"), "prune_seconds": round(prune_info["seconds"], 2),
                    "scores_from": cfg.prune.scores_from or None}
     result = {"ratio": ratio, "tasks": tasks, "dense": dense, "methods": rows, "recover": recover}

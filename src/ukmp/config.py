@@ -16,6 +16,8 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from ukmp.layer_ranges import check_layers
+
 
 class ConfigError(ValueError):
     """A bad config value or key; the message is one line naming it."""
@@ -56,8 +58,11 @@ class PruneConfig:
     units_per_step: int = 1000
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
-    local_rounding: str = "carry"  # scope=local: floor (P1 as written; can miss the ratio) | carry (hits it)
-    exact_stop: bool = False  # scope=global: cut the last step at the target (the reference may overshoot a step)
+    local_rounding: str = "carry"  # scope=local: floor (P1 as written) | carry (hits the ratio) | llm_pruner
+    exact_stop: bool = False  # scope=global: never overshoot (skip a unit that would); else the last unit may
+    budget: str = "params"  # what prune.ratio counts: params (of the whole model) | units (LLM-Pruner: each unit is 1)
+    layers: dict[str, str] = field(default_factory=dict)  # per tower: "all" | "start:stop[:step]"; {} = every layer
+    max_overshoot: float = 0.005  # an achieved ratio above target + max(largest unit, this) is an error
     entropy_exclude_padding: bool = True  # padded positions stay out of the histograms (as at batch size 1)
     group_by_length: bool = True  # calibration batches of similar text length (less padding; the sums are unchanged)
     prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)
@@ -179,7 +184,8 @@ _CHOICES = {
     ("prune", "entropy"): ("cosine", "arccos", "none"),
     ("prune", "normalization"): ("mean_iterative", "mean_once", "none", "minmax", "standardize"),
     ("prune", "scope"): ("global", "local"),
-    ("prune", "local_rounding"): ("floor", "carry"),
+    ("prune", "local_rounding"): ("floor", "carry", "llm_pruner"),
+    ("prune", "budget"): ("params", "units"),
     ("prune", "compute_dtype"): ("", "model", "bfloat16", "float16", "bf16", "fp16"),
     ("prune", "accumulate_on"): ("device", "cpu"),
     ("finetune", "adapter"): ("wr_lora", "lora"),
@@ -231,11 +237,18 @@ def validate(cfg: RunConfig) -> None:
     _check(p.prefetch >= 0, "prune.prefetch", ">= 0", p.prefetch)
     _check(p.score_passes >= 1, "prune.score_passes", ">= 1", p.score_passes)
     _check(p.num_text_samples >= 0, "prune.num_text_samples", ">= 0", p.num_text_samples)
+    _check(0.0 <= p.max_overshoot < 1.0, "prune.max_overshoot", "in [0, 1)", p.max_overshoot)
+    try:
+        check_layers(p.layers)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     bad_ns = sorted(set(p.options) - set(OPTION_NAMESPACES))
     if bad_ns:
         raise ConfigError(f"prune.options.{bad_ns[0]}: unknown namespace (known: {', '.join(OPTION_NAMESPACES)})")
     for ns, knobs in p.options.items():
         _check(knobs is None or isinstance(knobs, dict), f"prune.options.{ns}", "a mapping of knobs", knobs)
+    if p.layers and ((p.options.get("llmp") or {}).get("skip_edge_layers")):
+        raise ConfigError("prune.options.llmp.skip_edge_layers: a shorthand for prune.layers; give one of the two")
     _check(f.lr > 0, "finetune.lr", "> 0", f.lr)
     _check(f.alpha > 0, "finetune.alpha", "> 0", f.alpha)
     _check(0.0 <= f.dropout < 1.0, "finetune.dropout", "in [0, 1)", f.dropout)
@@ -265,7 +278,8 @@ def validate(cfg: RunConfig) -> None:
 EXECUTION_ONLY: dict[str, tuple[str, ...]] = {"prune": ("prefetch",)}
 # Fields added after stage caches existed: hashed only when set away from their default, so that a run which
 # does not use them keeps the stage hashes (and the finished stages) it had before they were added.
-LATE_FIELDS: dict[str, tuple[str, ...]] = {"data": ("calibration_text",), "prune": ("num_text_samples",)}
+LATE_FIELDS: dict[str, tuple[str, ...]] = {"data": ("calibration_text",),
+                                           "prune": ("num_text_samples", "budget", "layers", "max_overshoot")}
 
 
 def hashed_section(name: str, section: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -132,3 +134,46 @@ def test_global_reaches_target_with_floor(tiny_scores):
     assert all(len(plan.kept(g)) >= max(1, 0.1 * g.n_units) - 1 for g in groups)
     kinds = {g.unit_type for g in groups if plan.is_pruned(g)}
     assert "channels" in kinds  # raw sums: channels (few weights) go first
+
+
+@pytest.fixture(scope="module")
+def gqa_group():
+    """Layer 0's attention of tiny-llama (4 query heads reading 2 KV heads, hd 16) and a random salience per weight."""
+    from ukmp.models import adapter_for
+    from ukmp.models.build import build_tiny
+
+    model, _ = build_tiny(seed=0, name="tiny-llama")
+    group = next(g for g in adapter_for(model).groups() if g.id == "lm.layers.0.attn")
+    gen = torch.Generator().manual_seed(7)
+    sal = {sl.name: torch.randn(model.get_parameter(sl.name).shape, generator=gen)
+           for sl in group.slices if sl.param == "weight"}
+    return model.config, group, sal
+
+
+def hand_kv_scores(config, sal, how):
+    """Dim d of KV group g: q rows and o columns of query heads r*g .. r*g+r-1 (HF's grouping), its k and v rows
+    once, reduced with ``how``; the unit sums its dims. Plain Python over float64 line sums."""
+    a = "model.layers.0.self_attn"
+    hd = config.hidden_size // config.num_attention_heads
+    r = config.num_attention_heads // config.num_key_value_heads
+    q, k, v = (sal[f"{a}.{n}_proj.weight"].double().abs().sum(1).tolist() for n in "qkv")
+    o = sal[f"{a}.o_proj.weight"].double().abs().sum(0).tolist()
+    reduce = {"sum": sum, "mean": lambda e: sum(e) / len(e), "max": max, "prod": math.prod}[how]
+    out = []
+    for g in range(config.num_key_value_heads):
+        heads = range(r * g, r * g + r)
+        out.append(sum(reduce([q[h * hd + d] for h in heads] + [k[g * hd + d], v[g * hd + d]]
+                              + [o[h * hd + d] for h in heads]) for d in range(hd)))
+    return out
+
+
+@pytest.mark.parametrize("how", ["sum", "mean", "max", "prod"])
+def test_kv_group_counts_each_channel_once(gqa_group, how):
+    """Tolerance 1e-5 relative (fp32 line sums against float64). The old scores tiled k and v once per query head
+    (2x on this model under sum) and reduced 4 entries per query-head dim: every reduction here fails on them."""
+    config, group, sal = gqa_group
+    got = unit_scores(group, sal, "param_first", how).double()
+    want = torch.tensor(hand_kv_scores(config, sal, how), dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-5, atol=0)
+    q_first = sal["model.layers.0.self_attn.q_proj.weight"].abs().sum(1).view(2, -1).sum(1)
+    assert torch.allclose(unit_scores(group, sal, "param_first", "first"), q_first, rtol=1e-6)

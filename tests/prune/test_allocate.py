@@ -216,23 +216,135 @@ def test_tiny_blip2_plan_applies_and_counts_match():
     assert by_mod["vision"] > 0 and by_mod["language"] > 0
 
 
-def test_exact_stop_cuts_the_last_step_at_the_target():
-    """With big units in the last step, exact_stop lands within one unit of the target instead of one step."""
-    import torch
-
-    from ukmp.groups import PrunableGroup
-    from ukmp.prune.allocate import AllocationConfig, allocate
-
+def heads_groups():
     groups = [PrunableGroup(f"g{i}", "enc_heads", "heads", "language", i, 10, 1000) for i in range(4)]
     scores = {g.id: torch.arange(10, dtype=torch.float32) + 10 * k for k, g in enumerate(groups)}
-    total = 40_000
-    coarse = allocate(scores, groups, total, AllocationConfig(target_ratio=0.3, units_per_step=20,
+    return groups, scores
+
+
+def test_a_coarse_last_step_is_cut_at_the_unit_that_reaches_the_target():
+    """One 20-unit step would remove 50 % for a 30 % target (the reference overshoots by the rest of its step;
+    ukmp before this change did too): the step stops at the 12th unit, exactly 30 %."""
+    groups, scores = heads_groups()
+    plan = allocate(scores, groups, 40_000, AllocationConfig(target_ratio=0.3, units_per_step=20,
                                                              fine_units_per_step=20, normalization="none"))
-    exact = allocate(scores, groups, total, AllocationConfig(target_ratio=0.3, units_per_step=20,
-                                                            fine_units_per_step=20, normalization="none",
-                                                            exact_stop=True))
-    assert coarse.meta["achieved_ratio"] >= 0.3 + 0.1  # a 20-unit step overshoots by >= 10 points
-    assert 0.3 <= exact.meta["achieved_ratio"] < 0.3 + 1000 / total  # within one unit (2.5 points) of the target
-    removed = {gid: set(range(10)) - set(k) for gid, k in exact.keep.items()}
-    assert sum(map(len, removed.values())) == 12  # 12 units of 1000 = exactly 30 % of 40,000
-    assert removed["g0"] == set(range(9))  # the lowest scores go first; a group keeps at least one unit
+    assert plan.meta["achieved_ratio"] == 0.3 and plan.meta["removed_units"] == 12
+    removed = {gid: set(range(10)) - set(k) for gid, k in plan.keep.items()}
+    assert removed["g0"] == set(range(9)) and removed["g1"] == {0, 1, 2}  # lowest first, a group keeps one unit
+    check = plan.meta["ratio_check"]
+    assert check == {"budget": "params", "target": 0.3, "achieved": 0.3, "overshoot": 0.0,
+                     "one_unit": 1000 / 40_000, "largest_unit": 1000 / 40_000}
+
+
+def mixed_groups():
+    """Heads of 1000 parameters and channels of 10; the heads rank lowest."""
+    groups = [PrunableGroup("h", "enc_heads", "heads", "language", 0, 10, 1000),
+              PrunableGroup("c", "enc_ffn", "channels", "language", 0, 200, 10)]
+    scores = {"h": torch.arange(10, dtype=torch.float32), "c": 100 + torch.arange(200, dtype=torch.float32)}
+    return groups, scores, 20_000
+
+
+def test_exact_stop_never_overshoots_and_fills_the_gap_with_smaller_units():
+    """Target 4,550 of 20,000 parameters: 4 heads (4,000), then the 5th head would overshoot by 450; exact_stop
+    skips it and takes 55 channels (550): exactly on target. Without exact_stop the 5th head is taken (+450, within
+    that one unit). The old exact_stop took the 5th head too (``removed + step > target`` cut at the crossing)."""
+    groups, scores, total = mixed_groups()
+    cfg = dict(target_ratio=4550 / total, units_per_step=100, fine_units_per_step=100, normalization="none",
+               max_group_prune_ratio=1.0)
+    exact = allocate(scores, groups, total, AllocationConfig(**cfg, exact_stop=True))
+    assert exact.meta["removed_params"] == 4550 and exact.meta["reached_target"]
+    assert exact.keep["h"] == list(range(4, 10)) and exact.keep["c"] == list(range(55, 200))
+    cut = allocate(scores, groups, total, AllocationConfig(**cfg))
+    assert cut.meta["removed_params"] == 5000 and cut.keep["c"] == list(range(200))
+    odd = allocate(scores, groups, total, AllocationConfig(**{**cfg, "target_ratio": 4555 / total}, exact_stop=True))
+    assert 4555 - 10 < odd.meta["removed_params"] <= 4555  # below by less than the smallest unit left
+
+
+@pytest.mark.parametrize("name, ratio", [("tiny-llama", 0.5), ("tiny", 0.3)])
+def test_tiny_models_land_within_one_unit_with_the_default_steps(name, ratio):
+    """The default steps (1000 units, 100 when fine) on tiny models: before, tiny-llama removed 63 % for 50 % and
+    the demo's tiny BLIP-2 70 % for 30 % (one coarse step took everything down to the floors). Now the last step is
+    cut: the plan lands within its largest unit of the target."""
+    from ukmp.models import adapter_for, count_parameters
+    from ukmp.models.build import build_tiny
+    from ukmp.prune.budget import overshoot_problem
+
+    model, _ = build_tiny(seed=0, name=name)
+    groups, total = adapter_for(model).groups(), count_parameters(model)
+    g = torch.Generator().manual_seed(0)
+    scores = {grp.id: torch.rand(grp.n_units, generator=g) for grp in groups}
+    plan = allocate(scores, groups, total, AllocationConfig(target_ratio=ratio))
+    over = plan.meta["achieved_ratio"] - ratio
+    assert 0 <= over < max(grp.params_per_unit for grp in groups) / total
+    exact = allocate(scores, groups, total, AllocationConfig(target_ratio=ratio, exact_stop=True))
+    check = exact.meta["ratio_check"]
+    assert -check["one_unit"] <= check["overshoot"] <= 0 and overshoot_problem(check, 0.005) == (None, False)
+
+
+def test_unit_budget_removes_llm_pruners_count_of_units():
+    """budget=units: N - int(N * (1 - r)) of the N scored units, whatever their size (LLM-Pruner's global count):
+    210 units of 20,000 parameters at 0.2 -> 42 units."""
+    groups, scores, total = mixed_groups()
+    scores["h"] = scores["h"] + 150  # heads now rank after channel 49
+    plan = allocate(scores, groups, total, AllocationConfig(target_ratio=0.2, budget="units", normalization="none",
+                                                            units_per_step=7, fine_units_per_step=7))
+    assert plan.meta["removed_units"] == 210 - int(210 * 0.8) == 42 and plan.meta["target_units"] == 42
+    assert plan.keep["h"] == list(range(10)) and plan.meta["removed_params"] == 420  # 42 channels
+    check = plan.meta["ratio_check"]
+    assert check["budget"] == "units" and check["achieved"] == 42 / 210 and check["one_unit"] == 1 / 210
+    params = allocate(scores, groups, total, AllocationConfig(target_ratio=0.2, normalization="none"))
+    assert params.meta["removed_params"] >= 4000  # the parameter budget removes 20 % of the whole model instead
+
+
+def smollm2_like():
+    """SmolLM2-135M's layer shapes: 3 KV groups (its k rows: 64 per group) and 1,536 MLP channels."""
+    from ukmp.groups import ParamSlice
+
+    attn = PrunableGroup("lm.layers.0.attn", "lm_heads", "heads", "language", 0, 3, 294_912,
+                         (ParamSlice("q", "weight", 0, 192), ParamSlice("k", "weight", 0, 64),
+                          ParamSlice("v", "weight", 0, 64), ParamSlice("o", "weight", 1, 192)))
+    mlp = PrunableGroup("lm.layers.0.mlp", "lm_mlp", "channels", "language", 0, 1536, 1728,
+                        (ParamSlice("g", "weight", 0, 1), ParamSlice("u", "weight", 0, 1),
+                         ParamSlice("d", "weight", 1, 1)))
+    return [attn, mlp]
+
+
+@pytest.mark.parametrize("ratio, heads, channels", [(0.2, 0, 308), (0.4, 1, 615), (0.5, 1, 768)])
+def test_llm_pruner_local_rounding(ratio, heads, channels):
+    """LLM-Pruner's local rule on its root channels: 1536 - int(1536 * 0.8) = 308 MLP channels at 0.2 (floor: 307);
+    a KV group goes only once 192 - int(192 * (1 - r)) reaches 64 k rows: none at 0.2 (39 rows), one at 0.4 (77)."""
+    groups = smollm2_like()
+    g = torch.Generator().manual_seed(0)
+    scores = {grp.id: torch.rand(grp.n_units, generator=g) for grp in groups}
+    total = sum(grp.total_params for grp in groups)
+
+    def removed(rounding, budget="params"):
+        plan = allocate(scores, groups, total, AllocationConfig(target_ratio=ratio, scope="local", budget=budget,
+                                                                local_rounding=rounding,
+                                                                local_ratio_mode="per_module_raw"))
+        return [len(plan.removed(grp)) for grp in groups]
+
+    assert removed("llm_pruner") == [heads, channels]
+    assert removed("llm_pruner", budget="units") == [heads, channels]  # a unit budget is per module when local
+    assert removed("floor")[1] == math.floor(ratio * 1536 + 1e-9)
+    if ratio == 0.2:
+        assert removed("floor") == [0, 307]
+
+
+def test_overshoot_problem_thresholds():
+    from ukmp.prune.budget import overshoot_problem
+
+    check = {"budget": "params", "target": 0.3, "achieved": 0.3, "overshoot": 0.0, "one_unit": 0.001,
+             "largest_unit": 0.004}
+    assert overshoot_problem(check, 0.005) == (None, False)
+    assert overshoot_problem({**check, "achieved": 0.301, "overshoot": 0.001}, 0.005) == (None, False)
+    msg, err = overshoot_problem({**check, "achieved": 0.303, "overshoot": 0.003}, 0.005)
+    assert not err and msg == ("the plan removes 30.30% of the parameters of the whole model, target 30.00% "
+                               "(+0.30 points; one unit is 0.100 points)")
+    assert overshoot_problem({**check, "achieved": 0.31, "overshoot": 0.01}, 0.005)[1]
+    assert not overshoot_problem({**check, "achieved": 0.31, "overshoot": 0.01}, 0.02)[1]
+    # a tiny model: one unit is more than max_overshoot; a plan within its largest unit warns, beyond it fails
+    assert not overshoot_problem({**check, "achieved": 0.34, "overshoot": 0.04, "largest_unit": 0.045}, 0.005)[1]
+    assert overshoot_problem({**check, "achieved": 0.35, "overshoot": 0.05, "largest_unit": 0.045}, 0.005)[1]
+    msg, err = overshoot_problem({**check, "achieved": 0.29, "overshoot": -0.01}, 0.005)
+    assert not err and "-1.00 points" in msg  # a shortfall warns, never an error here (check_shortfall's job)

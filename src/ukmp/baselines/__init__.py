@@ -1,5 +1,6 @@
-"""Baseline pruning methods (BASELINES.md), registered in the method registry of :mod:`ukmp.prune.methods` through
-the ``ukmp.methods`` entry point ``baselines`` (``pyproject.toml``): the prune layer never imports this package.
+"""Baseline pruning methods (docs/BASELINES.md), registered in the method registry of :mod:`ukmp.prune.methods`
+through the ``ukmp.methods`` entry point ``baselines`` (``pyproject.toml``): the prune layer never imports this
+package.
 
 =====================  ===========================================================================
 ``llm_pruner_global``  LLM-Pruner element-wise Taylor, shared P2 allocator, no modality normalisation

@@ -1,4 +1,4 @@
-"""ECoFLaP_sp (BASELINES.md §3): zeroth-order block scores -> water-filled block ratios -> Wanda-sp inside blocks.
+"""ECoFLaP_sp (docs/BASELINES.md §3): zeroth-order block scores -> water-filled block ratios -> Wanda-sp inside blocks.
 
 1. **Coarse.** Blocks are the ViT/T5-encoder/T5-decoder layers; a block's tensors are its Linear weights. Per tensor
    W_l and fixed calibration batch b: z ~ N(0, I) (seeded), ĝ = (L(W_l + εz) − L(W_l − εz)) / 2ε with the model in

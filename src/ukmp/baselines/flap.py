@@ -1,4 +1,4 @@
-"""FLAP: fluctuation-based adaptive structured pruning with bias compensation (BASELINES.md §4).
+"""FLAP: fluctuation-based adaptive structured pruning with bias compensation (docs/BASELINES.md §4).
 
 One no-grad pass over the dense model hooks the input X of every output projection (ViT ``projection``/``fc2``, T5
 ``o``/``wo``) and keeps the exact fp32 token mean μ_j and unbiased variance σ²_j per input channel (Welford, pad

@@ -1,4 +1,4 @@
-"""LLM-Pruner, global and local (BASELINES.md §2), on head/channel units.
+"""LLM-Pruner, global and local (docs/BASELINES.md), on head/channel units.
 
 Element-wise salience per Linear weight (fp32), with G = (1/N) Σ_n g_n and F = (1/N) Σ_n g_n ⊙ g_n from per-sample
 gradients (sample loss = mean CE over its own target tokens):
@@ -9,11 +9,14 @@ gradients (sample loss = mean CE over its own target tokens):
 * ``vectorize``    S = W ⊙ G,                 |Σ S|  (sum over the slice's other dim, then abs)
 
 Per hidden dim, the layers of a group (attention: query/key/value rows + output columns; MLP: input rows + output column)
-are reduced with ``group_reduction`` (sum by default); a head sums its hd dims. ``imp_normalizer='param'`` divides
-by the unit's weight count. Global → the shared P2 allocator without modality normalisation; local → P1.
+are reduced with ``group_reduction`` (sum by default); a head sums its hd dims. A KV group (grouped-query attention)
+counts each parameter channel once: q rows and o columns per query head, its k and v rows once.
+``imp_normalizer='param'`` divides by the unit's weight count. Global → the shared P2 allocator without modality normalisation; local → P1.
 
 Knobs (``prune.options.llmp``): taylor=param_first, group_reduction=sum, imp_normalizer=none, skip_edge_layers=false,
-local_ratio_mode=whole_model.
+local_ratio_mode=whole_model. ``skip_edge_layers`` is a shorthand for ``prune.layers`` (:func:`edge_layer_ranges`);
+LLM-Pruner's own setups are named by ``prune.layers``, ``prune.local_rounding: llm_pruner`` and ``prune.budget:
+units`` (configs/compare/llm_pruner_*_l4.yaml).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 from ukmp.baselines.primitives import read_options, to_device
 from ukmp.groups import PrunableGroup
 from ukmp.importance.taylor import unit_weight_count
+from ukmp.layer_ranges import select_layers, tower_depths
 
 DEFAULTS = {"taylor": "param_first", "group_reduction": "sum", "imp_normalizer": "none",
             "skip_edge_layers": False, "local_ratio_mode": "whole_model"}
@@ -73,7 +77,13 @@ def reduce_layers(stack: torch.Tensor, how: str) -> torch.Tensor:
 
 def unit_scores(group: PrunableGroup, salience_of: Mapping[str, torch.Tensor], mode: str,
                 reduction: str = "sum", normalizer: str = "none") -> torch.Tensor:
-    """[n_units] for one group from per-weight saliences ``{'<module>.weight': S}`` (bias slices ignored)."""
+    """[n_units] for one group from per-weight saliences ``{'<module>.weight': S}`` (bias slices ignored).
+
+    Every parameter channel counts once. A slice wider than the group's narrowest (the q rows and o columns of a KV
+    group: ``r`` query heads of ``hd`` dims each, against its one key/value head of ``hd``) is split into heads of
+    the narrow width, each an entry of its own: dim ``d`` of a KV group reduces ``2r + 2`` entries (q and o of each
+    query head, k and v once) with ``reduction``; the unit sums its dims. ``first`` is the group's first slice alone
+    (every query head's q rows). Equal-width groups (heads, channels) reduce one entry per Linear, as before."""
     units = torch.arange(group.n_units)
     per_layer, shapes = [], {}
     for sl in group.slices:
@@ -83,12 +93,12 @@ def unit_scores(group: PrunableGroup, salience_of: Mapping[str, torch.Tensor], m
         shapes[sl.name] = s.shape
         line = line_scores(s, sl.dim, mode)
         per_layer.append(line.index_select(0, sl.indices(units).to(line.device)).cpu().view(group.n_units, -1))
-    # A KV group owns r query heads but one key/value head: its k/v dims are tiled r times so that dim d of every
-    # query head lines up with dim d of the key/value head it reads (equal-width slices are left as they are).
-    width = max(p.shape[1] for p in per_layer)
-    per_layer = [p.repeat(1, width // p.shape[1]).reshape(-1) for p in per_layer]
-    dims = reduce_layers(torch.stack(per_layer), reduction)
-    unit = dims.view(group.n_units, -1).sum(1)
+    if reduction == "first":
+        unit = per_layer[0].sum(1)
+    else:
+        narrow = min(p.shape[1] for p in per_layer)
+        entries = torch.cat([p.view(group.n_units, -1, narrow).transpose(0, 1) for p in per_layer])  # [E, n, hd]
+        unit = reduce_layers(entries.reshape(entries.shape[0], -1), reduction).view(group.n_units, -1).sum(1)
     if normalizer == "param":
         unit = unit / unit_weight_count(group, shapes)
     return unit
@@ -101,14 +111,20 @@ def edge_layer_skips(n_layers: int) -> set[int]:
     return set(range(first)) | set(range(n_layers - last, n_layers))
 
 
+def edge_layer_ranges(groups: list[PrunableGroup]) -> dict[str, str]:
+    """``skip_edge_layers`` as the ``prune.layers`` it stands for: per tower, the slice between the skipped edges
+    (``"4:30"`` on 32 layers, ``"4:29"`` on 30, ``"3:23"`` on 24)."""
+    out = {}
+    for tower, n in tower_depths(groups).items():
+        skip = edge_layer_skips(n)
+        kept = [i for i in range(n) if i not in skip]
+        out[tower] = f"{kept[0]}:{kept[-1] + 1}" if kept else "0:0"
+    return out
+
+
 def eligible_groups(groups: list[PrunableGroup], skip_edges: bool) -> list[PrunableGroup]:
-    if not skip_edges:
-        return list(groups)
-    towers: dict[str, int] = {}
-    for g in groups:
-        t = g.id.split(".")[0]
-        towers[t] = max(towers.get(t, 0), g.layer + 1)
-    return [g for g in groups if g.layer not in edge_layer_skips(towers[g.id.split(".")[0]])]
+    return select_layers(groups, edge_layer_ranges(groups), "prune.options.llmp.skip_edge_layers") \
+        if skip_edges else list(groups)
 
 
 # ------------------------------------------------------------------------------------------------ gradients

@@ -1,4 +1,4 @@
-"""magnitude-sp (BASELINES.md §6): data-free weight-magnitude scores of heads and channels.
+"""magnitude-sp (docs/BASELINES.md §6): data-free weight-magnitude scores of heads and channels.
 
 * ``scope=out_proj`` (FLAP's mag-sp): a channel's score is the column L2 norm ‖W_out[:, j]‖₂ of the output
   projection (``projection`` / ``fc2`` / ``o`` / ``wo``); a head sums its hd columns.

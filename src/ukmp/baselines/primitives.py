@@ -1,4 +1,4 @@
-"""Shared selection primitives of the baselines (BASELINES.md §1.2, §1.4) and small shared helpers.
+"""Shared selection primitives of the baselines (docs/BASELINES.md §1.2, §1.4) and small shared helpers.
 
 * :func:`prunable_ratio` — ρ' = ρ·N_total/N_prunable, the unit budget that gives whole-model ratio ρ.
 * :func:`uniform_local` — **P1**: every module loses ⌊r·n_m⌋ of its lowest-scoring units (ties: lower index first).
@@ -14,14 +14,11 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ukmp.groups import PrunableGroup
+from ukmp.nll import IGNORE_INDEX, token_nll
 from ukmp.plan import PruningPlan
-
-IGNORE_INDEX = -100
-
 
 # ------------------------------------------------------------------------------------------------ options
 def read_options(options: Mapping[str, Any] | None, namespace: str, defaults: Mapping[str, Any],
@@ -210,9 +207,8 @@ def lm_loss(model: nn.Module, batch: Mapping[str, torch.Tensor], per_sample: boo
     from ukmp.models import forward_batch
 
     labels = batch["labels"]
-    logits = forward_batch(model, batch).logits.float()
     valid = labels != IGNORE_INDEX
-    ce = F.cross_entropy(logits.transpose(1, 2), labels.masked_fill(~valid, 0), reduction="none") * valid
+    ce = token_nll(forward_batch(model, batch).logits, labels, IGNORE_INDEX)  # classes last, fp32 (ukmp.nll)
     if per_sample:
         return (ce.sum(1) / valid.sum(1).clamp(min=1)).sum()
     return ce.sum() / valid.sum().clamp(min=1)

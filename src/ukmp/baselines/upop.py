@@ -1,4 +1,4 @@
-"""UPop: unified progressive pruning with learnable head/channel gates (BASELINES.md §5).
+"""UPop: unified progressive pruning with learnable head/channel gates (docs/BASELINES.md §5).
 
 Gates ζ (one per head of every attention module, one per channel of every MLP/FFN) live outside the model and act
 through hooks only: forward hooks scale the q/k/v outputs per head (ViT: the fused ``qkv`` output; T5: ``q``, ``k``,

@@ -1,4 +1,4 @@
-"""Wanda-sp (BASELINES.md §7): |W| times the input-channel norm, reduced to heads and channels.
+"""Wanda-sp (docs/BASELINES.md §7): |W| times the input-channel norm, reduced to heads and channels.
 
 ‖X_j‖ = √(mean over the valid (non-pad) calibration tokens of X_tj²) **[infer]** per-token normalisation of Wanda's
 ``scaler_row`` for padded batches.

@@ -12,11 +12,11 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from ukmp.eval.evaluators import check_count, eval_mode, model_device
+from ukmp.nll import token_nll
 
 
 @torch.no_grad()
@@ -47,8 +47,7 @@ def evaluate_perplexity(model: nn.Module, processor, dataset, *, batch_size: int
                 ids[r, : len(w)] = torch.tensor(w)
                 mask[r, : len(w)] = 1
             logits = lm(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # NLLs in fp32 at least
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none").cpu()
+            nll = token_nll(logits[:, :-1], ids[:, 1:].to(device)).cpu()  # classes last, fp32 at least (ukmp.nll)
             for r, (start, w) in enumerate(chunk):
                 first = max(1, scored_upto - start)  # local index of the first token not scored yet
                 part = nll[r, first - 1: len(w) - 1]

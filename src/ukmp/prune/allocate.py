@@ -4,9 +4,12 @@
 * :func:`allocate` — ``scope="global"``: the modality-normalised, parameter-budgeted iterative threshold of
   §2.5; ``scope="local"``: the same fraction of units removed in every group (lowest scores first).
 
-The ratio is always measured in parameters of the **whole** model: ``removed / total_params`` where
-``removed`` is the sum of ``params_per_unit`` over pruned units. Everything is deterministic: ties are broken
-by (score, group order, unit index), so the same scores give the same plan.
+The ratio is measured in parameters of the **whole** model by default (``budget="params"``: ``removed /
+total_params`` where ``removed`` is the sum of ``params_per_unit`` over pruned units), or in units of the scored
+groups (``budget="units"``, LLM-Pruner's count: a KV group and an MLP channel are one unit each). Groups without
+scores (outside ``prune.layers``) stay whole and count as unprunable. Everything is deterministic: ties are broken
+by (score, group order, unit index), so the same scores give the same plan. :func:`ratio_check` states how far a
+plan lands from its target, in its budget's own currency.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 
 from ukmp.groups import PrunableGroup, groups_by_id
 from ukmp.plan import PruningPlan
+from ukmp.prune.budget import budget_check, local_count
 
 Scope = Literal["global", "local"]
 Normalization = Literal["mean_iterative", "mean_once", "none", "minmax", "standardize"]
@@ -26,6 +30,8 @@ LocalRatioMode = Literal["whole_model", "per_module_raw"]
 CombineMode = Literal["product", "taylor_only"]
 
 _SCOPES = ("global", "local")
+_ROUNDINGS = ("floor", "carry", "llm_pruner")
+_BUDGETS = ("params", "units")
 _NORMS = ("mean_iterative", "mean_once", "none", "minmax", "standardize")
 _LOCAL_MODES = ("whole_model", "per_module_raw")
 
@@ -43,7 +49,17 @@ class AllocationConfig:
     ``minmax`` and ``standardize`` (recomputed every step), ``none``. ``local_ratio_mode`` (local scope):
     ``whole_model`` removes ``target * total_params / prunable_params`` of each group's units so that the
     whole-model ratio matches the target; ``per_module_raw`` removes ``target`` of each group's units (as
-    UKMP's ``prune_local``).
+    UKMP's ``prune_local``). ``local_rounding``: ``floor`` (P1 as written), ``carry`` (hits the ratio) or
+    ``llm_pruner`` (LLM-Pruner's ``c - int(c * (1 - r))`` root channels in whole units); see
+    :func:`ukmp.prune.budget.local_count`.
+
+    ``budget``: ``params`` (the ratio is of the whole model's parameters) or ``units`` (global scope: remove
+    ``N - int(N * (1 - target))`` of the ``N`` scored units, each unit counting 1, as LLM-Pruner's global
+    pruning; local scope: ``target`` of every group's units, as ``per_module_raw``). ``exact_stop`` (global): the
+    plan never overshoots the budget (a unit that would is skipped, a later smaller one may fill the gap), so it
+    lands below the target by less than the smallest unit still rankable; without it the last step is cut at the
+    unit that reaches the target, so the plan overshoots by less than that unit (the reference removes the rest
+    of its step too).
     """
 
     target_ratio: float = 0.5
@@ -56,8 +72,9 @@ class AllocationConfig:
     max_group_prune_ratio: float = 0.9
     min_units_per_group: int = 1
     local_ratio_mode: LocalRatioMode = "whole_model"
-    local_rounding: str = "carry"  # local scope: "floor" (P1 as written) or "carry" (remainders carried per kind)
-    exact_stop: bool = False  # global scope: the last step removes only what reaches the target (no overshoot)
+    local_rounding: str = "carry"  # local scope: "floor" | "carry" | "llm_pruner" (see above)
+    exact_stop: bool = False  # global scope: never overshoot the budget (see above)
+    budget: str = "params"  # "params" (whole-model parameters) | "units" (LLM-Pruner: every unit counts 1)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
@@ -67,9 +84,11 @@ class AllocationConfig:
         if self.normalization not in _NORMS:
             raise ValueError(f"allocation.normalization: unknown value {self.normalization!r} "
                              f"(choose from {list(_NORMS)})")
-        if self.local_rounding not in ("floor", "carry"):
+        if self.local_rounding not in _ROUNDINGS:
             raise ValueError(f"allocation.local_rounding: unknown value {self.local_rounding!r} "
-                             f"(choose 'floor' or 'carry')")
+                             f"(choose from {list(_ROUNDINGS)})")
+        if self.budget not in _BUDGETS:
+            raise ValueError(f"allocation.budget: unknown value {self.budget!r} (choose from {list(_BUDGETS)})")
         if self.local_ratio_mode not in _LOCAL_MODES:
             raise ValueError(f"allocation.local_ratio_mode: unknown value {self.local_ratio_mode!r} "
                              f"(choose from {list(_LOCAL_MODES)})")
@@ -211,7 +230,8 @@ def allocate(
     total_params: int,
     cfg: AllocationConfig = AllocationConfig(),
 ) -> PruningPlan:
-    """A plan removing ``cfg.target_ratio`` of ``total_params`` (the whole model's parameter count).
+    """A plan removing ``cfg.target_ratio`` of ``total_params`` (the whole model's parameter count), or of the
+    scored units with ``cfg.budget="units"``.
 
     Higher score = more important. Groups without scores are kept whole and left out of the plan.
     """
@@ -235,9 +255,12 @@ def allocate(
         "removed_params": removed,
         "removed_params_by_modality": _removed_by_modality(flat, alive),
         "removed_units": int((~alive).sum()),
+        "prunable_units": int(flat.score.numel()),
         "unscored_groups": [g.id for g in groups if g.id not in scores],
     }
     meta.update(extra)
+    meta["ratio_check"] = budget_check(~alive, flat.ppu, int(total_params), prunable, cfg,
+                                       float(extra.get("local_unit_ratio", 0.0)))
     return _plan(flat, alive, meta)
 
 
@@ -255,24 +278,52 @@ def _enforce_min_units(
     return sel
 
 
+def _last_step(sel: torch.Tensor, norm: torch.Tensor, cost: torch.Tensor, gap: float,
+               exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A step that would pass the budget, shrunk: ``(taken, skipped)``. In score order (ties: flat order), the
+    units up to the one that reaches the budget (``exact=False``), or every unit that still fits (``exact=True``;
+    the others are skipped for good: the gap only shrinks)."""
+    idx = sel.nonzero().flatten()
+    order = idx[torch.sort(norm[idx], stable=True).indices]
+    taken, skipped = torch.zeros_like(sel), torch.zeros_like(sel)
+    if not exact:
+        cum = torch.cumsum(cost[order], 0)
+        n_take = int(torch.searchsorted(cum, torch.tensor([gap - 1e-9], dtype=torch.float64)).item()) + 1
+        taken[order[: min(n_take, order.numel())]] = True
+        return taken, skipped
+    for u in order.tolist():
+        c = float(cost[u])
+        if c <= gap + 1e-9:
+            taken[u] = True
+            gap -= c
+        else:
+            skipped[u] = True
+    return taken, skipped
+
+
 def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     n_units = torch.tensor([g.n_units for g in flat.order], dtype=torch.long)
     floor = torch.tensor([round((1.0 - cfg.max_group_prune_ratio) * g.n_units, 9) for g in flat.order],
                          dtype=torch.float64)
     keep_min = int(cfg.min_units_per_group)
     target = cfg.target_ratio
-    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    n_all = flat.score.numel()
+    if cfg.budget == "units":  # LLM-Pruner's count: the units it keeps are int(N * (1 - r))
+        cost, goal, scale = torch.ones(n_all, dtype=torch.float64), float(n_all - int(n_all * (1 - target))), n_all
+    else:
+        cost, goal, scale = flat.ppu.double(), target * total, total
+    alive = torch.ones(n_all, dtype=torch.bool)
     # state kept across steps instead of recomputed over every unit: alive units per group, and the candidates
     # (alive units of groups not frozen; a group never unfreezes, since its count only falls)
     remaining = n_units.clone()
     frozen = torch.zeros(len(flat.order), dtype=torch.bool)
     cand = alive.clone()
     masks = [flat.mod == m for m in range(len(flat.modalities))]
-    removed = 0
+    removed = 0.0
     once_stats = None
     history: list[list[float]] = []
     last_step_params = 0
-    reached = removed / total >= target
+    reached = removed >= goal
     while not reached:
         now = (remaining.double() < floor) | (remaining <= keep_min) | (n_units <= keep_min)
         if bool((now & ~frozen).any()):
@@ -280,8 +331,10 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
             frozen = now
         if not bool(cand.any()):
             break
-        ratio = removed / total
-        fine = target <= cfg.fine_from_start_at_or_below or ratio > cfg.fine_after * target
+        if cfg.exact_stop and float(cost[cand].min()) > goal - removed + 1e-9:
+            reached = True  # nothing left fits the gap: within one unit below the target
+            break
+        fine = target <= cfg.fine_from_start_at_or_below or removed / scale > cfg.fine_after * target
         k = int(cfg.fine_units_per_step if fine else cfg.units_per_step)
         if cfg.normalization == "mean_once":
             if once_stats is None:
@@ -298,22 +351,16 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         sel = _enforce_min_units(flat, remaining, sel, norm, keep_min)
         if not bool(sel.any()):
             break
-        if cfg.exact_stop and removed + int(flat.ppu[sel].sum()) > target * total:
-            # take only the lowest-scored prefix of this step that reaches the target (ties: flat order)
-            idx = sel.nonzero().flatten()
-            order = idx[torch.sort(norm[idx], stable=True).indices]
-            need = target * total - removed
-            cum = torch.cumsum(flat.ppu[order].double(), 0)
-            n_take = int(torch.searchsorted(cum, torch.tensor([need], dtype=torch.float64)).item()) + 1
-            sel = torch.zeros_like(sel)
-            sel[order[: min(n_take, order.numel())]] = True
+        if removed + float(cost[sel].sum()) > goal + 1e-9:  # the last step: shrunk to the budget
+            sel, skipped = _last_step(sel, norm, cost, goal - removed, cfg.exact_stop)
+            cand &= ~skipped
         alive &= ~sel
         cand &= ~sel
         remaining -= torch.bincount(flat.gidx[sel], minlength=len(flat.order))
         last_step_params = int(flat.ppu[sel].sum())
-        removed += last_step_params
-        history.append([k, int(sel.sum()), removed / total])
-        reached = removed / total >= target
+        removed += float(cost[sel].sum())
+        history.append([k, int(sel.sum()), removed / scale])
+        reached = removed >= goal - 1e-9
     extra = {
         "steps": len(history),
         "reached_target": bool(reached),
@@ -321,20 +368,21 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         "last_step_removed_params": last_step_params,
         "history": history,
     }
+    if cfg.budget == "units":
+        extra["target_units"] = int(goal)
     return alive, extra
 
 
 def _allocate_local(
     flat: _Flat, total: int, prunable: int, cfg: AllocationConfig
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    r = cfg.target_ratio * total / prunable if cfg.local_ratio_mode == "whole_model" else cfg.target_ratio
+    raw = cfg.local_ratio_mode == "per_module_raw" or cfg.budget == "units"
+    r = cfg.target_ratio if raw else cfg.target_ratio * total / prunable
     alive = torch.ones(flat.score.numel(), dtype=torch.bool)
-    carry: dict[str, float] = {}  # per group kind: the fractional units floor() dropped so far
+    carry: dict[str, float] = {}
     capped = False
     for i, g in enumerate(flat.order):
-        want = min(r, 1.0) * g.n_units + (carry.get(g.kind, 0.0) if cfg.local_rounding == "carry" else 0.0)
-        n_rm = math.floor(want + 1e-9)
-        carry[g.kind] = want - n_rm
+        n_rm = local_count(g, r, cfg.local_rounding, carry)
         cap = min(math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9), g.n_units - cfg.min_units_per_group)
         capped |= n_rm > cap
         n_rm = min(n_rm, cap)
@@ -343,5 +391,9 @@ def _allocate_local(
         members = (flat.gidx == i).nonzero().flatten()
         order = torch.sort(flat.score[members], stable=True).indices  # ties: lower unit index first
         alive[members[order[:n_rm]]] = False
-    reached = int(flat.ppu[~alive].sum()) / total >= cfg.target_ratio
+    target = r * prunable / total if raw else cfg.target_ratio
+    if cfg.budget == "units":
+        reached = int((~alive).sum()) >= math.floor(r * flat.score.numel() + 1e-9)
+    else:
+        reached = int(flat.ppu[~alive].sum()) / total >= target - 1e-12
     return alive, {"steps": 1, "local_unit_ratio": r, "reached_target": reached, "floors_hit": capped and not reached}

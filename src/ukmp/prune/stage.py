@@ -22,9 +22,11 @@ from safetensors import SafetensorError, safe_open
 from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_save_tensors, atomic_write_json, dense_model_identity, save_pruned
+from ukmp.layer_ranges import describe_layers, select_layers
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
+from ukmp.prune.budget import overshoot_problem, ratio_check
 from ukmp.prune.scoring import ScoreResult, get_method, is_data_free
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
 
@@ -36,7 +38,7 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
     d = dict(target_ratio=pc.ratio, scope=pc.scope, normalization=pc.normalization,
              units_per_step=pc.units_per_step, fine_units_per_step=pc.fine_units_per_step,
              max_group_prune_ratio=pc.max_group_prune_ratio, local_rounding=pc.local_rounding,
-             exact_stop=pc.exact_stop)
+             exact_stop=pc.exact_stop, budget=pc.budget)
     d.update(overrides or {})
     return AllocationConfig.from_dict(d)
 
@@ -119,7 +121,8 @@ def save_scores(path: Path, result: ScoreResult, config, total_params: int, acfg
     meta = {"format": SCORES_FORMAT, "version": "1", "method": method, "total_params": str(total_params),
             "allocation": json.dumps(acfg.to_dict()), "model_config": json.dumps(config.to_dict(), default=str),
             "stats": json.dumps(result.stats), "method_allocation": json.dumps(result.allocation, default=str),
-            "own_plan": "true" if result.plan is not None else "false"}
+            "own_plan": "true" if result.plan is not None else "false",
+            "scored_groups": json.dumps(list(result.scores))}  # groups outside prune.layers have no scores
     if drop_layers:
         meta["drop_layers"] = json.dumps(drop_layers)
     atomic_save_tensors(path, tensors, metadata=meta)
@@ -149,9 +152,10 @@ def load_scores(path: str | Path):
         part, gid = k.split("/", 1) if "/" in k else ("?", k)
         parts.setdefault(part, {})[gid] = v
     scores = parts.pop("scores", {})
-    missing = [g.id for g in groups if g.id not in scores]
+    scored = set(json.loads(meta["scored_groups"])) if "scored_groups" in meta else {g.id for g in groups}
+    missing = [g.id for g in groups if g.id in scored and g.id not in scores]
     if missing:
-        raise ValueError(f"{path}: no scores for group {missing[0]!r} ({len(missing)} of {len(groups)} missing)")
+        raise ValueError(f"{path}: no scores for group {missing[0]!r} ({len(missing)} of {len(scored)} missing)")
     return scores, parts, groups, total, alloc, meta
 
 
@@ -179,6 +183,32 @@ def allocates_itself(meta: dict[str, str]) -> bool:
     if "own_plan" in meta:
         return meta["own_plan"] == "true"
     return meta.get("method") in SELF_ALLOCATING and not json.loads(meta.get("method_allocation", "{}"))
+
+
+def in_layers(scores: dict[str, torch.Tensor], chosen: list[PrunableGroup], pc: PruneConfig):
+    """Cached scores restricted to the groups inside ``prune.layers`` (each of which must have one)."""
+    if not pc.layers:
+        return scores
+    missing = [g.id for g in chosen if g.id not in scores]
+    if missing:
+        raise ValueError(f"prune.scores_from: {pc.scores_from} has no scores for {missing[0]!r} (inside prune.layers)")
+    return {g.id: scores[g.id] for g in chosen}
+
+
+def check_overshoot(plan: PruningPlan, chosen: list[PrunableGroup], total: int, pc: PruneConfig) -> dict[str, Any]:
+    """The plan's ratio against its target in its budget's currency (:func:`ukmp.prune.budget.ratio_check`); more
+    than one smallest unit away warns, an overshoot beyond ``prune.max_overshoot`` too is an error."""
+    check = ratio_check(plan.meta, chosen, total, pc.ratio)
+    msg, error = overshoot_problem(check, pc.max_overshoot)
+    check["max_overshoot"] = pc.max_overshoot
+    if error:
+        raise ValueError(f"prune.max_overshoot: {msg}, over by more than max_overshoot "
+                         f"({100 * pc.max_overshoot:.2f} points) and its largest unit "
+                         f"({100 * check['largest_unit']:.3f}); raise prune.max_overshoot, or set "
+                         f"prune.exact_stop=true for a global allocation")
+    if msg:
+        log.warning("prune: %s", msg)
+    return check
 
 
 def replan(scores_path: str | Path, ratio: float, **overrides: Any) -> PruningPlan:
@@ -319,6 +349,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         log.info("prune: dropped %s unused layers (%s parameters, %.2f%%) before scoring", drop, f"{dropped:,}",
                  100 * dropped / total)
     groups = adapter.groups()
+    chosen = select_layers(groups, pc.layers)  # the rest stays whole and counts as unprunable
+    if pc.layers:
+        log.info("prune: layers %s", describe_layers(groups, chosen))
     scored_total = count_parameters(model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
@@ -326,18 +359,22 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         result, ids, n_batches = planned(pc.plan_from, groups, total, model.config.model_type), [], 0
     elif pc.scores_from:
         result, ids, n_batches = cached_scores(pc.scores_from, groups, scored_total, pc.method), [], 0
+        result.scores = in_layers(result.scores, chosen, pc)
     else:
         method = get_method(pc.method)
         if is_data_free(pc.method):
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
             batches, n_batches, ids = calibration_batches(cfg, processor, model, calib, text)
-        result = method(model, groups, batches, pc, n_batches)
+        result = method(model, chosen, batches, pc, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
              "given plan" if pc.plan_from else pc.method if not pc.scores_from else "cached",
              len(ids), n_batches, clock.lap("score"), sel)
+    if result.plan is not None and pc.budget == "units" and not pc.plan_from:
+        raise ValueError(f"prune.budget: 'units' is a budget of the shared allocator; {pc.method} makes its own plan, "
+                         f"in whole-model parameters (use prune.budget=params)")
     acfg = allocation_config(pc, result.allocation)
     plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
     target = plan_ratio(plan) if pc.plan_from else cfg.prune.ratio  # --plan: the labels say the plan's ratio
@@ -348,6 +385,10 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         plan.meta.update(dropped_params=sum(d["params"] for d in drop.values()))
     if not pc.plan_from:  # a given plan's shortfall was accepted when it was written (ukmp plan)
         check_shortfall(plan, pc.allow_shortfall)
+        plan.meta["ratio_check"] = check_overshoot(plan, chosen, scored_total, pc)
+    elif "removed_params" in plan.meta:  # stated against the plan's own target, as written by ukmp plan
+        plan.meta["ratio_check"] = ratio_check(plan.meta, groups, scored_total,
+                                               float(plan.meta.get("target_ratio", pc.ratio)))
     log.info("prune: allocated in %.1f s (%s)", clock.lap("allocate"),
              f"{plan.meta['steps']} steps" if "steps" in plan.meta else "method's own plan")
     if not pc.plan_from:  # a given plan comes without scores
@@ -376,11 +417,16 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "calibration": {"samples": len(ids), "batches": n_batches, **result.stats},
         "calibration_sample_ids": ids,
         "allocation": acfg.to_dict(),
+        "ratio_check": plan.meta.get("ratio_check"),
+        "layers": describe_layers(groups, [g for g in groups if g.id in result.scores] if result.scores else chosen),
         "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config",)},
         "prune_config": {f.name: getattr(cfg.prune, f.name) for f in fields(cfg.prune)},
         "seconds": clock.laps,
     }
     atomic_write_json(out / "summary.json", summary)
-    log.info("prune: removed %.2f%% of %s parameters (target %.2f%%); applied and saved in %.1f s",
-             100 * summary["achieved_ratio"], f"{total:,}", 100 * target, clock.laps["apply_and_save"])
+    check = summary["ratio_check"] or {}
+    label = (f"{100 * check['achieved']:.2f}% of the units in range, target {100 * check['target']:.2f}%"
+             if check.get("budget") == "units" else f"target {100 * target:.2f}%")
+    log.info("prune: removed %.2f%% of %s parameters (%s); applied and saved in %.1f s",
+             100 * summary["achieved_ratio"], f"{total:,}", label, clock.laps["apply_and_save"])
     return {"achieved_ratio": summary["achieved_ratio"], "plan_digest": plan.digest()}
