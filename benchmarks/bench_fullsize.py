@@ -81,14 +81,15 @@ def size_of(config_source: str | dict) -> tuple[int, int]:
 
     config = config_from_dict(config_source) if isinstance(config_source, dict) else load_config(config_source)
     model = build_model(config, device="meta", seed=None)
-    layers = 0
-    for sub in (getattr(config, k, None) for k in ("vision_config", "qformer_config", "text_config")):
-        if sub is not None:
-            layers += sum(getattr(sub, k, 0) or 0 for k in ("num_hidden_layers", "num_layers", "num_decoder_layers")
-                          if k != "num_decoder_layers" or getattr(sub, "is_encoder_decoder", True))
-    if not hasattr(config, "vision_config"):
-        layers = config.num_hidden_layers
-    return count_parameters(model), layers
+    subs = [getattr(config, k) for k in ("vision_config", "qformer_config", "text_config") if hasattr(config, k)]
+    return count_parameters(model), sum(stack_layers(s) for s in (subs or [config]))
+
+
+def stack_layers(sub) -> int:
+    """Layers of one stack's config (T5: encoder + decoder; its ``num_hidden_layers`` aliases ``num_layers``)."""
+    if sub.model_type in ("t5", "mt5", "umt5"):
+        return sub.num_layers + sub.num_decoder_layers
+    return sub.num_hidden_layers
 
 
 def run_child(args: list[str], log: Path, threads: int) -> tuple[int, float, int]:
@@ -256,6 +257,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(json.loads(cached.read_text()))
                 continue
             runs.append(run_depth(name, depth, root, args.threads))
+    for r in runs:  # sizes from the saved truncated config (the same function as the full-size ones)
+        r["parameters"], r["layers"] = size_of(json.loads((root / f"{r['config']}_d{r['depth']}" / "model.json")
+                                                          .read_text()))
     full = {name: size_of(name) for name in configs}
     res = {
         "benchmark": "bench_fullsize",

@@ -93,7 +93,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     for flag, v in (("--units-per-step", args.units_per_step), ("--fine-units-per-step", args.fine_units_per_step)):
         if v is not None and v < 1:
             raise ValueError(f"{flag}: must be >= 1, got {v}")
-    from ukmp.prune.stage import check_shortfall, replan
+    from ukmp.prune.reuse import replan
+    from ukmp.prune.stage import check_shortfall
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
                   units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)

@@ -26,7 +26,7 @@ PRIMARY_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "caption": "cider", "ret
                   "perplexity": "perplexity"}
 SCORE_SHARING = {"llm_pruner_local": ("llm_pruner_global", ["prune.scope=local", "prune.normalization=none"])}
 # Methods whose scores never read the ratio (it enters only the allocation, which comes back with cached scores:
-# ``prune.stage.cached_scores``): scored once and re-allocated at every other ratio (``prune.scores_from``). The
+# ``prune.reuse.cached_scores``): scored once and re-allocated at every other ratio (``prune.scores_from``). The
 # plan-producing methods (FLAP, ECoFLaP, UPop) and Wanda-sp's sequential scores use the ratio while scoring.
 RATIO_FREE = ("ukmp", "llm_pruner_global")
 

@@ -225,7 +225,7 @@ def pruned(tmp_path_factory):
     from ukmp.models.build import build_tiny
     from ukmp.prune.allocate import AllocationConfig
     from ukmp.prune.scoring import ScoreResult
-    from ukmp.prune.stage import save_scores
+    from ukmp.prune.reuse import save_scores
     from ukmp.testing import random_plan
 
     root = tmp_path_factory.mktemp("pruned")

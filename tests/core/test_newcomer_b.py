@@ -94,7 +94,7 @@ def test_prune_refuses_a_self_allocating_methods_own_scores_from(pruned, tmp_pat
     ({"method": "ukmp", "own_plan": "true"}, True),
 ])
 def test_allocates_itself(meta, own):
-    from ukmp.prune.stage import allocates_itself
+    from ukmp.prune.reuse import allocates_itself
 
     assert allocates_itself(meta) is own
 

@@ -16,7 +16,7 @@ from ukmp.cli import main
 from ukmp.io import load_pruned, read_plan
 from ukmp.models import adapter_for
 from ukmp.models.build import load_config
-from ukmp.prune.stage import replan
+from ukmp.prune.reuse import replan
 
 FAMILIES = {
     "tiny-blip2-opt": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[nocaps]"],

@@ -163,7 +163,7 @@ def test_unit_budget_and_llm_pruner_rounding_through_the_stage(tmp_path, sample_
     assert summary["allocation_meta"]["removed_units"] == 52 and summary["ratio_check"]["budget"] == "units"
     assert summary["ratio_check"]["achieved"] == 52 / 260
     assert allocation_label(summary) == "global, units budget, cut at target, lm 1..2"  # ukmp compare's column
-    from ukmp.prune.stage import replan
+    from ukmp.prune.reuse import replan
 
     again = replan(tmp_path / "g" / "prune" / "scores.safetensors", 0.2)  # scores of the range only re-plan alike
     assert again.keep == plan["keep"] and again.meta["unscored_groups"] == ["lm.layers.0.attn", "lm.layers.0.mlp"]

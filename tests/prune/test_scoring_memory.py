@@ -14,7 +14,8 @@ from ukmp.config import ConfigError, load_config
 from ukmp.groups import ParamSlice, PrunableGroup
 from ukmp.importance import taylor as taylor_mod
 from ukmp.importance.taylor import partition_groups
-from ukmp.prune.stage import load_scores, run_prune_stage
+from ukmp.prune.reuse import load_scores
+from ukmp.prune.stage import run_prune_stage
 
 REL = 1e-6  # fp32 rounding of a sum in another order (a product added on its own instead of fused into addmm_)
 FAMILIES = {"tiny": ["data.calibration=sample:cc595k"], "tiny-llava": ["data.calibration=sample:cc595k"]}
