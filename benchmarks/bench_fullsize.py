@@ -139,8 +139,27 @@ def run_depth(name: str, depth: int, root: Path, threads: int) -> dict[str, Any]
             break
     summary = run / "prune" / "summary.json"
     if summary.is_file():
-        out["achieved_ratio"] = json.loads(summary.read_text()).get("achieved_ratio")
+        s = json.loads(summary.read_text())
+        out["achieved_ratio"], out["calibration"] = s.get("achieved_ratio"), s.get("calibration", {})
     if all(s["exit_code"] == 0 for s in out["stages"].values()) and len(out["stages"]) == len(STAGES):
+        done.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def run_variant(name: str, depth: int, root: Path, threads: int, label: str, overrides: list[str]) -> dict[str, Any]:
+    """The prune stage alone of a finished depth run, again with ``overrides`` (e.g. the scoring memory options), into
+    its own run directory; cached in ``variant_<label>.json``."""
+    d = root / f"{name}_d{depth}"
+    done = d / f"variant_{label}.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    args = [sys.executable, "-m", "ukmp.cli", "prune", str(d / "run.yaml"), f"name=variant_{label}", *overrides]
+    rc, wall, rss = run_child(args, d / f"variant_{label}.log", threads)
+    out: dict[str, Any] = {"config": name, "depth": depth, "variant": label, "overrides": overrides,
+                           "exit_code": rc, "seconds": round(wall, 1), "peak_rss_bytes": rss}
+    summary = d / f"variant_{label}" / "prune" / "summary.json"
+    if rc == 0 and summary.is_file():
+        out["calibration"] = json.loads(summary.read_text())["calibration"]
         done.write_text(json.dumps(out, indent=1))
     return out
 
@@ -175,6 +194,24 @@ def fit(runs: list[dict[str, Any]], full: dict[str, tuple[int, int]]) -> dict[st
         out[stage] = {"a_bytes_per_parameter": round(a, 4), "b_bytes_per_layer": round(b), "c_bytes": round(c),
                       "max_residual_gib": round(resid / GIB, 3), "full_depth": per}
     return out
+
+
+def variant_markdown(res: dict[str, Any]) -> str:
+    """The prune stage with and without a memory option, per config and depth that ran both."""
+    base = {(r["config"], r["depth"]): r for r in res["runs"]}
+    lines = ["| config | depth | prune stage | peak RSS (GiB) | accumulators held (GiB) | seconds |",
+             "|---|---:|---|---:|---:|---:|"]
+    for v in res.get("variants", []):
+        b = base.get((v["config"], v["depth"]))
+        if b is None or v["exit_code"] != 0:
+            continue
+        for label, rss, cal, secs in (("default", b["stages"]["prune"]["peak_rss_bytes"], b.get("calibration", {}),
+                                       b["stages"]["prune"]["seconds"]),
+                                      (" ".join(v["overrides"]), v["peak_rss_bytes"], v["calibration"], v["seconds"])):
+            held = cal.get("accumulator_peak_bytes_cpu")
+            lines.append(f"| {v['config']} | {v['depth']} | {label} | {rss / GIB:.2f} | "
+                         f"{'–' if held is None else f'{held / GIB:.2f}'} | {secs:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(res: dict[str, Any]) -> str:
@@ -238,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(ROOT / "outputs" / "bench_fullsize"))
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--render-only", action="store_true", help="tables and plot from the finished runs only")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL:CONFIG:DEPTH:KEY=VALUE[,KEY=VALUE]",
+                   help="also run the prune stage of a finished run with these overrides, e.g. "
+                        "passes4:blip2-flan-t5-xl:2:prune.score_passes=4 (repeatable)")
     args = p.parse_args(argv)
     from ukmp.io import atomic_write_json, atomic_write_text
 
@@ -257,6 +297,17 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(json.loads(cached.read_text()))
                 continue
             runs.append(run_depth(name, depth, root, args.threads))
+    variants = []
+    for spec in args.variant:
+        label, name, depth, over = spec.split(":", 3)
+        cached = root / f"{name}_d{depth}" / f"variant_{label}.json"
+        if args.render_only:
+            if cached.is_file():
+                variants.append(json.loads(cached.read_text()))
+            continue
+        variants.append(run_variant(name, int(depth), root, args.threads, label, over.split(",")))
+    if args.render_only:  # every variant that finished earlier
+        variants = [json.loads(p.read_text()) for p in sorted(root.glob("*_d*/variant_*.json"))]
     for r in runs:  # sizes from the saved truncated config (the same function as the full-size ones)
         r["parameters"], r["layers"] = size_of(json.loads((root / f"{r['config']}_d{r['depth']}" / "model.json")
                                                           .read_text()))
@@ -272,8 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         "full_size": {n: {"parameters": P, "layers": L} for n, (P, L) in full.items()},
         "runs": runs,
         "model": fit(runs, full),
+        "variants": variants,
     }
-    md = markdown(res)
+    for r in runs:  # the calibration record of runs cached before it was kept
+        if "calibration" not in r:
+            summary = root / f"{r['config']}_d{r['depth']}" / "run" / "prune" / "summary.json"
+            if summary.is_file():
+                r["calibration"] = json.loads(summary.read_text()).get("calibration", {})
+    md = markdown(res) + ("\n" + variant_markdown(res) if variants else "")
     print(md)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
