@@ -19,11 +19,13 @@ after every section (and by a watchdog at the total limit), so a slow GPU still 
 
 from __future__ import annotations
 
+import copy
 import gc
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -192,7 +194,8 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"  {what}: {why}")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exit) -> int:
+    """``exit_fn``: what the watchdog calls after writing the JSON at the total limit (tests pass a no-op)."""
     args = parse(argv)
     budget = Budget(args.total_s, {"scoring": args.scoring_s, "generation": args.generation_s,
                                    "distill": args.distill_s})
@@ -209,9 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     def on_expire(step: str) -> None:
         res["skipped"]["watchdog"] = f"stopped at the total limit of {args.total_s:.0f} s during: {step}"
         print(f"\n{res['skipped']['watchdog']}", flush=True)
-        write_json(path, res)
+        for _ in range(3):  # the main thread may be changing ``res`` right now: try again
+            try:
+                write_json(path, copy.deepcopy(res))
+                return
+            except RuntimeError:
+                time.sleep(0.2)
 
-    with Watchdog(args.total_s, on_expire) as dog:
+    with Watchdog(args.total_s, on_expire, exit_fn) as dog:
         print(f"gpu_check: {setup.config} on {setup.device} ({res['gpu'] or 'no GPU'}), total budget "
               f"{args.total_s:.0f} s; writing {path}", flush=True)
         dog.running("loading the model")

@@ -27,6 +27,10 @@ def gpu_modules():
         sys.path.remove(p)
 
 
+def no_exit(code: int) -> None:
+    """In-process runs must not end the test process if a very slow machine reaches the watchdog's limit."""
+
+
 def check_tiny_json(res: dict, budget) -> None:
     assert res["mode"] == "tiny" and res["skipped"] == {} and res["unmeasured"] == {}
     for key in ("machine", "date_utc", "command", "gpu"):
@@ -48,7 +52,7 @@ def check_tiny_json(res: dict, budget) -> None:
 @pytest.mark.integration
 def test_tiny_mode_fills_every_figure(gpu_modules, tmp_path):
     gpu_check, budget = gpu_modules
-    assert gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path)]) == 0
+    assert gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path)], exit_fn=no_exit) == 0
     check_tiny_json(json.loads((tmp_path / "gpu_check_tiny.json").read_text()), budget)
 
 
@@ -56,13 +60,30 @@ def test_tiny_mode_fills_every_figure(gpu_modules, tmp_path):
 def test_sections_over_budget_are_skipped_with_their_reason(gpu_modules, tmp_path):
     gpu_check, budget = gpu_modules
     assert gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--name", "partial",
-                           "--total-s", "100", "--scoring-s", "150", "--distill-s", "150"]) == 0
+                           "--total-s", "100", "--scoring-s", "150", "--distill-s", "150"], exit_fn=no_exit) == 0
     res = json.loads((tmp_path / "partial.json").read_text())
     assert set(res["skipped"]) == {"scoring", "distill"}
     assert "150 s" in res["skipped"]["scoring"] and "scoring" not in res and "distill" not in res
     assert budget.is_number(res["figures"]["gen_speedup"])  # the section that fits still ran
     assert res["figures"]["distill_mfu"] is None and res["unmeasured"]["distill_mfu"] == res["skipped"]["distill"]
     assert res["unmeasured"]["scoring_device_s"] == res["skipped"]["scoring"]
+
+
+@pytest.mark.integration
+def test_watchdog_in_main_writes_what_it_has(gpu_modules, tmp_path):
+    """The total limit passes during the model load: the watchdog writes the JSON naming that step and asks to exit
+    with code 3 (a no-op here, so the run goes on and every section is skipped for lack of time)."""
+    gpu_check, _ = gpu_modules
+    codes = []
+    assert gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--name", "dog", "--total-s", "0.001"],
+                          exit_fn=codes.append) == 0
+    assert codes == [3]
+    res = json.loads((tmp_path / "dog.json").read_text())
+    why = res["skipped"]["watchdog"]  # the step: the model load (or the print just before it, on a slow machine)
+    assert why.startswith("stopped at the total limit") and why.split("during: ")[1] in ("loading the model",
+                                                                                          "start-up")
+    assert {"scoring", "generation", "distill"} <= set(res["skipped"])
+    assert all(v is None for k, v in res["figures"].items() if k != "load_s")
 
 
 @pytest.mark.slow
