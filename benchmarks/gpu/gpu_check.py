@@ -39,7 +39,7 @@ from gpu_budget import FIGURES, Budget, Watchdog, figures, write_json  # noqa: E
 DEFAULTS = {
     "samples": (128, 4), "samples_large": (1000, 8), "batch_size": (8, 2), "gen_batch": (32, 32),
     "new_tokens": (32, 4), "repeats": (3, 1), "distill_batch": (16, 2), "distill_steps": (3, 1),
-    "total_s": (540.0, 120.0), "scoring_s": (250.0, 60.0), "generation_s": (110.0, 30.0), "distill_s": (90.0, 30.0),
+    "total_s": (500.0, 120.0), "scoring_s": (230.0, 60.0), "generation_s": (100.0, 30.0), "distill_s": (90.0, 30.0),
 }
 OPTION_COST = {"accumulate_on_cpu": 1.5, "score_passes_2": 2.0}  # assumed time factors over the default, for the guard
 

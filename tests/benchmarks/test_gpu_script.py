@@ -98,6 +98,18 @@ def test_run_sh_tiny_end_to_end(gpu_modules, tmp_path):
     check_tiny_json(json.loads((tmp_path / "gpu_check_tiny.json").read_text()), gpu_modules[1])
 
 
+@pytest.mark.unit
+def test_run_sh_names_missing_packages(tmp_path):
+    """A Python without the packages (here: site-packages off, ``-S``) gets one line naming them and exit code 2."""
+    bare = tmp_path / "bare-python"
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    r = subprocess.run(["bash", str(GPU_DIR / "run.sh"), "--tiny"], env={**os.environ, "PYTHON": str(bare),
+                       "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "lacks: torch transformers omegaconf" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not list(tmp_path.glob("*.json"))
+
+
 # ---------------------------------------------------------------------------------------------------- the guard
 class FakeClock:
     def __init__(self):
