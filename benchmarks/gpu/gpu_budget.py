@@ -84,11 +84,13 @@ def unmeasured(res: dict[str, Any]) -> dict[str, str]:
 
 
 class Budget:
-    """A total wall-clock limit and per-section budgets, measured from construction (``clock``: for tests)."""
+    """A total wall-clock limit and per-section budgets (``clock``: for tests)."""
 
-    def __init__(self, total_s: float, sections: dict[str, float], clock: Callable[[], float] = time.monotonic):
+    def __init__(self, total_s: float, sections: dict[str, float], clock: Callable[[], float] = time.monotonic,
+                 t0: float | None = None):
+        """``t0``: when the clock started (``clock()`` at an earlier moment, e.g. the process start), else now."""
         self.total_s, self.sections, self.clock = float(total_s), dict(sections), clock
-        self.t0 = clock()
+        self.t0 = clock() if t0 is None else t0
         self.section_end = self.t0 + self.total_s
 
     def elapsed(self) -> float:

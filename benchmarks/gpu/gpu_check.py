@@ -19,11 +19,14 @@ after every section (and by a watchdog at the total limit), so a slow GPU still 
 
 from __future__ import annotations
 
-import copy
-import gc
-import os
-import sys
 import time
+
+T_START = time.monotonic()  # run as a script, the total limit counts the imports too
+
+import copy  # noqa: E402
+import gc  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
@@ -194,11 +197,12 @@ def print_summary(res: dict[str, Any]) -> None:
         print(f"  {what}: {why}")
 
 
-def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exit) -> int:
-    """``exit_fn``: what the watchdog calls after writing the JSON at the total limit (tests pass a no-op)."""
+def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exit, t0: float | None = None) -> int:
+    """``exit_fn``: what the watchdog calls after writing the JSON at the total limit (tests pass a no-op);
+    ``t0``: ``time.monotonic()`` when the total limit started (the script: its start, imports included; else now)."""
     args = parse(argv)
     budget = Budget(args.total_s, {"scoring": args.scoring_s, "generation": args.generation_s,
-                                   "distill": args.distill_s})
+                                   "distill": args.distill_s}, t0=t0)
     setup = C.resolve_setup(args)
     path = Path(args.out) / f"{args.name}.json"
     machine = C.machine_info(setup.device)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exi
             except RuntimeError:
                 time.sleep(0.2)
 
-    with Watchdog(args.total_s, on_expire, exit_fn) as dog:
+    with Watchdog(budget.left(), on_expire, exit_fn) as dog:
         print(f"gpu_check: {setup.config} on {setup.device} ({res['gpu'] or 'no GPU'}), total budget "
               f"{args.total_s:.0f} s; writing {path}", flush=True)
         dog.running("loading the model")
@@ -252,4 +256,4 @@ def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exi
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(t0=T_START))

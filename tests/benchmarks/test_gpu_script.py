@@ -135,6 +135,9 @@ def test_budget_skips_a_section_that_would_overrun(gpu_modules):
     # a section's end never passes the total limit
     b2 = budget.Budget(100, {"scoring": 250}, clock=FakeClock())
     assert b2.start("scoring") is not None
+    # t0 before construction (the script's imports) counts against the total
+    b3 = budget.Budget(300, {"scoring": 250}, clock=clock, t0=clock.t - 60)
+    assert b3.left() == 240 and "240 s of the 300 s" in b3.start("scoring")
 
 
 @pytest.mark.unit
