@@ -27,6 +27,7 @@ import copy  # noqa: E402
 import gc  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +62,14 @@ def peak_tflops(gpu: str | None, given: float | None) -> tuple[float, str]:
 
 
 # ---------------------------------------------------------------------------------------------------- sections
+def failure(e: Exception) -> str:
+    """The JSON's reason for a part that raised (its traceback goes to stderr); frees what CUDA can."""
+    traceback.print_exc()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return f"failed: {type(e).__name__}: {e}"[:600]
+
+
 def scoring_run(setup: C.Setup, model, groups, batches, threshold: float, **memory) -> tuple[dict[str, Any], dict]:
     """One fused UKMP scoring pass (entropy + Taylor) with its peak memory; (figures, Taylor scores)."""
     from ukmp.prune.scoring import fused_pass
@@ -103,7 +112,11 @@ def section_scoring(setup, args, model, processor, budget: Budget, dog: Watchdog
             res["skipped"][f"scoring/{name}"] = why
             continue
         dog.running(f"scoring: {name}")
-        out[name], scores = scoring_run(setup, model, groups, batches, T, **memory)
+        try:
+            out[name], scores = scoring_run(setup, model, groups, batches, T, **memory)
+        except Exception as e:  # an option's failure must not cost the other figures
+            res["skipped"][f"scoring/{name}"] = failure(e)
+            continue
         out[name]["max_rel_diff_vs_device"] = rel_diff(scores, ref, kinds)["max_rel_diff_group_scale"]
         del scores
     big = args.samples_large
@@ -239,9 +252,13 @@ def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exi
             if why:
                 res["skipped"][name] = why
             else:
-                t, res[name] = C.timed(fn, setup.device)
-                res[name]["section_seconds"] = t
-                print(f"  {name}: {t:.1f} s (budget {budget.sections[name]:.0f} s)", flush=True)
+                try:
+                    t, res[name] = C.timed(fn, setup.device)
+                except Exception as e:  # one section's failure must not cost the others' figures
+                    res["skipped"][name] = failure(e)
+                else:
+                    res[name]["section_seconds"] = t
+                    print(f"  {name}: {t:.1f} s (budget {budget.sections[name]:.0f} s)", flush=True)
             gc.collect()
             if setup.cuda:
                 torch.cuda.empty_cache()
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None, exit_fn: Callable[[int], None] = os._exi
         write_json(path, res)
     print_summary(res)
     print(f"\nwrote {path}")
-    return 0
+    return 1 if any(why.startswith("failed") for why in res["skipped"].values()) else 0
 
 
 if __name__ == "__main__":

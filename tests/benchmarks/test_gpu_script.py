@@ -57,15 +57,22 @@ def test_tiny_mode_fills_every_figure(gpu_modules, tmp_path):
 
 
 @pytest.mark.integration
-def test_sections_over_budget_are_skipped_with_their_reason(gpu_modules, tmp_path):
+def test_a_section_over_budget_or_failing_leaves_the_others(gpu_modules, tmp_path, monkeypatch):
     gpu_check, budget = gpu_modules
-    assert gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--name", "partial",
-                           "--total-s", "100", "--scoring-s", "150", "--distill-s", "150"], exit_fn=no_exit) == 0
+
+    def broken(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gpu_check, "section_generation", broken)
+    rc = gpu_check.main(["--tiny", "--threads", "1", "--out", str(tmp_path), "--name", "partial",
+                         "--total-s", "100", "--scoring-s", "150"], exit_fn=no_exit)
+    assert rc == 1  # a failure is an error exit; a skip for time is not
     res = json.loads((tmp_path / "partial.json").read_text())
-    assert set(res["skipped"]) == {"scoring", "distill"}
-    assert "150 s" in res["skipped"]["scoring"] and "scoring" not in res and "distill" not in res
-    assert budget.is_number(res["figures"]["gen_speedup"])  # the section that fits still ran
-    assert res["figures"]["distill_mfu"] is None and res["unmeasured"]["distill_mfu"] == res["skipped"]["distill"]
+    assert set(res["skipped"]) == {"scoring", "generation"}
+    assert "150 s" in res["skipped"]["scoring"] and "scoring" not in res
+    assert res["skipped"]["generation"] == "failed: RuntimeError: CUDA out of memory (simulated)"
+    assert budget.is_number(res["figures"]["distill_mfu"])  # the section after the failure still ran
+    assert res["figures"]["gen_speedup"] is None and res["unmeasured"]["gen_speedup"] == res["skipped"]["generation"]
     assert res["unmeasured"]["scoring_device_s"] == res["skipped"]["scoring"]
 
 
