@@ -32,13 +32,15 @@ import torch  # noqa: E402
 TARGET_MFU = 0.35
 
 
-def build_pair(setup: C.Setup, ratio: float, seed: int, r: int, r_recall: int):
-    """(teacher, student with WR-LoRA, processor, plan, trainable parameter dict)."""
+def build_pair(setup: C.Setup, ratio: float, seed: int, r: int, r_recall: int, teacher=None, processor=None):
+    """(teacher, student with WR-LoRA, processor, plan, trainable parameter dict). ``teacher`` and ``processor``:
+    an already loaded dense model (from :func:`_common.load_bench_model`) to use instead of loading one."""
     from ukmp.models import adapter_for
     from ukmp.recover.train import disable_dropout_
     from ukmp.recover.wr_lora import inject_wr_lora_, named_lora_parameters
 
-    teacher, processor = C.load_bench_model(setup, seed)
+    if teacher is None:
+        teacher, processor = C.load_bench_model(setup, seed)
     plan = C.magnitude_plan(teacher, ratio)
     student = copy.deepcopy(teacher)
     adapter = adapter_for(student)

@@ -73,6 +73,16 @@ def measure(models: dict[str, Any], inputs: dict[str, torch.Tensor], new_tokens:
     return res
 
 
+def pruned_copy(dense, ratio: float, scope: str = "global"):
+    """(a copy of ``dense`` physically pruned with the quick magnitude plan at ``ratio``, that plan)."""
+    from ukmp.models import adapter_for
+
+    plan = C.magnitude_plan(dense, ratio, scope)
+    pruned = copy.deepcopy(dense)
+    adapter_for(pruned).apply_(pruned, plan)
+    return pruned, plan
+
+
 def figure(res: dict[str, Any]):
     import numpy as np
 
@@ -122,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU {machine['cpu_model']} x{machine['cpu_cores']}, torch {machine['torch']}, "
           f"load {machine['load_average_at_start']}", flush=True)
     dense, processor = C.load_bench_model(setup, args.seed)
-    plan = C.magnitude_plan(dense, args.ratio, args.scope)
-    pruned = copy.deepcopy(dense)
-    adapter_for(pruned).apply_(pruned, plan)
+    pruned, plan = pruned_copy(dense, args.ratio, args.scope)
     n_dense, n_pruned = count_parameters(dense), count_parameters(pruned)
     kinds = kind_breakdown(adapter_for(dense).groups(), plan)
     print(f"plan: magnitude scores + ukmp allocate ({args.scope}) at ratio {args.ratio}: {n_dense:,} -> {n_pruned:,} "
