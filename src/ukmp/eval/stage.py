@@ -66,7 +66,7 @@ def check_tasks(model, tasks: list[str]) -> None:
 
     kinds = supported_task_kinds(model)
     for name in tasks:
-        if TASKS[name].kind not in kinds:
+        if kinds is not None and TASKS[name].kind not in kinds:
             raise ValueError(f"eval task {name!r}: {family_label(model.config.to_dict())} cannot run it (it runs "
                              f"{', '.join(t for t in TASKS if TASKS[t].kind in kinds) or 'no task'})")
 

@@ -21,8 +21,7 @@ MODELS: dict[str, Callable[[object], ModelAdapter]] = {}  # whole-model model_ty
 
 def register_language_model(model_type: str, family: str, factory: LMFactory,
                             task_kinds: tuple[str, ...] | None = None) -> None:
-    """``task_kinds``: the evaluation task kinds the language model adds (``families.LANGUAGE_TASK_KINDS``; needed
-    for a type that table does not list)."""
+    """``task_kinds``: the evaluation task kinds the language model adds (``families.LANGUAGE_TASK_KINDS``)."""
     if not model_type or model_type in LANGUAGE_MODELS:
         raise ValueError(f"language model {model_type!r}: empty or already registered")
     _task_table(families.LANGUAGE_TASK_KINDS, model_type, task_kinds)
@@ -31,8 +30,7 @@ def register_language_model(model_type: str, family: str, factory: LMFactory,
 
 def register_model(model_type: str, factory: Callable[[object], ModelAdapter],
                    task_kinds: tuple[str, ...] | None = None) -> None:
-    """``task_kinds``: the evaluation task kinds of its vision side (``families.VISION_TASK_KINDS``; needed for a
-    type that table does not list)."""
+    """``task_kinds``: the evaluation task kinds of its vision side (``families.VISION_TASK_KINDS``)."""
     if not model_type or model_type in MODELS:
         raise ValueError(f"model {model_type!r}: empty or already registered")
     _task_table(families.VISION_TASK_KINDS, model_type, task_kinds)
@@ -42,15 +40,13 @@ def register_model(model_type: str, factory: Callable[[object], ModelAdapter],
 def _task_table(table: dict[str, tuple[str, ...]], model_type: str, task_kinds: tuple[str, ...] | None) -> None:
     if task_kinds is not None:
         table[model_type] = tuple(task_kinds)
-    elif model_type not in table:
-        raise ValueError(f"model {model_type!r}: give its evaluation task_kinds (e.g. ('vqa', 'caption'))")
 
 
-def supported_task_kinds(model_or_config) -> frozenset[str]:
-    """The evaluation task kinds (``ukmp.eval.stage.Task.kind``) a model can run, from the family tables."""
+def supported_task_kinds(model_or_config) -> frozenset[str] | None:
+    """The evaluation task kinds (``ukmp.eval.stage.Task.kind``) a model can run, from the family tables
+    (``None``: a type registered without them, whose tasks are not checked)."""
     config = getattr(model_or_config, "config", model_or_config)
-    kinds = families.task_kinds(*families.model_types(config.to_dict()))
-    return kinds if kinds is not None else frozenset()
+    return families.task_kinds(*families.model_types(config.to_dict()))
 
 
 def _language_part(text_config, prefix: str, owner: str) -> tuple[str, Part]:
