@@ -182,7 +182,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     _check_ratio(args.ratio)
-    _load_cfg(args)  # the base config, validated before anything heavy
+    cfg = _load_cfg(args)  # the base config, validated before anything heavy
+    from ukmp.preflight import Reach, check_reach
+
+    tasks = args.tasks.split(",") if args.tasks else (cfg.eval.after_finetune if args.recover else cfg.eval.after_prune)
+    check_reach(cfg, Reach(prune=True, finetune=args.recover, tasks=(("--tasks" if args.tasks else "eval tasks",
+                                                                       tuple(tasks)),)))
     from ukmp.compare import DEFAULT_METHODS, compare
 
     configs, overrides = _split_config_args(args.config)

@@ -143,6 +143,13 @@ def check_ceiling(cfg: RunConfig) -> None:
     from ukmp.models.families import family, source_config
 
     config = source_config(cfg.model.source)
+    if config is None and cfg.model.gguf_file:  # a GGUF file: its header holds the config (no tensors are read)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.source, gguf_file=cfg.model.gguf_file).to_dict()
+        except (OSError, ValueError):
+            return  # the model load says what is wrong
     if config is None or family(config) is None or cfg.prune.ratio == 0.0:  # the model load says what is wrong
         return
     model = build_model(config_from_dict(dict(config), cfg.model.source), device="meta", seed=None)
