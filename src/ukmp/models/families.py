@@ -3,7 +3,8 @@ Hugging Face ``model_type`` of a model source found from its config JSON alone.
 
 Config validation (:mod:`ukmp.config`) reads this before torch is imported, so a task a family cannot do, or a
 tiny overlay (``tiny: true``) on a source with no tiny build, fails in a fraction of a second. The adapter registry
-(:mod:`ukmp.models.registry`) checks that every model type it registers has an entry here.
+(:mod:`ukmp.models.registry`) answers from these tables (``supported_task_kinds``) and adds to them when a new type
+is registered with its task kinds; a test ties them to the registered types.
 """
 
 from __future__ import annotations
@@ -130,10 +131,10 @@ def model_types(config: dict) -> tuple[str, str]:
 
 def task_kinds(model_type: str, language_type: str = "") -> frozenset[str] | None:
     """The evaluation task kinds a model of these types can run (``None``: a type ukmp does not know)."""
-    if model_type not in VISION_TASK_KINDS:
-        return None
     lm = language_type if model_type in COMPOSITE else model_type
-    return frozenset(VISION_TASK_KINDS[model_type]) | frozenset(LANGUAGE_TASK_KINDS.get(lm, ()))
+    if model_type not in VISION_TASK_KINDS or lm not in LANGUAGE_TASK_KINDS:
+        return None
+    return frozenset(VISION_TASK_KINDS[model_type]) | frozenset(LANGUAGE_TASK_KINDS[lm])
 
 
 def family(config: dict) -> Family | None:
