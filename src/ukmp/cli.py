@@ -10,8 +10,9 @@ import re
 import sys
 
 DESCRIPTION = """\
-ukmp prunes whole attention heads and MLP channels of BLIP-2 (ViT + Q-Former + FlanT5) and recovers what pruning
-lost. Pruned models are plain transformers models that reload in one call (ukmp.io.load_pruned).
+ukmp prunes whole attention heads and MLP channels of vision-language models (BLIP-2 with FlanT5, OPT or Llama;
+InstructBLIP; LLaVA) and of plain Llama / Mistral / Qwen2 / OPT language models, and recovers what pruning lost.
+Pruned models are plain transformers models that reload in one call (ukmp.io.load_pruned).
 
 Typical use:
   ukmp inspect blip2-flan-t5-xl            structure and parameter budget of the full-size model (offline)
@@ -23,6 +24,7 @@ Typical use:
   ukmp prune configs/ukmp_0.5.yaml prune.ratio=0.3
   ukmp plan --scores outputs/ukmp_0.5/prune/scores.safetensors --ratio 0.3 --out plan_0.3.json
   ukmp prune configs/ukmp_0.5.yaml --plan plan_0.3.json name=ukmp_0.3    apply that plan without scoring
+  python scripts/llava/ukmp_0.2.py configs/tiny.yaml    any shipped script or config on its family's tiny model
 
 Config files and key=value overrides may come before or after a subcommand's options.
 """
@@ -48,21 +50,32 @@ def _split_config_args(items: list[str]) -> tuple[list[str], list[str]]:
     return configs, overrides
 
 
-def _load_cfg(args: argparse.Namespace):
+def _load_cfg(args: argparse.Namespace, reach=None):
+    """The config of CONFIG files and overrides, validated, and (``reach``: a function of the config giving a
+    :class:`ukmp.preflight.Reach`) the tasks, datasets and Java the command will reach: all before torch loads.
+    Every command that runs stages needs a config file: the bare defaults are Table A's full budget under
+    outputs/demo, where they would overwrite the demo."""
     from ukmp.config import load_config
 
     configs, overrides = _split_config_args(args.config)
-    return load_config(configs, overrides)
+    if reach is not None and not configs:
+        raise ValueError(NO_CONFIG.format(command=args.command))
+    cfg = load_config(configs, overrides)
+    if reach is not None:
+        from ukmp.preflight import check_reach
+
+        check_reach(cfg, reach(cfg))
+    return cfg
 
 
 NO_CONFIG = ("no config file given; `make demo` (or `ukmp demo`) runs the tiny demo, a real run names one from "
-             "configs/, e.g. `ukmp run configs/ukmp_0.5.yaml`")
+             "configs/, e.g. `ukmp {command} configs/ukmp_0.5.yaml`")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if not _split_config_args(args.config)[0]:  # the bare defaults are Table A's full budget under outputs/demo
-        raise ValueError(NO_CONFIG)
-    cfg = _load_cfg(args)  # validated before the heavy imports (torch, transformers)
+    from ukmp.preflight import pipeline_reach
+
+    cfg = _load_cfg(args, lambda c: pipeline_reach(c, tuple(args.only or ())))  # before torch, transformers
     from ukmp.pipeline import run
 
     out = run(cfg, force=tuple(args.force or ()), only=tuple(args.only or ()))
@@ -73,11 +86,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from ukmp.preflight import Reach
+
     if args.plan:
         args.config = [*args.config, f"prune.plan_from={args.plan}"]
-    cfg = _load_cfg(args)
-    from ukmp.pipeline import prune_stage
+    cfg = _load_cfg(args, lambda c: Reach(prune=True))
+    from ukmp.pipeline import preflight, prune_stage
 
+    preflight(cfg, Reach(prune=True))
     rec = prune_stage(cfg, Path(cfg.output_dir) / cfg.name, force=args.force_stage)
     print(json.dumps({"prune_dir": str(rec.path), "skipped": rec.skipped, **rec.info}, indent=1))
     return 0
@@ -109,7 +125,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    cfg = _load_cfg(args)
+    from ukmp.preflight import Reach
+
+    def reach(c):
+        return Reach(tasks=(("--tasks", tuple(args.tasks.split(","))) if args.tasks else
+                            ("eval.after_finetune", tuple(c.eval.after_finetune)),))
+
+    cfg = _load_cfg(args, reach)
     from ukmp.eval.stage import run_eval_stage
     from ukmp.io import atomic_write_json, model_digest
 
@@ -140,8 +162,12 @@ def eval_dir_name(model_dir) -> str:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    cfg = _load_cfg(args)
-    from ukmp.pipeline import completed_stage, finetune_stage
+    from ukmp.preflight import Reach
+
+    cfg = _load_cfg(args, lambda c: Reach(finetune=True))
+    from ukmp.pipeline import completed_stage, finetune_stage, preflight
+
+    preflight(cfg, Reach(finetune=True))
 
     root = Path(cfg.output_dir) / cfg.name
     default = root / "prune" / "model"
@@ -157,7 +183,12 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     _check_ratio(args.ratio)
-    _load_cfg(args)  # the base config, validated before anything heavy
+    cfg = _load_cfg(args)  # the base config, validated before anything heavy
+    from ukmp.preflight import Reach, check_reach
+
+    tasks = args.tasks.split(",") if args.tasks else (cfg.eval.after_finetune if args.recover else cfg.eval.after_prune)
+    check_reach(cfg, Reach(prune=True, finetune=args.recover, tasks=(("--tasks" if args.tasks else "eval tasks",
+                                                                       tuple(tasks)),)))
     from ukmp.compare import DEFAULT_METHODS, compare
 
     configs, overrides = _split_config_args(args.config)
@@ -207,15 +238,21 @@ class _ShippedConfigsFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = super()._get_help_string(action)
         if text and "{shipped}" in text:
-            from ukmp.models.build import SHIPPED_CONFIGS
+            from ukmp.models.families import SHIPPED_CONFIGS  # torch-free: --help stays fast
 
             text = text.replace("{shipped}", ", ".join(SHIPPED_CONFIGS))
         return text
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ukmp.config import EVAL_TASKS
+
     p = argparse.ArgumentParser(prog="ukmp", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (sets OMP_NUM_THREADS / MKL_NUM_THREADS and torch.set_num_threads); "
+                        "on a machine shared with other jobs use your share of the cores: more threads than free "
+                        "cores make every step wait for the slowest thread")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser(
@@ -262,10 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scores", required=True, help="scores.safetensors written by the prune stage")
     s.add_argument("--ratio", type=float, required=True, help="fraction of all model parameters to remove")
     s.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
-    s.add_argument("--normalization", choices=["mean_iterative", "mean_once", "none", "minmax", "standardize"])
-    s.add_argument("--scope", choices=["global", "local"])
-    s.add_argument("--units-per-step", type=int)
-    s.add_argument("--fine-units-per-step", type=int)
+    s.add_argument("--normalization", choices=["mean_iterative", "mean_once", "none", "minmax", "standardize"],
+                   help="per-modality score normalisation (default: the one the scores were allocated with)")
+    s.add_argument("--scope", choices=["global", "local"],
+                   help="global: one ranking over the whole model; local: every module loses the same fraction "
+                        "(default: as the scores file records)")
+    s.add_argument("--units-per-step", type=int, help="units removed per allocation step (default: as recorded)")
+    s.add_argument("--fine-units-per-step", type=int,
+                   help="units per step once the target is near (default: as recorded)")
     s.add_argument("--allow-shortfall", action="store_true",
                    help="write the plan even when every group is at its floor before the ratio is reached")
     s.set_defaults(func=_cmd_plan)
@@ -276,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    ". VQA accuracy follows eval.vqa_scorer (lavis | official).")
     config_args(s)
     s.add_argument("--model", default="dense", help="a pruned model directory, or 'dense' (model.source)")
-    s.add_argument("--tasks", help="comma-separated: okvqa,gqa,vqav2,nocaps,coco_caption,flickr30k")
+    s.add_argument("--tasks", help=f"comma-separated, from: {','.join(EVAL_TASKS)} (default eval.after_finetune)")
     s.add_argument("--out", help="output directory (default outputs/<name>/eval_<model dir name>; for "
                                  ".../<run>/<stage>/model: eval_<run>_<stage>)")
     s.set_defaults(func=_cmd_eval)
@@ -315,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the machine busy (2026-11-29).")
     s.add_argument("--out", default="outputs", help="output root (default: outputs; the run is <out>/demo)")
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of all parameters to remove (default 0.5)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="seed of the tiny model's random weights (model.seed; "
+                                                        "default 0)")
     s.add_argument("config", nargs="*", metavar="key=value", help="config overrides, e.g. eval.vqa_scorer=official")
     s.add_argument("--structure-only", action="store_true",
                    help="only prune with a random plan, save, reload and generate (8.5 s, mostly imports)")
@@ -363,6 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parse_args(parser, argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            print(f"ukmp: error: --threads: must be >= 1, got {args.threads}", file=sys.stderr)
+            return 2
+        set_threads(args.threads)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
@@ -375,6 +422,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, OSError) as e:  # OSError: also a stage locked by another run
         print(f"ukmp {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def set_threads(n: int) -> None:
+    """``n`` CPU threads for torch and the BLAS libraries: the variables for a torch not imported yet, the call for
+    one that is."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 def _one_line(e: BaseException) -> str:

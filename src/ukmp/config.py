@@ -117,6 +117,7 @@ class RunConfig:
     name: str = "demo"
     output_dir: str = "outputs"
     seed: int = 42
+    tiny: bool = False  # true: model.source -> its family's tiny build, every dataset -> the sample data (tiny.yaml)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -173,6 +174,9 @@ def load_config(paths: list[str | Path] | str | Path | None = None, overrides: l
         except (ConfigKeyError, ValidationError, OmegaConfBaseException) as e:
             raise ConfigError(f"override {key!r}: {str(e).splitlines()[0]}") from None
     cfg = OmegaConf.to_object(merged)
+    unboolean_choices(cfg)
+    if cfg.tiny:
+        apply_tiny(cfg)
     validate(cfg)
     return cfg
 
@@ -197,8 +201,10 @@ _CHOICES = {
 
 
 # Names other modules own, repeated here so that a config is checked without importing torch (tests tie each list
-# to its source: ukmp.eval.stage.TASKS and the baselines' read_options namespaces).
-EVAL_TASKS = ("okvqa", "vqav2", "gqa", "nocaps", "coco_caption", "flickr30k", "perplexity")
+# to its source: ukmp.eval.stage.TASKS (name -> kind) and the baselines' read_options namespaces).
+EVAL_TASK_KINDS = {"okvqa": "vqa", "vqav2": "vqa", "gqa": "gqa", "nocaps": "caption", "coco_caption": "caption",
+                   "flickr30k": "retrieval", "perplexity": "perplexity"}
+EVAL_TASKS = tuple(EVAL_TASK_KINDS)
 OPTION_NAMESPACES = ("ecoflap", "flap", "llmp", "mag", "upop", "wanda")
 _DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
 
@@ -315,3 +321,50 @@ def describe(schema: type = RunConfig, prefix: str = "") -> list[str]:
         else:
             lines.append(f"{prefix}{f.name} = {v!r}")
     return lines
+
+
+# ------------------------------------------------------------------------ YAML 1.1 booleans and the tiny overlay
+_YAML_BOOLS = {"True": ("y", "yes", "true", "on"), "False": ("n", "no", "false", "off")}
+
+
+def unboolean_choices(cfg: RunConfig) -> None:
+    """YAML 1.1 reads ``no`` / ``yes`` / ``on`` / ``off`` as booleans, which a string field then holds as 'False' /
+    'True': such a value becomes the one choice of its key that YAML read that way (``finetune.mixed_precision=no``)."""
+    for (section, key), choices in _CHOICES.items():
+        obj = getattr(cfg, section)
+        words = _YAML_BOOLS.get(getattr(obj, key), ())
+        matches = [c for c in choices if c.lower() in words]
+        if len(matches) == 1:
+            setattr(obj, key, matches[0])
+
+
+def sample_spec(spec: str, key: str) -> str:
+    """The generated sample dataset (``sample:<format>``) of a dataset YAML's format, for the tiny overlay."""
+    from ukmp.data.config import FORMAT_KINDS, load_dataset_config
+
+    if not spec or spec.startswith("sample:"):
+        return spec
+    try:
+        fmt = load_dataset_config(spec).format
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    if fmt not in FORMAT_KINDS:
+        raise ConfigError(f"{key}: {spec} has format {fmt!r}, which has no sample data for tiny: true")
+    return f"sample:{fmt}"
+
+
+def apply_tiny(cfg: RunConfig) -> None:
+    """``tiny: true`` (configs/tiny.yaml): ``model.source`` becomes its family's tiny build and every dataset the
+    generated sample data of its format, so any config runs offline in seconds."""
+    from ukmp.models.families import TINY, tiny_source
+
+    tiny = tiny_source(cfg.model.source)
+    if tiny is None:
+        raise ConfigError(f"tiny: no tiny build is known for model.source={cfg.model.source!r} (its family is not "
+                          f"known offline); name one with model.source=<{'|'.join(TINY)}>")
+    cfg.model.source, cfg.model.gguf_file = tiny, ""
+    d = cfg.data
+    d.calibration = sample_spec(d.calibration, "data.calibration")
+    d.finetune = sample_spec(d.finetune, "data.finetune")
+    d.calibration_text = sample_spec(d.calibration_text, "data.calibration_text")
+    cfg.eval.datasets = {t: sample_spec(s, f"eval.datasets.{t}") for t, s in cfg.eval.datasets.items()}

@@ -118,10 +118,78 @@ def completed_stage(name: str, path: Path) -> list[StageRecord]:
     return [StageRecord(name, path, info["hash"], info["run_id"], True, 0.0, info.get("info", {}))]
 
 
+def preflight(cfg: RunConfig, reach) -> None:
+    """Everything a run will reach (a :class:`ukmp.preflight.Reach`), checked before its first stage: the tasks,
+    datasets and Java (:func:`ukmp.preflight.check_reach`), the method name, a ratio above the model's structural
+    ceiling (from its config, built on the meta device) and an empty last recovery sub-stage."""
+    from ukmp.preflight import check_reach
+    from ukmp.prune.scoring import DATA_FREE, get_method
+
+    p = cfg.prune
+    if reach.prune and not p.plan_from:
+        get_method(p.method)
+    check_reach(cfg, reach, data_free=p.method in DATA_FREE)
+    if reach.prune and not (p.plan_from or p.allow_shortfall):
+        check_ceiling(cfg)
+    if reach.finetune:
+        check_final_stage(cfg)
+
+
+def check_ceiling(cfg: RunConfig) -> None:
+    """Refuse ``prune.ratio`` above what removing every unit but one per group (and the unused layers) can reach,
+    when the model's config can be read offline; no weights are read."""
+    from ukmp.models import adapter_for, count_parameters
+    from ukmp.models.build import build_model, config_from_dict
+    from ukmp.models.families import family, source_config
+
+    config = source_config(cfg.model.source)
+    if config is None and cfg.model.gguf_file:  # a GGUF file: its header holds the config (no tensors are read)
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(cfg.model.source, gguf_file=cfg.model.gguf_file).to_dict()
+        except (OSError, ValueError):
+            return  # the model load says what is wrong
+    if config is None or family(config) is None or cfg.prune.ratio == 0.0:  # the model load says what is wrong
+        return
+    model = build_model(config_from_dict(dict(config), cfg.model.source), device="meta", seed=None)
+    adapter = adapter_for(model)
+    total = count_parameters(model)
+    dropped = sum(d["params"] for d in adapter.drop_unused(model).values()) if cfg.prune.drop_unused_layers else 0
+    removable = dropped + sum((g.n_units - 1) * g.params_per_unit for g in adapter.groups())
+    if cfg.prune.ratio > removable / total:
+        raise ValueError(f"prune.ratio: {cfg.prune.ratio} cannot be reached on {cfg.model.source}: removing every "
+                         f"prunable unit but one per group removes {removable / total:.4f} of its parameters (pass "
+                         f"prune.allow_shortfall=true to accept the shortfall)")
+
+
+def check_final_stage(cfg: RunConfig) -> None:
+    """Recovery's sub-stage 7 (CE + KL) takes the data left after sub-stages 1-6 unless
+    ``finetune.final_stage_samples`` sets it: refuse a run where nothing would be left, before any training."""
+    from ukmp.data.loaders import load_dataset
+    from ukmp.data.records import TextDataset
+    from ukmp.recover.schedule import BASE_SAMPLES
+    from ukmp.runtime import resolve_dataset
+
+    fc = cfg.finetune
+    if fc.final_stage_samples:
+        return
+    ds = load_dataset(resolve_dataset(cfg.data.finetune, cfg.output_dir))
+    if isinstance(ds, TextDataset):  # its windows are counted after tokenisation, in the stage
+        return
+    before = sum(int(round(n * fc.sample_scale)) for n in BASE_SAMPLES[:6])
+    if len(ds) <= before:
+        raise ValueError(f"finetune.final_stage_samples: sub-stage 7 (CE + KL) would get no samples: "
+                         f"data.finetune has {len(ds)} and sub-stages 1-6 take {before} "
+                         f"(finetune.sample_scale={fc.sample_scale}); set finetune.final_stage_samples")
+
+
 def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> dict[str, Any]:
     """Run (or resume) the whole pipeline; returns the results dict also written to ``results.json``."""
     from ukmp.eval.stage import run_eval_stage
+    from ukmp.preflight import pipeline_reach
 
+    preflight(cfg, pipeline_reach(cfg, only))
     root = Path(cfg.output_dir) / cfg.name
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))

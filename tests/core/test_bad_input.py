@@ -381,8 +381,7 @@ def _dataset(tmp_path: Path, name: str, annotations: bytes | str, fmt: str = "cc
     (d / "images").mkdir(parents=True)
     ann = d / "ann.json"
     ann.write_bytes(annotations if isinstance(annotations, bytes) else annotations.encode())
-    if image is not None:
-        (d / "images" / "a.png").write_bytes(image)
+    (d / "images" / "a.png").write_bytes(image if image is not None else _png())  # an empty folder fails first
     y = d / "data.yaml"
     y.write_text(f"format: {fmt}\nroot: {d}\nimages: images\nannotations: ann.json\n")
     return y

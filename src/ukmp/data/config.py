@@ -25,6 +25,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+# what each loader's format holds (``ukmp.data.loaders.LOADERS``; a test ties the two), so a dataset given for the
+# wrong purpose is refused when the config loads: a VQA file as calibration data, captions for a VQA task, ...
+FORMAT_KINDS = {"cc595k": "image_text", "caption": "image_text", "okvqa": "vqa", "vqav2": "vqa", "gqa": "vqa",
+                "nocaps": "caption_eval", "coco_karpathy": "caption_eval", "flickr30k": "retrieval", "text": "text"}
+KIND_LABELS = {"image_text": "image-caption pairs", "vqa": "VQA questions", "caption_eval": "captioning references",
+               "retrieval": "image-text retrieval pairs", "text": "plain text"}
+
 _KEYS = ("format", "root", "annotations", "images", "gt", "split", "max_samples", "name", "window", "stride")
 
 

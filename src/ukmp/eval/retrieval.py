@@ -281,9 +281,11 @@ def build_tiny_retrieval(config: Blip2Config, seed: int = 0,
     ``config`` (text input enabled), and a WordPiece tokenizer that fits the Q-Former vocabulary."""
     qformer = config.qformer_config.to_dict()
     qformer["use_qformer_text_input"] = True
+    # InstructBLIP's config has no image-text projection size: the stage-1 (BLIP-2) model's default stands in
+    extra = ({"image_text_hidden_size": config.image_text_hidden_size}
+             if hasattr(config, "image_text_hidden_size") else {})
     cfg = Blip2Config(vision_config=config.vision_config.to_dict(), qformer_config=qformer,
-                      num_query_tokens=config.num_query_tokens,
-                      image_text_hidden_size=config.image_text_hidden_size)
+                      num_query_tokens=config.num_query_tokens, **extra)
     tokenizer = build_bert_tokenizer(corpus, vocab_size=cfg.qformer_config.vocab_size)
     torch.manual_seed(seed)
     model = Blip2ForImageTextRetrieval(cfg).eval()

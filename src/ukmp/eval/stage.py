@@ -58,6 +58,19 @@ def task_image_size(model, task: Task) -> int:
     return max(layout.patch_size, int(round(size / layout.patch_size)) * layout.patch_size)
 
 
+def check_tasks(model, tasks: list[str]) -> None:
+    """Every task against what the model's family can run, before the first task runs (a config whose model
+    family was not known offline is checked here, once the model has loaded)."""
+    from ukmp.models.families import family_label
+    from ukmp.models.registry import supported_task_kinds
+
+    kinds = supported_task_kinds(model)
+    for name in tasks:
+        if kinds is not None and TASKS[name].kind not in kinds:
+            raise ValueError(f"eval task {name!r}: {family_label(model.config.to_dict())} cannot run it (it runs "
+                             f"{', '.join(t for t in TASKS if TASKS[t].kind in kinds) or 'no task'})")
+
+
 def _dataset(cfg: RunConfig, task: Task):
     from ukmp.data.loaders import load_dataset
 
@@ -138,6 +151,9 @@ def run_eval_stage(cfg: RunConfig, model_dir: Path | None, tasks: list[str], out
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"eval tasks: unknown {unknown} (choose from {', '.join(TASKS)})")
+    from ukmp.preflight import Reach, check_reach
+
+    check_reach(cfg, Reach(tasks=(("eval tasks", tuple(tasks)),)))  # datasets, Java: before the model loads
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out}: exists and is a file; the evaluation writes a directory")
     device = resolve_device(cfg.model.device)
@@ -147,6 +163,7 @@ def run_eval_stage(cfg: RunConfig, model_dir: Path | None, tasks: list[str], out
         model = load_pruned(model_dir, device=device, dtype=cfg.model.dtype,
                             attn_implementation=cfg.model.attn_implementation)
         processor = load_processor(model_dir)
+    check_tasks(model, tasks)
     # every task writes into a staging directory; only a complete evaluation publishes its task directories and
     # metrics.json, so a failure leaves no per-task metrics without the top-level file
     out.mkdir(parents=True, exist_ok=True)

@@ -24,28 +24,10 @@ try:  # transformers >= 5 ships a PIL backend; the default one needs torchvision
 except ImportError:  # pragma: no cover
     from transformers import BlipImageProcessor as _ImageProcessor
 
+from ukmp.models.families import SHIPPED_CONFIGS, TINY  # noqa: E402 (torch-free: config validation reads them)
+
 log = logging.getLogger(__name__)
 
-SHIPPED_CONFIGS = {
-    "blip2-flan-t5-xl": "blip2-flan-t5-xl.json",
-    "blip2-opt-2.7b": "blip2-opt-2.7b.json",
-    "smollm2-135m": "smollm2-135m.json",
-    "llama-3-8b": "llama-3-8b.json",
-    "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.json",
-    "instructblip-vicuna-7b": "instructblip-vicuna-7b.json",
-    "llava-1.5-7b": "llava-1.5-7b.json",
-    "mid": "blip2-t5-mid.json",
-    "tiny": "blip2-t5-tiny.json",
-    "tiny-blip2-opt": "blip2-opt-tiny.json",
-    "tiny-blip2-llama": "blip2-llama-tiny.json",
-    "tiny-instructblip-t5": "instructblip-t5-tiny.json",
-    "tiny-instructblip-llama": "instructblip-llama-tiny.json",
-    "tiny-llava": "llava-tiny.json",
-    "tiny-llama": "llama-tiny.json",
-    "tiny-opt": "opt-tiny.json",
-    "tiny-qwen2": "qwen2-tiny.json",
-}
-TINY = tuple(n for n in SHIPPED_CONFIGS if n == "tiny" or n.startswith("tiny-"))  # rebuilt with a fresh tokenizer
 HUB_DEFAULT = "Salesforce/blip2-flan-t5-xl"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
+from ukmp.models import families
 from ukmp.models.base import ModelAdapter, Part
 from ukmp.models.parts.decoder import LLAMA, OPT, DecoderPart
 from ukmp.models.parts.t5 import T5Part
@@ -18,16 +19,34 @@ LANGUAGE_MODELS: dict[str, tuple[str, LMFactory]] = {}  # text model_type -> (fa
 MODELS: dict[str, Callable[[object], ModelAdapter]] = {}  # whole-model model_type -> adapter factory
 
 
-def register_language_model(model_type: str, family: str, factory: LMFactory) -> None:
+def register_language_model(model_type: str, family: str, factory: LMFactory,
+                            task_kinds: tuple[str, ...] | None = None) -> None:
+    """``task_kinds``: the evaluation task kinds the language model adds (``families.LANGUAGE_TASK_KINDS``)."""
     if not model_type or model_type in LANGUAGE_MODELS:
         raise ValueError(f"language model {model_type!r}: empty or already registered")
+    _task_table(families.LANGUAGE_TASK_KINDS, model_type, task_kinds)
     LANGUAGE_MODELS[model_type] = (family, factory)
 
 
-def register_model(model_type: str, factory: Callable[[object], ModelAdapter]) -> None:
+def register_model(model_type: str, factory: Callable[[object], ModelAdapter],
+                   task_kinds: tuple[str, ...] | None = None) -> None:
+    """``task_kinds``: the evaluation task kinds of its vision side (``families.VISION_TASK_KINDS``)."""
     if not model_type or model_type in MODELS:
         raise ValueError(f"model {model_type!r}: empty or already registered")
+    _task_table(families.VISION_TASK_KINDS, model_type, task_kinds)
     MODELS[model_type] = factory
+
+
+def _task_table(table: dict[str, tuple[str, ...]], model_type: str, task_kinds: tuple[str, ...] | None) -> None:
+    if task_kinds is not None:
+        table[model_type] = tuple(task_kinds)
+
+
+def supported_task_kinds(model_or_config) -> frozenset[str] | None:
+    """The evaluation task kinds (``ukmp.eval.stage.Task.kind``) a model can run, from the family tables
+    (``None``: a type registered without them, whose tasks are not checked)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return families.task_kinds(*families.model_types(config.to_dict()))
 
 
 def _language_part(text_config, prefix: str, owner: str) -> tuple[str, Part]:
