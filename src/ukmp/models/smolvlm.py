@@ -1,0 +1,95 @@
+"""SmolVLM and Idefics3 (``SmolVLMForConditionalGeneration``, ``Idefics3ForConditionalGeneration``): a SigLIP vision
+tower, a pixel-shuffle connector and a Llama-family language model (transformers 5 nests ``model.vision_model``,
+``model.connector`` and ``model.text_model``, a base model, under ``model``; ``lm_head`` sits at the top). The two
+model types share every module path and shape.
+
+Group ids::
+
+    vision.layers.{i}.attn     SigLIP heads (q, k, v rows and biases + out_proj columns)
+    vision.layers.{i}.mlp      SigLIP MLP channels (fc1 row + bias, fc2 column)
+    lm.layers.{i}.attn         language-model KV groups
+    lm.layers.{i}.mlp          language-model MLP channels
+
+In transformers 5.24 the SigLIP attention of both types views q/k/v as ``(*shape, -1, head_dim)`` and uses
+``num_heads`` nowhere in its forward, and its modules are named as CLIP's (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``; ``mlp.fc1``, ``mlp.fc2`` under ``encoder.layers``), so the CLIP part serves unchanged.
+The connector reads the tower's *last* hidden state (after ``post_layernorm``): no vision layer is unused, nothing is
+dropped. Never pruned: the patch and position embeddings, layer norms, the connector (pixel shuffle + modality
+projection), embeddings and ``lm_head``.
+
+ukmp's batches carry one image per sample as ``pixel_values [B, 3, H, W]``; the stock model wants
+``[B, images, 3, H, W]``. :func:`model_class` returns a subclass whose ``forward`` adds the image axis to 4-D
+pixel values (and 3-D pixel masks) and changes nothing else: same weights, same state-dict keys, 5-D input passes
+through untouched.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, wraps
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ukmp.models.base import BatchLayout, ModelAdapter
+from ukmp.models.parts.clip import ClipVisionPart
+
+
+class SmolVLMAdapter(ModelAdapter):
+    layout = "decoder_only"
+    modalities = ("vision", "language")
+
+    def __init__(self, config, lm_family: str, lm_part):
+        super().__init__(config)
+        self.lm_family = lm_family
+        self.name = f"{config.model_type}-{lm_family}"
+        self.vision = ClipVisionPart(config.vision_config, "model.vision_model")
+        self.lm = lm_part
+        self.parts = [self.vision, self.lm]
+
+    def modality_of_param(self, name: str) -> str:
+        if name.startswith("lm_head."):
+            return "language"
+        return super().modality_of_param(name)
+
+    def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {"vision": None, "lm": batch.get("attention_mask")}
+
+    def batch_layout(self) -> BatchLayout:
+        """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
+        (the pixel shuffle folds ``scale_factor^2`` patches into one token)."""
+        vc = self.config.vision_config
+        size, patch, s = int(vc.image_size), int(vc.patch_size), int(self.config.scale_factor)
+        return BatchLayout(decoder_only=True, image_tokens=(size // patch) ** 2 // (s * s),
+                           image_token_id=getattr(self.config, "image_token_id", None),
+                           image_size=size, patch_size=patch, fixed_image_size=True)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The whole model: ``model.text_model`` is a base model without ``lm_head``, and SmolVLM gives the same
+        logits for text alone (no ``pixel_values``)."""
+        return model
+
+    def model_class(self):
+        return single_image_class(self.config.model_type)
+
+
+@lru_cache(maxsize=None)
+def single_image_class(model_type: str) -> type:
+    """The stock ``*ForConditionalGeneration`` of ``model_type``, taking 4-D ``pixel_values`` as one image per
+    sample (one class per type, so ``isinstance`` and ``from_pretrained`` behave as for the stock class)."""
+    import transformers
+
+    base = {"smolvlm": transformers.SmolVLMForConditionalGeneration,
+            "idefics3": transformers.Idefics3ForConditionalGeneration}[model_type]
+
+    @wraps(base.forward)  # generate() reads the stock signature
+    def forward(self, *args, pixel_values=None, pixel_attention_mask=None, **kwargs):
+        if pixel_values is not None and pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_attention_mask is not None and pixel_attention_mask.dim() == 3:
+            pixel_attention_mask = pixel_attention_mask.unsqueeze(1)
+        return base.forward(self, *args, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
+                            **kwargs)
+
+    name = base.__name__.replace("ForConditionalGeneration", "SingleImage")
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
