@@ -18,7 +18,7 @@ dropped. Never pruned: the patch and position embeddings, layer norms, the conne
 projection), embeddings and ``lm_head``.
 
 ukmp's batches carry one image per sample as ``pixel_values [B, 3, H, W]``; the stock model wants
-``[B, images, 3, H, W]``. :func:`model_class` returns a subclass whose ``forward`` adds the image axis to 4-D
+``[B, images, 3, H, W]``. :func:`single_image_class` is a subclass whose base model adds the image axis to 4-D
 pixel values (and 3-D pixel masks) and changes nothing else: same weights, same state-dict keys, 5-D input passes
 through untouched.
 """
@@ -75,21 +75,30 @@ class SmolVLMAdapter(ModelAdapter):
 
 @lru_cache(maxsize=None)
 def single_image_class(model_type: str) -> type:
-    """The stock ``*ForConditionalGeneration`` of ``model_type``, taking 4-D ``pixel_values`` as one image per
-    sample (one class per type, so ``isinstance`` and ``from_pretrained`` behave as for the stock class)."""
+    """The stock ``*ForConditionalGeneration`` of ``model_type`` whose base model (``.model``) takes 4-D
+    ``pixel_values`` as one image per sample. Both ``forward`` and ``generate`` (which encodes the images first,
+    through ``base_model.get_image_features``) reach the pixels through that one method, so it alone is changed;
+    weights, state-dict keys and ``from_pretrained`` stay the stock class's. One class per type (cached)."""
     import transformers
 
-    base = {"smolvlm": transformers.SmolVLMForConditionalGeneration,
-            "idefics3": transformers.Idefics3ForConditionalGeneration}[model_type]
+    outer, inner = {"smolvlm": (transformers.SmolVLMForConditionalGeneration, transformers.SmolVLMModel),
+                    "idefics3": (transformers.Idefics3ForConditionalGeneration, transformers.Idefics3Model)}[model_type]
 
-    @wraps(base.forward)  # generate() reads the stock signature
-    def forward(self, *args, pixel_values=None, pixel_attention_mask=None, **kwargs):
-        if pixel_values is not None and pixel_values.dim() == 4:
+    @wraps(inner.get_image_features)  # generate() reads the stock signature
+    def get_image_features(self, pixel_values, pixel_attention_mask=None, **kwargs):
+        if pixel_values.dim() == 4:
             pixel_values = pixel_values.unsqueeze(1)
         if pixel_attention_mask is not None and pixel_attention_mask.dim() == 3:
             pixel_attention_mask = pixel_attention_mask.unsqueeze(1)
-        return base.forward(self, *args, pixel_values=pixel_values, pixel_attention_mask=pixel_attention_mask,
-                            **kwargs)
+        return inner.get_image_features(self, pixel_values, pixel_attention_mask, **kwargs)
 
-    name = base.__name__.replace("ForConditionalGeneration", "SingleImage")
-    return type(name, (base,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+    base_name = inner.__name__.replace("Model", "SingleImageModel")
+    base_cls = type(base_name, (inner,), {"get_image_features": get_image_features, "__module__": __name__,
+                                          "__qualname__": base_name})
+
+    def __init__(self, config, *args, **kwargs):
+        outer.__init__(self, config, *args, **kwargs)
+        self.model.__class__ = base_cls  # the same module, one method more lenient
+
+    name = outer.__name__.replace("ForConditionalGeneration", "SingleImage")
+    return type(name, (outer,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
