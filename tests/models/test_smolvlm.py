@@ -161,3 +161,39 @@ def test_idefics3_shares_the_adapter():
     with pytest.raises(ValueError) as e:
         config_from_dict(d, "cfg.json")
     assert "idefics3 with language model type 'gemma' is not supported" in str(e.value) and "\n" not in str(e.value)
+
+
+# name -> (vision: layers, heads, head dim, width, MLP channels; LM: layers, KV groups, query heads per group, width,
+#          channels; image tokens per image; total parameters of the meta build; the connector's projection)
+FULL = {
+    "smolvlm-256m": ((12, 12, 64, 768, 3072), (30, 3, 3, 576, 1536), 64, 256_484_928, 768 * 16 * 576),
+    "smolvlm-2.2b": ((27, 16, 72, 1152, 4304), (24, 32, 1, 2048, 8192), 81, 2_246_784_880, 1152 * 9 * 2048),
+}
+
+
+@pytest.mark.parametrize("name", list(FULL))
+def test_inspect_full_size_configs(name, capsys):
+    """SmolVLM-256M (SigLIP-B/16 at 512 px + SmolLM2-135M, an Idefics3 checkpoint; untied lm_head) and
+    SmolVLM2-2.2B (SigLIP so400m/14 at 384 px + SmolLM2-1.7B): units per kind from the config, ``ukmp inspect --json``
+    totals equal to the meta build, the connector the whole bridge."""
+    from ukmp.cli import main
+    from ukmp.models.build import load_config
+
+    (vl, vh, vhd, ve, vm), (ll, kv, r, le, lm), tokens, total, bridge = FULL[name]
+    assert main(["inspect", name, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    k = rep["group_kinds"]
+    assert (k["vit_heads"]["layers"], k["vit_heads"]["units_per_layer"], k["vit_heads"]["params_per_unit"]) == (
+        vl, vh, 4 * ve * vhd + 3 * vhd)
+    assert (k["vit_mlp"]["layers"], k["vit_mlp"]["units_per_layer"], k["vit_mlp"]["params_per_unit"]) == (
+        vl, vm, 2 * ve + 1)
+    assert (k["lm_heads"]["layers"], k["lm_heads"]["units_per_layer"], k["lm_heads"]["params_per_unit"]) == (
+        ll, kv, 2 * le * r * 64 + 2 * le * 64)
+    assert (k["lm_mlp"]["layers"], k["lm_mlp"]["units_per_layer"], k["lm_mlp"]["params_per_unit"]) == (
+        ll, lm, 3 * le)
+    assert rep["unused_layers"] == {"vision": []}  # the connector reads the last layer (LLaVA-1.5: [23])
+    model = build_model(load_config(name), device="meta", seed=None)
+    p = rep["parameters"]
+    assert p["total"] == sum(t.numel() for t in model.parameters()) == sum(p["by_modality"].values()) == total
+    assert p["by_modality"]["bridge"] == bridge
+    assert adapter_for(model).batch_layout().image_tokens == tokens

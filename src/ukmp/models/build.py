@@ -34,6 +34,8 @@ SHIPPED_CONFIGS = {
     "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.json",
     "instructblip-vicuna-7b": "instructblip-vicuna-7b.json",
     "llava-1.5-7b": "llava-1.5-7b.json",
+    "smolvlm-256m": "smolvlm-256m.json",
+    "smolvlm-2.2b": "smolvlm-2.2b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
     "tiny-blip2-opt": "blip2-opt-tiny.json",
