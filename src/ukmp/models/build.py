@@ -350,24 +350,6 @@ def build_llava_processor(tokenizer, config):
                           num_additional_image_tokens=1)  # CLIP's CLS ("default" then drops it)
 
 
-def build_smolvlm_processor(tokenizer, config):
-    """An ``Idefics3Processor`` (SmolVLM's prompt format; ``SmolVLMProcessor`` itself needs ``num2words``, which
-    ukmp does not depend on) with image splitting off: one image at the tower's size, mean/std 0.5, whose
-    ``<image>`` expands to ``<fake_token_around_image><global-img>`` + the image tokens + the fake token again. It
-    adds ``<global-img>``, ``<fake_token_around_image>``, ``<image>`` and ``<end_of_utterance>`` to the tokenizer."""
-    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
-
-    from ukmp.models.registry import adapter_for
-
-    tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # the processor adds the other three
-    size = int(config.vision_config.image_size)
-    image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
-    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
-                             image_seq_len=adapter_for(config).batch_layout().image_tokens)
-
-
 def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
     """The processor of a random-weights build of ``config``: the tokenizer alone for a plain LM; for InstructBLIP
     a second tokenizer (trained the same way) reads the prompt for the Q-Former."""
@@ -376,6 +358,8 @@ def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
     if config.model_type == "llava":
         return build_llava_processor(tokenizer, config)
     if config.model_type in ("smolvlm", "idefics3"):
+        from ukmp.models.smolvlm import build_smolvlm_processor
+
         return build_smolvlm_processor(tokenizer, config)
     qformer_tok = build_tokenizer(corpus) if config.model_type == "instructblip" else None
     return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size, qformer_tok)

@@ -59,10 +59,9 @@ class SmolVLMAdapter(ModelAdapter):
         """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
         (the pixel shuffle folds ``scale_factor^2`` patches into one token)."""
         vc = self.config.vision_config
-        size, patch, s = int(vc.image_size), int(vc.patch_size), int(self.config.scale_factor)
-        return BatchLayout(decoder_only=True, image_tokens=(size // patch) ** 2 // (s * s),
+        return BatchLayout(decoder_only=True, image_tokens=_image_tokens(self.config),
                            image_token_id=getattr(self.config, "image_token_id", None),
-                           image_size=size, patch_size=patch, fixed_image_size=True)
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
 
     def language_model(self, model: nn.Module) -> nn.Module:
         """The whole model: ``model.text_model`` is a base model without ``lm_head``, and SmolVLM gives the same
@@ -71,6 +70,27 @@ class SmolVLMAdapter(ModelAdapter):
 
     def model_class(self):
         return single_image_class(self.config.model_type)
+
+
+def _image_tokens(config) -> int:
+    vc, s = config.vision_config, int(config.scale_factor)
+    return (int(vc.image_size) // int(vc.patch_size)) ** 2 // (s * s)
+
+
+def build_smolvlm_processor(tokenizer, config):
+    """An ``Idefics3Processor`` (SmolVLM's prompt format; ``SmolVLMProcessor`` itself needs ``num2words``, which
+    ukmp does not depend on) with image splitting off: one image at the tower's size, mean/std 0.5, whose
+    ``<image>`` expands to ``<fake_token_around_image><global-img>`` + the image tokens + the fake token again. It
+    adds ``<global-img>``, ``<fake_token_around_image>``, ``<image>`` and ``<end_of_utterance>`` to the tokenizer."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # the processor adds the other three
+    size = int(config.vision_config.image_size)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                             image_seq_len=_image_tokens(config))
 
 
 @lru_cache(maxsize=None)
