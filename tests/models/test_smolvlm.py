@@ -9,13 +9,12 @@ import json
 
 import pytest
 import torch
-from torch import nn
 
 from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
-from ukmp.models.build import build_model, build_tiny, config_from_dict, shipped_config_path
+from ukmp.models.build import build_model, config_from_dict, shipped_config_path
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import make_inputs, random_plan
+from ukmp.testing import float64_tiny, random_plan, unpadded
 
 TOL = 1e-8  # float64, seen 0.0; vision "heads" of half the width (straddling two real heads) give 1.3e-4
 N_NEW = 5
@@ -24,20 +23,7 @@ GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, suppress
 
 
 def _build(seed: int, impl: str = "sdpa"):
-    model, proc = build_tiny(name="tiny-smolvlm", seed=seed, attn_implementation=impl)
-    model = model.double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # transformers zero-initialises biases; random ones make the bias slices matter
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
-    inputs = make_inputs(model, seed=seed)
-    inputs["pixel_values"] = inputs["pixel_values"].double()
-    return model, proc, inputs
-
-
-def _gen_inputs(inputs: dict) -> dict:
-    return {k: v if k != "attention_mask" else torch.ones_like(v) for k, v in inputs.items()}
+    return float64_tiny("tiny-smolvlm", seed, impl)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
@@ -48,7 +34,7 @@ def test_sliced_equals_masked_and_generations(impl):
     plan = random_plan(adapter.groups(), seed=21, force={"vit_heads": "one"})
     n0 = count_parameters(model)
     bridge = adapter.parameter_breakdown(model)["bridge"]
-    gen_inputs = _gen_inputs(inputs)
+    gen_inputs = unpadded(inputs)
     with torch.no_grad():
         dense = model(**inputs).logits
         dense_gen = model.generate(**gen_inputs, **GEN)
@@ -91,7 +77,7 @@ def test_save_load_round_trip(tmp_path):
     adapter.apply_(model, plan)
     with torch.no_grad():
         ref = model(**inputs).logits
-        ref_gen = model.generate(**_gen_inputs(inputs), **GEN)
+        ref_gen = model.generate(**unpadded(inputs), **GEN)
     path = save_pruned(model, plan, tmp_path / "p", processor=proc)
     again = load_pruned(path)
     assert type(again) is type(model) and count_parameters(again) == count_parameters(model)
@@ -99,7 +85,7 @@ def test_save_load_round_trip(tmp_path):
     assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
     with torch.no_grad():
         out = again(**inputs).logits
-        gen = again.generate(**_gen_inputs(inputs), **GEN)
+        gen = again.generate(**unpadded(inputs), **GEN)
     assert (out - ref).abs().max().item() <= 1e-12  # up to BLAS kernel choice on the loaded buffer's alignment
     assert torch.equal(gen.sequences, ref_gen.sequences)
     from transformers import AutoProcessor
