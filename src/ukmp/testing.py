@@ -63,3 +63,28 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
             qm[1, -3:] = 0
         out["qformer_input_ids"], out["qformer_attention_mask"] = q, qm
     return out
+
+
+def float64_tiny(name: str, seed: int, impl: str = "sdpa"):
+    """(model, processor, inputs) for exactness tests: the tiny vision-language build ``name`` in float64 with
+    random Linear biases (transformers zero-initialises them; random ones make the bias slices matter) and
+    :func:`make_inputs`' batch, pixels in float64 too."""
+    from torch import nn
+
+    from ukmp.models.build import build_tiny
+
+    model, proc = build_tiny(name=name, seed=seed, attn_implementation=impl)
+    model = model.double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
+    inputs = make_inputs(model, seed=seed)
+    inputs["pixel_values"] = inputs["pixel_values"].double()
+    return model, proc, inputs
+
+
+def unpadded(inputs: dict) -> dict:
+    """``inputs`` with an all-ones attention mask (for ``generate``, which appends after the last column)."""
+    return {k: v if k != "attention_mask" else torch.ones_like(v) for k, v in inputs.items()}

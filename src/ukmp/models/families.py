@@ -23,6 +23,8 @@ SHIPPED_CONFIGS = {
     "instructblip-flan-t5-xl": "instructblip-flan-t5-xl.json",
     "instructblip-vicuna-7b": "instructblip-vicuna-7b.json",
     "llava-1.5-7b": "llava-1.5-7b.json",
+    "smolvlm-256m": "smolvlm-256m.json",
+    "smolvlm-2.2b": "smolvlm-2.2b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
     "tiny-blip2-opt": "blip2-opt-tiny.json",
@@ -30,6 +32,7 @@ SHIPPED_CONFIGS = {
     "tiny-instructblip-t5": "instructblip-t5-tiny.json",
     "tiny-instructblip-llama": "instructblip-llama-tiny.json",
     "tiny-llava": "llava-tiny.json",
+    "tiny-smolvlm": "smolvlm-tiny.json",
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
@@ -43,13 +46,14 @@ VISION_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "blip-2": ("vqa", "gqa", "caption", "retrieval"),
     "instructblip": ("vqa", "gqa", "caption", "retrieval"),
     "llava": ("vqa", "gqa", "caption"),
+    "idefics3": ("vqa", "gqa", "caption"), "smolvlm": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
     "llama": (), "mistral": (), "qwen2": (), "opt": (),
 }
 # ... and the kinds its language model adds: perplexity needs a decoder-only language model
 LANGUAGE_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "t5": (), "llama": ("perplexity",), "mistral": ("perplexity",), "qwen2": ("perplexity",), "opt": ("perplexity",),
 }
-COMPOSITE = ("blip-2", "instructblip", "llava")  # model types whose language model is ``text_config``
+COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm")  # model types whose language model is ``text_config``
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,8 @@ FAMILIES = (
     Family("InstructBLIP FlanT5", "instructblip", "t5", "tiny-instructblip-t5"),
     Family("InstructBLIP Vicuna", "instructblip", "llama", "tiny-instructblip-llama"),
     Family("LLaVA", "llava", "llama", "tiny-llava"),
+    Family("SmolVLM2", "smolvlm", "llama", "tiny-smolvlm"),
+    Family("SmolVLM (Idefics3)", "idefics3", "llama", "tiny-smolvlm"),
     Family("Llama causal LM", "llama", "", "tiny-llama"),
     Family("Mistral causal LM", "mistral", "", "tiny-llama"),
     Family("Qwen2 causal LM", "qwen2", "", "tiny-qwen2"),
@@ -83,6 +89,8 @@ HUB_CONFIGS = {
     "Salesforce/instructblip-flan-t5-xl": "instructblip-flan-t5-xl",
     "Salesforce/instructblip-vicuna-7b": "instructblip-vicuna-7b",
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
+    "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m",
+    "HuggingFaceTB/SmolVLM2-2.2B-Instruct": "smolvlm-2.2b",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
 }
 

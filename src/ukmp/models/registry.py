@@ -69,15 +69,26 @@ def _blip2(config) -> ModelAdapter:
     return Blip2Adapter(config, family, part)
 
 
+def _base_llama_part(config, prefix: str) -> DecoderPart:
+    """The Llama-family language model of a VLM that nests it as a base model at ``prefix`` (its layers sit at
+    ``layers``, not ``model.layers``); other language models are refused by name."""
+    t = getattr(config.text_config, "model_type", None)
+    if t not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"model config: {config.model_type} with language model type {t!r} is not supported "
+                         f"(supported: llama, mistral, qwen2)")
+    return DecoderPart(config.text_config, prefix, replace(LLAMA, layers="layers"))
+
+
 def _llava(config) -> ModelAdapter:
     from ukmp.models.llava import LlavaAdapter
 
-    if getattr(config.text_config, "model_type", None) not in ("llama", "mistral", "qwen2"):
-        raise ValueError(f"model config: llava with language model type {config.text_config.model_type!r} is not "
-                         f"supported (supported: llama, mistral, qwen2)")
-    # the language model is a base model at model.language_model: its layers sit at "layers", not "model.layers"
-    return LlavaAdapter(config, "llama", DecoderPart(config.text_config, "model.language_model",
-                                                     replace(LLAMA, layers="layers")))
+    return LlavaAdapter(config, "llama", _base_llama_part(config, "model.language_model"))
+
+
+def _smolvlm(config) -> ModelAdapter:
+    from ukmp.models.smolvlm import SmolVLMAdapter
+
+    return SmolVLMAdapter(config, "llama", _base_llama_part(config, "model.text_model"))
 
 
 def _causal_lm(config) -> ModelAdapter:
@@ -96,6 +107,8 @@ register_language_model("opt", "opt", lambda c, p: DecoderPart(c, p, OPT))
 register_model("blip-2", _blip2)
 register_model("instructblip", _blip2)
 register_model("llava", _llava)  # BLIP-2's layout; the adapter names the model class and the Q-Former text
+register_model("smolvlm", _smolvlm)
+register_model("idefics3", _smolvlm)  # SmolVLM's architecture under its first name: the same modules
 for _t in ("llama", "mistral", "qwen2", "opt"):
     register_model(_t, _causal_lm)
 

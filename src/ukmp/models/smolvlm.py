@@ -1,0 +1,124 @@
+"""SmolVLM and Idefics3 (``SmolVLMForConditionalGeneration``, ``Idefics3ForConditionalGeneration``): a SigLIP vision
+tower, a pixel-shuffle connector and a Llama-family language model (transformers 5 nests ``model.vision_model``,
+``model.connector`` and ``model.text_model``, a base model, under ``model``; ``lm_head`` sits at the top). The two
+model types share every module path and shape.
+
+Group ids::
+
+    vision.layers.{i}.attn     SigLIP heads (q, k, v rows and biases + out_proj columns)
+    vision.layers.{i}.mlp      SigLIP MLP channels (fc1 row + bias, fc2 column)
+    lm.layers.{i}.attn         language-model KV groups
+    lm.layers.{i}.mlp          language-model MLP channels
+
+In transformers 5.24 the SigLIP attention of both types views q/k/v as ``(*shape, -1, head_dim)`` and uses
+``num_heads`` nowhere in its forward, and its modules are named as CLIP's (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``; ``mlp.fc1``, ``mlp.fc2`` under ``encoder.layers``), so the CLIP part serves unchanged.
+The connector reads the tower's *last* hidden state (after ``post_layernorm``): no vision layer is unused, nothing is
+dropped. Never pruned: the patch and position embeddings, layer norms, the connector (pixel shuffle + modality
+projection), embeddings and ``lm_head``.
+
+ukmp's batches carry one image per sample as ``pixel_values [B, 3, H, W]``; the stock model wants
+``[B, images, 3, H, W]``. :func:`single_image_class` is a subclass whose base model adds the image axis to 4-D
+pixel values (and 3-D pixel masks) and changes nothing else: same weights, same state-dict keys, 5-D input passes
+through untouched.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache, wraps
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from ukmp.models.base import BatchLayout, ModelAdapter
+from ukmp.models.parts.clip import ClipVisionPart
+
+
+class SmolVLMAdapter(ModelAdapter):
+    layout = "decoder_only"
+    modalities = ("vision", "language")
+
+    def __init__(self, config, lm_family: str, lm_part):
+        super().__init__(config)
+        self.lm_family = lm_family
+        self.name = f"{config.model_type}-{lm_family}"
+        self.vision = ClipVisionPart(config.vision_config, "model.vision_model")
+        self.lm = lm_part
+        self.parts = [self.vision, self.lm]
+
+    def modality_of_param(self, name: str) -> str:
+        if name.startswith("lm_head."):
+            return "language"
+        return super().modality_of_param(name)
+
+    def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        return {"vision": None, "lm": batch.get("attention_mask")}
+
+    def batch_layout(self) -> BatchLayout:
+        """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
+        (the pixel shuffle folds ``scale_factor^2`` patches into one token)."""
+        vc = self.config.vision_config
+        return BatchLayout(decoder_only=True, image_tokens=_image_tokens(self.config),
+                           image_token_id=getattr(self.config, "image_token_id", None),
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The whole model: ``model.text_model`` is a base model without ``lm_head``, and SmolVLM gives the same
+        logits for text alone (no ``pixel_values``)."""
+        return model
+
+    def model_class(self):
+        return single_image_class(self.config.model_type)
+
+
+def _image_tokens(config) -> int:
+    vc, s = config.vision_config, int(config.scale_factor)
+    return (int(vc.image_size) // int(vc.patch_size)) ** 2 // (s * s)
+
+
+def build_smolvlm_processor(tokenizer, config):
+    """An ``Idefics3Processor`` (SmolVLM's prompt format; ``SmolVLMProcessor`` itself needs ``num2words``, which
+    ukmp does not depend on) with image splitting off: one image at the tower's size, mean/std 0.5, whose
+    ``<image>`` expands to ``<fake_token_around_image><global-img>`` + the image tokens + the fake token again. It
+    adds ``<global-img>``, ``<fake_token_around_image>``, ``<image>`` and ``<end_of_utterance>`` to the tokenizer."""
+    from transformers import Idefics3ImageProcessorPil, Idefics3Processor
+
+    tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # the processor adds the other three
+    size = int(config.vision_config.image_size)
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size},
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+    return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                             image_seq_len=_image_tokens(config))
+
+
+@lru_cache(maxsize=None)
+def single_image_class(model_type: str) -> type:
+    """The stock ``*ForConditionalGeneration`` of ``model_type`` whose base model (``.model``) takes 4-D
+    ``pixel_values`` as one image per sample. Both ``forward`` and ``generate`` (which encodes the images first,
+    through ``base_model.get_image_features``) reach the pixels through that one method, so it alone is changed;
+    weights, state-dict keys and ``from_pretrained`` stay the stock class's. One class per type (cached)."""
+    import transformers
+
+    outer, inner = {"smolvlm": (transformers.SmolVLMForConditionalGeneration, transformers.SmolVLMModel),
+                    "idefics3": (transformers.Idefics3ForConditionalGeneration, transformers.Idefics3Model)}[model_type]
+
+    @wraps(inner.get_image_features)  # generate() reads the stock signature
+    def get_image_features(self, pixel_values, pixel_attention_mask=None, **kwargs):
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values.unsqueeze(1)
+        if pixel_attention_mask is not None and pixel_attention_mask.dim() == 3:
+            pixel_attention_mask = pixel_attention_mask.unsqueeze(1)
+        return inner.get_image_features(self, pixel_values, pixel_attention_mask, **kwargs)
+
+    base_name = inner.__name__.replace("Model", "SingleImageModel")
+    base_cls = type(base_name, (inner,), {"get_image_features": get_image_features, "__module__": __name__,
+                                          "__qualname__": base_name})
+
+    def __init__(self, config, *args, **kwargs):
+        outer.__init__(self, config, *args, **kwargs)
+        self.model.__class__ = base_cls  # the same module, one method more lenient
+
+    name = outer.__name__.replace("ForConditionalGeneration", "SingleImage")
+    return type(name, (outer,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
