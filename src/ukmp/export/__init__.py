@@ -1,0 +1,50 @@
+"""Pruned models in the formats serving engines load: ``hf`` (stock transformers, zero-padded), ``gguf``
+(llama.cpp) and ``onnx`` (ONNX Runtime).
+
+Every export derives from a ukmp pruned-model directory (``plan.json`` + ``model.safetensors``, the canonical
+artifact); bad input (no pruned model, a family the format cannot hold, an existing output) is refused in one line
+before anything is written, and an output appears only when complete::
+
+    from ukmp.export import export
+    report = export("outputs/run/prune/model", "hf", "served/llama-pruned")
+    report["saving_kept"]   # {"params": 0.41, "flops_per_token": 0.40}: what the padded shape keeps of the saving
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ukmp.export.tables import FORMATS, formats_for  # noqa: F401  (re-exported)
+
+DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: str | None = None) -> dict[str, Any]:
+    """Export the pruned model directory ``source`` as ``fmt`` to ``out`` (which must not exist); returns a report
+    (parameters and per-token FLOPs of the dense, pruned and exported models, and the share of the saving kept)."""
+    from ukmp.export.source import check_output, check_source, load_source
+
+    check_source(source, fmt)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)} for {fmt}")
+    out = check_output(out)
+    if fmt == "hf":
+        from ukmp.export.hf import export_hf
+
+        return export_hf(load_source(source, fmt, DTYPES.get(dtype or "")), out)
+    raise ValueError(f"--format: {fmt!r} is not implemented yet (implemented: hf)")
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report in a few lines for the command line."""
+    lines = [f"wrote {report['out']} ({report['format']})"]
+    if report.get("widths"):
+        lines.append("widths: " + ", ".join(f"{k} {v}" for k, v in report["widths"].items())
+                     + (" (zero-padded to the widest kept layer)" if report.get("padded") else " (no padding)"))
+    for key, label in (("params", "parameters"), ("flops_per_token", "Linear FLOPs per token")):
+        c = report.get(key)
+        if c:
+            lines.append(f"{label}: dense {c['dense']:,}, pruned {c['pruned']:,}, exported {c['exported']:,} "
+                         f"(keeps {100 * report['saving_kept'][key]:.1f} % of the saving)")
+    return "\n".join(lines)

@@ -1,0 +1,107 @@
+"""``hf``: a stock transformers checkpoint (``save_pretrained`` layout) that loads without ukmp.
+
+transformers has no model class with per-layer widths, so every layer is zero-padded to the widest kept width of
+its kind. Zero units are exactly inert: a zero gate/up row gives ``silu(0)·0 = 0`` before a zero ``down`` column; a
+KV group with zero q/k/v rows (and biases) and zero ``o`` columns adds nothing. Kept units keep their order and are
+followed by the padding, so rotary embeddings (per head) and the grouped-query pairing (query head ``h`` reads KV
+head ``h // r``) see what the pruned model saw. Head counts are snapped up to values the stock config accepts (its
+``num_attention_heads`` must divide ``hidden_size``, even with an explicit ``head_dim``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ukmp.export.source import Source, count, dense_counts, saving_kept, staged_output
+
+
+def config_accepts(config, keys, kv_groups: int, per_group: int, head_dim: int) -> bool:
+    """Whether ``config``'s class accepts these head counts (``LlamaConfig`` wants ``num_attention_heads`` to divide
+    ``hidden_size`` even with an explicit ``head_dim``; Mistral's and Qwen2's accept any)."""
+    try:
+        type(config)(**{keys.hidden: getattr(config, keys.hidden), keys.heads: kv_groups * per_group,
+                        keys.kv_heads: kv_groups, keys.head_dim: head_dim})
+    except Exception:  # noqa: BLE001  (huggingface_hub's StrictDataclassClassValidationError is no ValueError)
+        return False
+    return True
+
+
+def snap_kv_groups(kept: int, part, keys) -> int:
+    """The smallest KV-group count ``>= kept`` that the stock config accepts (the dense count always is)."""
+    for k in range(max(kept, 1), part.n_kv):
+        if config_accepts(part.config, keys, k, part.per_group, part.head_dim):
+            return k
+    return part.n_kv
+
+
+def padded_widths(src: Source) -> dict[str, int]:
+    """Group id -> units in the exported model: the widest kept count of each kind (heads snapped)."""
+    part = src.adapter.lm
+    groups = part.groups()
+    widest = {kind: max(src.counts[g.id] for g in groups if g.kind == kind) for kind in ("lm_heads", "lm_mlp")}
+    widest["lm_heads"] = snap_kv_groups(widest["lm_heads"], part, src.keys)
+    return {g.id: widest[g.kind] for g in groups}
+
+
+def pad_(model: nn.Module, groups, counts: dict[str, int], widths: dict[str, int]) -> None:
+    """Append zero units to every group narrower than ``widths`` (its slices' parameters and the Linears' feature
+    counts follow). Needs one slice per parameter, at offset 0 (separate q/k/v Linears)."""
+    with torch.no_grad():
+        for g in groups:
+            extra = widths[g.id] - counts[g.id]
+            if extra < 0:
+                raise ValueError(f"group {g.id!r}: {counts[g.id]} units kept, cannot pad to {widths[g.id]}")
+            if not extra:
+                continue
+            seen: set[tuple[str, str]] = set()
+            for s in g.slices:
+                if s.offset or (s.module, s.param) in seen:
+                    raise ValueError(f"group {g.id!r}: {s.name} is fused with other units; padding needs one "
+                                     f"slice per parameter")
+                seen.add((s.module, s.param))
+                lin = model.get_submodule(s.module)
+                t = getattr(lin, s.param)
+                shape = list(t.shape)
+                shape[s.dim] = extra * s.unit_size
+                setattr(lin, s.param, nn.Parameter(torch.cat([t, t.new_zeros(shape)], dim=s.dim),
+                                                   requires_grad=False))
+                if s.param == "weight":
+                    lin.out_features, lin.in_features = lin.weight.shape
+
+
+def set_decoder_widths_(config, keys, part, kv_groups: int, mlp: int) -> None:
+    setattr(config, keys.kv_heads, kv_groups)
+    setattr(config, keys.heads, kv_groups * part.per_group)
+    setattr(config, keys.head_dim, part.head_dim)
+    setattr(config, keys.mlp, mlp)
+
+
+def export_hf(src: Source, out) -> dict[str, Any]:
+    """Write ``src`` as a stock checkpoint directory at ``out`` (absent); returns what it kept of the saving."""
+    import shutil
+
+    dense, pruned = dense_counts(src.path), count(src.model)
+    part = src.adapter.lm
+    widths = padded_widths(src)
+    groups = part.groups()
+    padded = any(widths[g.id] != src.counts[g.id] for g in groups)
+    pad_(src.model, groups, src.counts, widths)
+    kinds = {g.kind: widths[g.id] for g in groups}
+    set_decoder_widths_(src.model.config, src.keys, part, kinds["lm_heads"], kinds["lm_mlp"])
+    exported = count(src.model)
+    with staged_output(out, is_dir=True) as tmp:
+        src.model.save_pretrained(str(tmp))
+        for f in src.processor_files():
+            shutil.copy2(f, tmp / f.name)
+    return {
+        "format": "hf", "out": str(out), "padded": padded,
+        "widths": {"kv_heads": kinds["lm_heads"], "attention_heads": kinds["lm_heads"] * part.per_group,
+                   "intermediate_size": kinds["lm_mlp"]},
+        "params": {"dense": dense["params"], "pruned": pruned["params"], "exported": exported["params"]},
+        "flops_per_token": {"dense": dense["flops_per_token"], "pruned": pruned["flops_per_token"],
+                            "exported": exported["flops_per_token"]},
+        "saving_kept": saving_kept(dense, pruned, exported),
+    }

@@ -1,0 +1,170 @@
+"""``ukmp export --format hf``: the zero-padded stock checkpoint gives the pruned model's logits (float64: bit for
+bit; float32: within 1e-5) and loads, with its tokenizer, in a fresh Python where ukmp cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from ukmp.cli import main
+from ukmp.export import export
+from ukmp.export.hf import snap_kv_groups
+from ukmp.export.tables import CAUSAL_LM_EXPORTS
+from ukmp.models import adapter_for
+from ukmp.models.build import build_model, load_config
+from ukmp.testing import make_inputs
+
+CASES = ["llama", "qwen2", "llama_snap", "mistral", "llama_uniform"]  # built by conftest.py
+F32_TOL = 1e-5  # float32: padded matmuls sum in another order; 1e-5 on logits of magnitude ~1
+TEXT = "a photo of a cat sitting on a red couch"
+
+# Runs in a fresh interpreter (-I: no PYTHONPATH, no user site) after every sys.path entry holding a ukmp package
+# is removed; proves ukmp is not importable there, then loads each export with transformers alone. The tokenizer
+# is read from its tokenizer.json: AutoTokenizer on a qwen2 checkpoint picks Qwen2Tokenizer whatever the files say
+# (transformers 5.24), which the tiny builds' T5-style tokenizer is not (a real Qwen2's tokenizer is).
+FRESH = r"""
+import json, os, sys
+sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p or os.getcwd(), "ukmp"))]
+try:
+    import ukmp
+except ImportError:
+    pass
+else:
+    raise SystemExit("ukmp is importable in the fresh process")
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+jobs, inputs, out = json.loads(sys.argv[1]), load_file(sys.argv[2]), {}
+for name, path in jobs.items():
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        out[name] = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    out[name + ".text_ids"] = torch.tensor(PreTrainedTokenizerFast.from_pretrained(path)(sys.argv[4])["input_ids"])
+    out[name + ".class"] = torch.tensor([ord(c) for c in type(model).__name__])
+assert not any(m == "ukmp" or m.startswith("ukmp.") for m in sys.modules)
+save_file(out, sys.argv[3])
+"""
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.fixture(scope="module")
+def exported(pruned_lms, tmp_path_factory):
+    """{case: (report, export dir)} and the fresh process's outputs."""
+    root = tmp_path_factory.mktemp("hf")
+    reports = {case: export(d, "hf", root / case) for case, (_, _, d, _) in pruned_lms.items()}
+    model = pruned_lms["llama"][0]
+    inputs = make_inputs(model, seed=0)
+    save_file({k: v.contiguous() for k, v in inputs.items()}, str(root / "inputs.safetensors"))
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", FRESH, json.dumps({c: r["out"] for c, r in reports.items()}),
+         str(root / "inputs.safetensors"), str(root / "fresh.safetensors"), TEXT],
+        cwd=root, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return reports, inputs, load_file(str(root / "fresh.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_export_is_bit_exact_in_float64_in_a_process_without_ukmp(pruned_lms, exported, case):
+    model, tok, _, dense = pruned_lms[case]
+    reports, inputs, fresh = exported
+    expected = _logits(model, inputs)
+    assert torch.equal(fresh[case], expected)  # float64: identical, not merely close
+    # not vacuous: the dense model (what a plan that pruned nothing would give) differs by far more
+    assert (_logits(dense, inputs) - expected).abs().max() > 1e-3
+    assert bytes(fresh[case + ".class"].tolist()).decode() == type(model).__name__
+    assert fresh[case + ".text_ids"].tolist() == tok(TEXT)["input_ids"]
+
+
+def test_hf_widths_are_the_widest_kept_and_snapped(pruned_lms, exported):
+    reports = exported[0]
+    for case, (model, _, _, _) in pruned_lms.items():
+        adapter = adapter_for(model)
+        counts = adapter.unit_counts(model)
+        kv = max(n for g, n in counts.items() if g.endswith(".attn"))
+        mlp = max(n for g, n in counts.items() if g.endswith(".mlp"))
+        w = reports[case]["widths"]
+        r = model.config.num_attention_heads // model.config.num_key_value_heads
+        assert w["intermediate_size"] == mlp
+        assert w["kv_heads"] == (6 if case == "llama_snap" else kv)  # 5 kept heads of 96 channels: 6 for Llama
+        if case == "llama_snap":  # why: LlamaConfig refuses 5 heads in 96 channels, head_dim or not
+            with pytest.raises(Exception, match="multiple of the number of attention heads"):
+                type(model.config)(hidden_size=96, num_attention_heads=5, num_key_value_heads=5, head_dim=16)
+        if case == "mistral":
+            assert kv == 5
+        assert w["attention_heads"] == w["kv_heads"] * r
+        with open(os.path.join(reports[case]["out"], "config.json")) as f:
+            cfg = json.load(f)
+        assert (cfg["num_key_value_heads"], cfg["intermediate_size"]) == (w["kv_heads"], mlp)
+        assert reports[case]["padded"] == (case != "llama_uniform")
+        kept = reports[case]["saving_kept"]
+        if case == "llama_uniform":  # nothing padded: the stock shape keeps the whole saving
+            assert kept == {"params": 1.0, "flops_per_token": 1.0}
+        else:
+            assert 0.0 < kept["params"] < 1.0 and 0.0 < kept["flops_per_token"] < 1.0
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2"])
+def test_hf_export_float32_within_tolerance(make_pruned, tmp_path, case):
+    model, _, path, dense = make_pruned(tmp_path, case, dtype=torch.float32)
+    export(path, "hf", tmp_path / "hf")
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert served.config.dtype == torch.float32
+    inputs = make_inputs(model, seed=1)
+    diff = (_logits(served, inputs) - _logits(model, inputs)).abs().max().item()
+    assert diff <= F32_TOL
+    assert (_logits(dense, inputs) - _logits(model, inputs)).abs().max() > 1e-3  # the tolerance tells models apart
+
+
+def test_snapped_kv_groups_on_a_llama_3_8b_shape():
+    """32 query heads in 4096 channels, 4 per KV group: 5 kept groups (20 heads, which does not divide 4096) snap
+    to 8; 3 to 4 (12 -> 16 heads); 2 stays 2."""
+    part = adapter_for(build_model(load_config("llama-3-8b"), device="meta", seed=None)).lm
+    keys = CAUSAL_LM_EXPORTS["llama"][0]
+    assert [snap_kv_groups(k, part, keys) for k in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def test_cli_export_hf_prints_the_saving_kept(pruned_lms, tmp_path, capsys):
+    rc = main(["export", str(pruned_lms["qwen2"][2]), "--format", "hf", "--out", str(tmp_path / "q")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "of the saving" in out and "intermediate_size" in out
+    assert (tmp_path / "q" / "config.json").is_file()
+
+
+def _refused(argv, capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_cli_refuses_bad_input_and_writes_nothing(pruned_lms, tmp_path, capsys, tiny):
+    src = str(pruned_lms["llama"][2])
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert "already exists" in _refused(["export", src, "--format", "hf", "--out", str(tmp_path / "taken")], capsys)
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    (tmp_path / "plain").mkdir()
+    err = _refused(["export", str(tmp_path / "plain"), "--format", "hf", "--out", str(tmp_path / "o1")], capsys)
+    assert "ukmp.json" in err
+    # a BLIP-2 with a T5 language model: no format holds it yet
+    from ukmp.io import save_pruned
+    from ukmp.plan import PruningPlan
+
+    model, proc = tiny
+    save_pruned(model, PruningPlan.keep_all(adapter_for(model).groups()), tmp_path / "t5", processor=proc)
+    for fmt in ("hf", "gguf"):
+        err = _refused(["export", str(tmp_path / "t5"), "--format", fmt, "--out", str(tmp_path / "o2")], capsys)
+        assert "blip-2" in err and "none yet" in err and "llama" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "t5", "taken"]
