@@ -198,7 +198,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ukmp.export import export, format_report
 
-    report = export(args.model, args.format, args.out, dtype=args.dtype)
+    try:
+        report = export(args.model, args.format, args.out, dtype=args.dtype, gguf_arch=args.gguf_arch)
+    except ImportError as e:  # an optional package of the export extra: one line, exit 2 like other bad input
+        raise ValueError(str(e)) from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
@@ -333,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output path (a directory for hf, a file otherwise); must not exist")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="weight type (default: as stored for hf, "
                                                                            "f32 otherwise)")
+    s.add_argument("--gguf-arch", default="deci", choices=["deci", "llama"],
+                   help="GGUF architecture: deci (per-layer widths, any plan; default) or llama (uniform plans)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=_cmd_export)
     return p

@@ -1,4 +1,4 @@
-"""Pruned tiny causal LMs on disk, shared by the export tests (built once per test module)."""
+"""Pruned tiny causal LMs on disk, shared by the export tests (built once per session; never modified)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def _make_pruned(root, case: str, dtype=torch.float64):
     return model.eval(), tok, path, dense.eval()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pruned_lms(tmp_path_factory):
     """{case: (pruned model, tokenizer, directory, dense model)} in float64."""
     root = tmp_path_factory.mktemp("pruned")

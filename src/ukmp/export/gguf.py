@@ -1,0 +1,183 @@
+"""``gguf``: a pruned Llama-family LM (Llama, Mistral, Qwen2) as a llama.cpp GGUF file, written with the ``gguf``
+package (the ``export`` extra).
+
+llama.cpp reads per-layer ``feed_forward_length``, ``attention.head_count`` and ``attention.head_count_kv`` arrays,
+but only some graphs build each layer from its own widths: the plain ``llama`` graph sizes every layer from layer 0,
+the ``deci`` graph (DeciLM / Nemotron-NAS) from its own. So a non-uniformly pruned model is written as ``deci`` with
+those arrays and an explicit key/value head size; a uniformly pruned one may also be written as ``llama``. Both use
+llama.cpp's interleaved rotary layout, so q/k rows (and biases) are permuted per layer as its converter does for
+Llama (:func:`permute_rotary`; :func:`unpermute_rotary` undoes it). Tensor names come from the ``gguf`` package's
+own HF-to-GGUF name table. The tokenizer (``tokenizer.json`` of the pruned directory; a Unigram model becomes
+llama.cpp's ``t5`` tokenizer) is padded with unused tokens to the embedding's vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from ukmp.export.source import Source, count, dense_counts, saving_kept, staged_output
+
+EXTRA_HINT = "pip install 'ukmp[export]'"
+ARCHES = ("deci", "llama")
+QUANT_BLOCK = 32  # q8_0 rows are blocks of 32 values
+
+
+def require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"--format gguf needs the gguf package: {EXTRA_HINT}") from None
+    return gguf
+
+
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's half-split rotary rows of each head -> llama.cpp's interleaved pairs (rows of a weight or a bias)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rotary`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def layer_widths(src: Source) -> list[dict[str, int]]:
+    """Per layer: kept query heads, KV heads and MLP channels (from the pruned weights)."""
+    part = src.adapter.lm
+    out = []
+    for i in range(part.n_layers):
+        kv = src.counts[f"{part.gid}.layers.{i}.attn"]
+        out.append({"heads": kv * part.per_group, "kv_heads": kv, "ffn": src.counts[f"{part.gid}.layers.{i}.mlp"]})
+    return out
+
+
+def _rope_theta(config) -> float:
+    rp = getattr(config, "rope_parameters", None) or {}
+    kind = rp.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"model config: rope type {kind!r} is not written to GGUF by ukmp yet (default only)")
+    return float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _tensor_type(gguf, t: np.ndarray, dtype: str):
+    """(array, GGML type) of one tensor: 1-D tensors (norms, biases) stay F32, as llama.cpp expects."""
+    if t.ndim == 1 or dtype == "f32":
+        return t.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if dtype == "f16":
+        return t.astype(np.float16), gguf.GGMLQuantizationType.F16
+    q = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(t.astype(np.float32), q), q
+
+
+def check_dtype(src: Source | None, dtype: str) -> None:
+    """``dtype`` is one GGUF can hold; for q8_0, every row width of ``src`` (when given) is a multiple of 32."""
+    if dtype not in ("f32", "f16", "q8_0"):
+        raise ValueError(f"--dtype: {dtype!r} is not one of f32, f16, q8_0 for gguf")
+    if dtype == "q8_0" and src is not None:
+        bad = sorted({f"{n} ({m.in_features})" for n, m in src.model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and m.in_features % QUANT_BLOCK})
+        if bad:
+            raise ValueError(f"--dtype q8_0: row widths must be multiples of {QUANT_BLOCK}; not: {', '.join(bad[:4])}"
+                             + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+
+
+def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
+    """The pruned directory's ``tokenizer.json`` (Unigram -> llama.cpp's ``t5`` tokenizer), padded to ``n_vocab``
+    with unused tokens; special ids and add-bos/eos from its config files (the ``gguf`` package's SpecialVocab)."""
+    path = src.path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer (save the pruned model with its tokenizer)")
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    if model.get("type") != "Unigram":
+        raise ValueError(f"{path}: tokenizer model {model.get('type')!r} is not written to GGUF by ukmp yet "
+                         f"(Unigram only)")
+    pieces = [p for p, _ in model["vocab"]]
+    scores = [float(s) for _, s in model["vocab"]]
+    special = {a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
+    unk = model.get("unk_id")
+    T = gguf.TokenType
+    types = [T.UNKNOWN if i == unk else T.CONTROL if i in special else T.NORMAL for i in range(len(pieces))]
+    if len(pieces) > n_vocab:
+        raise ValueError(f"{path}: {len(pieces)} tokens but the embeddings hold {n_vocab}")
+    for i in range(len(pieces), n_vocab):
+        pieces.append(f"[PAD{i}]")
+        scores.append(-1e4)
+        types.append(T.UNUSED)
+    writer.add_tokenizer_model("t5")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_add_bos_token(False)
+    gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+
+
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
+    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+    gguf = require_gguf()
+    if arch not in ARCHES:
+        raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    check_dtype(src, dtype)
+    cfg, part = src.model.config, src.adapter.lm
+    widths = layer_widths(src)
+    uniform = all(w == widths[0] for w in widths)
+    if arch == "llama" and not uniform:
+        raise ValueError(f"--gguf-arch llama: llama.cpp's llama graph sizes every layer from layer 0, but the layers "
+                         f"differ (ffn {[w['ffn'] for w in widths]}, kv heads {[w['kv_heads'] for w in widths]}); "
+                         f"write it as deci")
+    per_layer = (lambda key: [w[key] for w in widths]) if arch == "deci" else (lambda key: widths[0][key])
+    theta = _rope_theta(cfg)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
+                                     part.n_layers)
+    sd = {k: v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
+          if not k.endswith("rotary_emb.inv_freq")}
+    if getattr(cfg, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
+    n_vocab = sd["model.embed_tokens.weight"].shape[0]
+    with staged_output(out, is_dir=False) as tmp:
+        w = gguf.GGUFWriter(str(tmp), arch)
+        w.add_name(src.path.name)
+        w.add_block_count(part.n_layers)
+        w.add_context_length(int(cfg.max_position_embeddings))
+        w.add_embedding_length(part.width)
+        w.add_feed_forward_length(per_layer("ffn"))
+        w.add_head_count(per_layer("heads"))
+        w.add_head_count_kv(per_layer("kv_heads"))
+        w.add_key_length(part.head_dim)
+        w.add_value_length(part.head_dim)
+        w.add_rope_dimension_count(part.head_dim)
+        w.add_rope_freq_base(theta)
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+        w.add_vocab_size(n_vocab)
+        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+        add_tokenizer(gguf, w, src, n_vocab)
+        for key, t in sd.items():
+            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if name is None:
+                raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
+            layer = key.split(".")[2] if key.startswith("model.layers.") else None
+            if layer is not None and key.endswith(("q_proj.weight", "q_proj.bias")):
+                t = permute_rotary(t, widths[int(layer)]["heads"])
+            elif layer is not None and key.endswith(("k_proj.weight", "k_proj.bias")):
+                t = permute_rotary(t, widths[int(layer)]["kv_heads"])
+            data, qtype = _tensor_type(gguf, t.numpy(), dtype)
+            w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+    dense, pruned = dense_counts(src.path), count(src.model)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    return {
+        "format": "gguf", "out": str(out), "arch": arch, "dtype": dtype, "padded": False,
+        "notes": [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else [],
+        "layers": widths,
+        "params": {"dense": dense["params"], "pruned": pruned["params"], "exported": pruned["params"]},
+        "flops_per_token": {"dense": dense["flops_per_token"], "pruned": pruned["flops_per_token"],
+                            "exported": pruned["flops_per_token"]},
+        "saving_kept": saving_kept(dense, pruned, pruned),
+    }
