@@ -44,7 +44,12 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
         dtype = dtype or "f32"
         check_dtype(None, dtype)
         return export_gguf(load_source(source, fmt), out, dtype=dtype, arch=gguf_arch)
-    raise ValueError(f"--format: {fmt!r} is not implemented yet (implemented: hf, gguf)")
+    from ukmp.export.onnx import export_onnx, require_onnx
+
+    require_onnx()
+    if dtype not in (None, "f32"):
+        raise ValueError(f"--dtype: {dtype!r}; onnx is written in f32 only")
+    return export_onnx(load_source(source, fmt, "float32"), out)
 
 
 def format_report(report: dict[str, Any]) -> str:

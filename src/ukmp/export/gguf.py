@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ukmp.export.source import Source, count, dense_counts, saving_kept, staged_output
+from ukmp.export.source import Source, build_report, staged_output
 
 EXTRA_HINT = "pip install 'ukmp[export]'"
 ARCHES = ("deci", "llama")
@@ -170,14 +170,7 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    dense, pruned = dense_counts(src.path), count(src.model)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    return {
-        "format": "gguf", "out": str(out), "arch": arch, "dtype": dtype, "padded": False,
-        "notes": [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else [],
-        "layers": widths,
-        "params": {"dense": dense["params"], "pruned": pruned["params"], "exported": pruned["params"]},
-        "flops_per_token": {"dense": dense["flops_per_token"], "pruned": pruned["flops_per_token"],
-                            "exported": pruned["flops_per_token"]},
-        "saving_kept": saving_kept(dense, pruned, pruned),
-    }
+    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths,
+                        notes=[f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"]
+                        if window else [])

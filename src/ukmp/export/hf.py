@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ukmp.export.source import Source, count, dense_counts, saving_kept, staged_output
+from ukmp.export.source import Source, build_report, count, staged_output
 
 
 def config_accepts(config, keys, kv_groups: int, per_group: int, head_dim: int) -> bool:
@@ -83,7 +83,7 @@ def export_hf(src: Source, out) -> dict[str, Any]:
     """Write ``src`` as a stock checkpoint directory at ``out`` (absent); returns what it kept of the saving."""
     import shutil
 
-    dense, pruned = dense_counts(src.path), count(src.model)
+    pruned = count(src.model)
     part = src.adapter.lm
     widths = padded_widths(src)
     groups = part.groups()
@@ -96,12 +96,6 @@ def export_hf(src: Source, out) -> dict[str, Any]:
         src.model.save_pretrained(str(tmp))
         for f in src.processor_files():
             shutil.copy2(f, tmp / f.name)
-    return {
-        "format": "hf", "out": str(out), "padded": padded,
-        "widths": {"kv_heads": kinds["lm_heads"], "attention_heads": kinds["lm_heads"] * part.per_group,
-                   "intermediate_size": kinds["lm_mlp"]},
-        "params": {"dense": dense["params"], "pruned": pruned["params"], "exported": exported["params"]},
-        "flops_per_token": {"dense": dense["flops_per_token"], "pruned": pruned["flops_per_token"],
-                            "exported": exported["flops_per_token"]},
-        "saving_kept": saving_kept(dense, pruned, exported),
-    }
+    return build_report(src, "hf", out, pruned, exported, padded=padded,
+                        widths={"kv_heads": kinds["lm_heads"], "attention_heads": kinds["lm_heads"] * part.per_group,
+                                "intermediate_size": kinds["lm_mlp"]})

@@ -119,6 +119,20 @@ def dense_counts(path: Path) -> dict[str, int]:
     return count(build_model(load_config(path), device="meta", seed=None))
 
 
+def build_report(src: Source, fmt: str, out, pruned: dict[str, int] | None = None,
+                 exported: dict[str, int] | None = None, **extra) -> dict:
+    """What every export returns: parameters and per-token Linear FLOPs of the dense, pruned (default: counted on
+    ``src.model``) and exported (default: the pruned) models, the share of the saving kept, and ``extra``."""
+    dense = dense_counts(src.path)
+    pruned = pruned or count(src.model)
+    exported = exported or pruned
+    return {
+        "format": fmt, "out": str(out), **extra,
+        **{k: {"dense": dense[k], "pruned": pruned[k], "exported": exported[k]} for k in ("params", "flops_per_token")},
+        "saving_kept": saving_kept(dense, pruned, exported),
+    }
+
+
 def saving_kept(dense: dict[str, int], pruned: dict[str, int], exported: dict[str, int]) -> dict[str, float]:
     """Fraction of the pruned model's saving (parameters, FLOPs) that the exported shape keeps (1.0: all of it)."""
     out = {}
