@@ -115,19 +115,11 @@ def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
     gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
 
 
-def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
-    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, int]]) -> None:
+    """Write the GGUF file at ``path`` as ``arch`` without checking that ``arch``'s graph can hold the widths (the
+    tests write a mislabelled file with it, to see llama.cpp refuse it)."""
     gguf = require_gguf()
-    if arch not in ARCHES:
-        raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
-    check_dtype(src, dtype)
     cfg, part = src.model.config, src.adapter.lm
-    widths = layer_widths(src)
-    uniform = all(w == widths[0] for w in widths)
-    if arch == "llama" and not uniform:
-        raise ValueError(f"--gguf-arch llama: llama.cpp's llama graph sizes every layer from layer 0, but the layers "
-                         f"differ (ffn {[w['ffn'] for w in widths]}, kv heads {[w['kv_heads'] for w in widths]}); "
-                         f"write it as deci")
     per_layer = (lambda key: [w[key] for w in widths]) if arch == "deci" else (lambda key: widths[0][key])
     theta = _rope_theta(cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
@@ -137,39 +129,56 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
     n_vocab = sd["model.embed_tokens.weight"].shape[0]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(src.path.name)
+    w.add_block_count(part.n_layers)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(part.width)
+    w.add_feed_forward_length(per_layer("ffn"))
+    w.add_head_count(per_layer("heads"))
+    w.add_head_count_kv(per_layer("kv_heads"))
+    w.add_key_length(part.head_dim)
+    w.add_value_length(part.head_dim)
+    w.add_rope_dimension_count(part.head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(n_vocab)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    add_tokenizer(gguf, w, src, n_vocab)
+    for key, t in sd.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
+        layer = key.split(".")[2] if key.startswith("model.layers.") else None
+        if layer is not None and key.endswith(("q_proj.weight", "q_proj.bias")):
+            t = permute_rotary(t, widths[int(layer)]["heads"])
+        elif layer is not None and key.endswith(("k_proj.weight", "k_proj.bias")):
+            t = permute_rotary(t, widths[int(layer)]["kv_heads"])
+        data, qtype = _tensor_type(gguf, t.numpy(), dtype)
+        w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
+    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+    require_gguf()
+    if arch not in ARCHES:
+        raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    check_dtype(src, dtype)
+    cfg = src.model.config
+    _rope_theta(cfg)
+    widths = layer_widths(src)
+    uniform = all(w == widths[0] for w in widths)
+    if arch == "llama" and not uniform:
+        raise ValueError(f"--gguf-arch llama: llama.cpp's llama graph sizes every layer from layer 0, but the layers "
+                         f"differ (ffn {[w['ffn'] for w in widths]}, kv heads {[w['kv_heads'] for w in widths]}); "
+                         f"write it as deci")
     with staged_output(out, is_dir=False) as tmp:
-        w = gguf.GGUFWriter(str(tmp), arch)
-        w.add_name(src.path.name)
-        w.add_block_count(part.n_layers)
-        w.add_context_length(int(cfg.max_position_embeddings))
-        w.add_embedding_length(part.width)
-        w.add_feed_forward_length(per_layer("ffn"))
-        w.add_head_count(per_layer("heads"))
-        w.add_head_count_kv(per_layer("kv_heads"))
-        w.add_key_length(part.head_dim)
-        w.add_value_length(part.head_dim)
-        w.add_rope_dimension_count(part.head_dim)
-        w.add_rope_freq_base(theta)
-        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-        w.add_vocab_size(n_vocab)
-        w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                         "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
-        add_tokenizer(gguf, w, src, n_vocab)
-        for key, t in sd.items():
-            name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if name is None:
-                raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
-            layer = key.split(".")[2] if key.startswith("model.layers.") else None
-            if layer is not None and key.endswith(("q_proj.weight", "q_proj.bias")):
-                t = permute_rotary(t, widths[int(layer)]["heads"])
-            elif layer is not None and key.endswith(("k_proj.weight", "k_proj.bias")):
-                t = permute_rotary(t, widths[int(layer)]["kv_heads"])
-            data, qtype = _tensor_type(gguf, t.numpy(), dtype)
-            w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        write_gguf(src, tmp, dtype, arch, widths)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths,
                         notes=[f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"]
