@@ -35,7 +35,7 @@ def _mha(model_type: str):
     return build_model(config_from_dict(d), seed=5), build_tiny(name="tiny-llama")[1]
 
 
-def _plan(adapter, case: str) -> PruningPlan:
+def _plan(adapter, model, case: str) -> PruningPlan:
     groups = adapter.groups()
     if case == "uniform":  # every layer keeps the same number of units (different ones)
         keep = {}
@@ -44,6 +44,11 @@ def _plan(adapter, case: str) -> PruningPlan:
             keep[g.id] = list(range(g.layer % 2, g.n_units, 2))[:n]
         return PruningPlan(keep=keep, units={g.id: g.n_units for g in groups})
     plan = random_plan(groups, seed=3)
+    if case == "llava":  # LLaVA's last vision layer never reaches the output: dropped outright
+        plan.drop_layers = adapter.drop_unused(model)
+        keep = plan.drop_layers["vision"]["keep"]
+        plan.keep = {k: v for k, v in plan.keep.items() if not any(k.startswith(f"vision.layers.{i}.")
+                                                                   for i in range(keep, adapter.vision.n_layers))}
     if case == "five_heads":  # the widest attention keeps 5 of 6 heads
         plan.keep["lm.layers.0.attn"] = [0, 1, 2, 4, 5]
         plan.keep["lm.layers.1.attn"] = [3]
@@ -56,11 +61,12 @@ CASES = {  # name -> (builder, plan case)
     "llama_snap": (lambda: _mha("llama"), "five_heads"),
     "mistral": (lambda: _mha("mistral"), "five_heads"),
     "llama_uniform": (lambda: build_tiny(name="tiny-llama", seed=4), "uniform"),
+    "llava": (lambda: build_tiny(name="tiny-llava", seed=6), "llava"),  # CLIP heads and MLP + a GQA Llama
 }
 
 
 def _make_pruned(root, case: str, dtype=torch.float64):
-    """(pruned model, tokenizer, its directory, dense model) of one case, in ``dtype``."""
+    """(pruned model, tokenizer or processor, its directory, dense model) of one case, in ``dtype``."""
     build, plan_case = CASES[case]
     dense, tok = build()
     dense = dense.to(dtype)
@@ -69,7 +75,7 @@ def _make_pruned(root, case: str, dtype=torch.float64):
     model = model.to(dtype)
     model.load_state_dict(dense.state_dict())
     adapter = adapter_for(model)
-    plan = _plan(adapter, plan_case)
+    plan = _plan(adapter, model, plan_case)
     adapter.apply_(model, plan)
     path = root / f"{case}_{str(dtype).removeprefix('torch.')}"
     save_pruned(model, plan, path, processor=tok)

@@ -21,7 +21,8 @@ from ukmp.models import adapter_for
 from ukmp.models.build import build_model, load_config
 from ukmp.testing import make_inputs
 
-CASES = ["llama", "qwen2", "llama_snap", "mistral", "llama_uniform"]  # built by conftest.py
+CASES = ["llama", "qwen2", "llama_snap", "mistral", "llama_uniform", "llava"]  # built by conftest.py
+LMS = CASES[:-1]
 F32_TOL = 1e-5  # float32: padded matmuls sum in another order; 1e-5 on logits of magnitude ~1
 TEXT = "a photo of a cat sitting on a red couch"
 
@@ -40,12 +41,13 @@ else:
     raise SystemExit("ukmp is importable in the fresh process")
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 jobs, inputs, out = json.loads(sys.argv[1]), load_file(sys.argv[2]), {}
 for name, path in jobs.items():
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    auto = AutoModelForImageTextToText if AutoConfig.from_pretrained(path).model_type == "llava" else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch.float64).eval()
     with torch.no_grad():
-        out[name] = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        out[name] = model(**{k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(name + ".")}).logits
     out[name + ".text_ids"] = torch.tensor(PreTrainedTokenizerFast.from_pretrained(path)(sys.argv[4])["input_ids"])
     out[name + ".class"] = torch.tensor([ord(c) for c in type(model).__name__])
 assert not any(m == "ukmp" or m.startswith("ukmp.") for m in sys.modules)
@@ -58,14 +60,21 @@ def _logits(model, inputs) -> torch.Tensor:
         return model(**inputs).logits
 
 
+def _inputs(model, seed: int = 0) -> dict:
+    inputs = make_inputs(model, seed=seed)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    return inputs
+
+
 @pytest.fixture(scope="module")
 def exported(pruned_lms, tmp_path_factory):
     """{case: (report, export dir)} and the fresh process's outputs."""
     root = tmp_path_factory.mktemp("hf")
     reports = {case: export(d, "hf", root / case) for case, (_, _, d, _) in pruned_lms.items()}
-    model = pruned_lms["llama"][0]
-    inputs = make_inputs(model, seed=0)
-    save_file({k: v.contiguous() for k, v in inputs.items()}, str(root / "inputs.safetensors"))
+    inputs = {case: _inputs(pruned_lms[case][0]) for case in reports}
+    save_file({f"{case}.{k}": v.contiguous() for case, d in inputs.items() for k, v in d.items()},
+              str(root / "inputs.safetensors"))
     proc = subprocess.run(
         [sys.executable, "-I", "-c", FRESH, json.dumps({c: r["out"] for c, r in reports.items()}),
          str(root / "inputs.safetensors"), str(root / "fresh.safetensors"), TEXT],
@@ -78,34 +87,50 @@ def exported(pruned_lms, tmp_path_factory):
 def test_hf_export_is_bit_exact_in_float64_in_a_process_without_ukmp(pruned_lms, exported, case):
     model, tok, _, dense = pruned_lms[case]
     reports, inputs, fresh = exported
+    inputs = inputs[case]
     expected = _logits(model, inputs)
     assert torch.equal(fresh[case], expected)  # float64: identical, not merely close
     # not vacuous: the dense model (what a plan that pruned nothing would give) differs by far more
     assert (_logits(dense, inputs) - expected).abs().max() > 1e-3
     assert bytes(fresh[case + ".class"].tolist()).decode() == type(model).__name__
-    assert fresh[case + ".text_ids"].tolist() == tok(TEXT)["input_ids"]
+    assert fresh[case + ".text_ids"].tolist() == getattr(tok, "tokenizer", tok)(TEXT)["input_ids"]
+
+
+def test_llava_vision_heads_stay_and_mlp_pads(pruned_lms, exported):
+    """CLIP derives head_dim = hidden / heads, so the vision tower keeps every head (zero ones where pruned); its MLP
+    and the language model pad to their widest kept layer; the dropped vision layer stays dropped."""
+    model = pruned_lms["llava"][0]
+    counts = adapter_for(model).unit_counts(model)
+    with open(os.path.join(exported[0]["llava"]["out"], "config.json")) as f:
+        cfg = json.load(f)
+    v, t = cfg["vision_config"], cfg["text_config"]
+    assert v["num_attention_heads"] == 4 and v["num_hidden_layers"] == 1
+    assert v["intermediate_size"] == counts["vision.layers.0.mlp"]
+    assert t["intermediate_size"] == max(counts[f"lm.layers.{i}.mlp"] for i in range(2))
+    assert 0.0 < exported[0]["llava"]["saving_kept"]["params"] < 1.0
 
 
 def test_hf_widths_are_the_widest_kept_and_snapped(pruned_lms, exported):
     reports = exported[0]
-    for case, (model, _, _, _) in pruned_lms.items():
+    for case in LMS:
+        model = pruned_lms[case][0]
         adapter = adapter_for(model)
         counts = adapter.unit_counts(model)
         kv = max(n for g, n in counts.items() if g.endswith(".attn"))
         mlp = max(n for g, n in counts.items() if g.endswith(".mlp"))
         w = reports[case]["widths"]
         r = model.config.num_attention_heads // model.config.num_key_value_heads
-        assert w["intermediate_size"] == mlp
-        assert w["kv_heads"] == (6 if case == "llama_snap" else kv)  # 5 kept heads of 96 channels: 6 for Llama
+        assert w["language.intermediate_size"] == mlp
+        assert w["language.num_key_value_heads"] == (6 if case == "llama_snap" else kv)  # 5 kept heads of 96 channels: 6 for Llama
         if case == "llama_snap":  # why: LlamaConfig refuses 5 heads in 96 channels, head_dim or not
             with pytest.raises(Exception, match="multiple of the number of attention heads"):
                 type(model.config)(hidden_size=96, num_attention_heads=5, num_key_value_heads=5, head_dim=16)
         if case == "mistral":
             assert kv == 5
-        assert w["attention_heads"] == w["kv_heads"] * r
+        assert w["language.num_attention_heads"] == w["language.num_key_value_heads"] * r
         with open(os.path.join(reports[case]["out"], "config.json")) as f:
             cfg = json.load(f)
-        assert (cfg["num_key_value_heads"], cfg["intermediate_size"]) == (w["kv_heads"], mlp)
+        assert (cfg["num_key_value_heads"], cfg["intermediate_size"]) == (w["language.num_key_value_heads"], mlp)
         assert reports[case]["padded"] == (case != "llama_uniform")
         kept = reports[case]["saving_kept"]
         if case == "llama_uniform":  # nothing padded: the stock shape keeps the whole saving

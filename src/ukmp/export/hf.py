@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ukmp.export.source import Source, build_report, count, staged_output
+from ukmp.export.tables import CLIP_KEYS
+from ukmp.models.parts.clip import ClipVisionPart
 
 
 def config_accepts(config, keys, kv_groups: int, per_group: int, head_dim: int) -> bool:
@@ -37,13 +39,31 @@ def snap_kv_groups(kept: int, part, keys) -> int:
     return part.n_kv
 
 
-def padded_widths(src: Source) -> dict[str, int]:
-    """Group id -> units in the exported model: the widest kept count of each kind (heads snapped)."""
-    part = src.adapter.lm
+def part_widths(part, counts: dict[str, int], keys) -> dict[str, int]:
+    """Group kind -> units per layer in the exported stack: the widest kept count (heads snapped)."""
     groups = part.groups()
-    widest = {kind: max(src.counts[g.id] for g in groups if g.kind == kind) for kind in ("lm_heads", "lm_mlp")}
-    widest["lm_heads"] = snap_kv_groups(widest["lm_heads"], part, src.keys)
-    return {g.id: widest[g.kind] for g in groups}
+    widest = {}
+    for g in groups:
+        widest[g.kind] = max(widest.get(g.kind, 0), counts[g.id])
+    head_kind = next(g.kind for g in groups if g.unit_type == "heads")
+    if isinstance(part, ClipVisionPart):  # head_dim = hidden_size / num_attention_heads: every head stays
+        widest[head_kind] = part.n_heads
+    else:
+        widest[head_kind] = snap_kv_groups(widest[head_kind], part, keys)
+    return widest
+
+
+def set_widths_(part, keys, widths: dict[str, int]) -> dict[str, int]:
+    """State ``widths`` (kind -> units) in the part's config; returns what was set."""
+    heads = next(w for k, w in widths.items() if k.endswith("heads"))
+    mlp = next(w for k, w in widths.items() if k.endswith("mlp"))
+    if isinstance(part, ClipVisionPart):
+        new = {CLIP_KEYS.heads: heads, CLIP_KEYS.mlp: mlp}
+    else:
+        new = {keys.kv_heads: heads, keys.heads: heads * part.per_group, keys.head_dim: part.head_dim, keys.mlp: mlp}
+    for k, v in new.items():
+        setattr(part.config, k, v)
+    return new
 
 
 def pad_(model: nn.Module, groups, counts: dict[str, int], widths: dict[str, int]) -> None:
@@ -72,30 +92,23 @@ def pad_(model: nn.Module, groups, counts: dict[str, int], widths: dict[str, int
                     lin.out_features, lin.in_features = lin.weight.shape
 
 
-def set_decoder_widths_(config, keys, part, kv_groups: int, mlp: int) -> None:
-    setattr(config, keys.kv_heads, kv_groups)
-    setattr(config, keys.heads, kv_groups * part.per_group)
-    setattr(config, keys.head_dim, part.head_dim)
-    setattr(config, keys.mlp, mlp)
-
-
 def export_hf(src: Source, out) -> dict[str, Any]:
     """Write ``src`` as a stock checkpoint directory at ``out`` (absent); returns what it kept of the saving."""
     import shutil
 
     pruned = count(src.model)
-    part = src.adapter.lm
-    widths = padded_widths(src)
-    groups = part.groups()
-    padded = any(widths[g.id] != src.counts[g.id] for g in groups)
-    pad_(src.model, groups, src.counts, widths)
-    kinds = {g.kind: widths[g.id] for g in groups}
-    set_decoder_widths_(src.model.config, src.keys, part, kinds["lm_heads"], kinds["lm_mlp"])
+    padded, stated = False, {}
+    for part in src.adapter.parts:
+        kinds = part_widths(part, src.counts, src.keys)
+        groups = part.groups()
+        widths = {g.id: kinds[g.kind] for g in groups}
+        padded |= any(widths[g.id] != src.counts[g.id] for g in groups)
+        pad_(src.model, groups, src.counts, widths)
+        stated.update({f"{part.modality}.{k}": v for k, v in set_widths_(part, src.keys, kinds).items()
+                       if not k.endswith("head_dim")})
     exported = count(src.model)
     with staged_output(out, is_dir=True) as tmp:
         src.model.save_pretrained(str(tmp))
         for f in src.processor_files():
             shutil.copy2(f, tmp / f.name)
-    return build_report(src, "hf", out, pruned, exported, padded=padded,
-                        widths={"kv_heads": kinds["lm_heads"], "attention_heads": kinds["lm_heads"] * part.per_group,
-                                "intermediate_size": kinds["lm_mlp"]})
+    return build_report(src, "hf", out, pruned, exported, padded=padded, widths=stated)

@@ -23,12 +23,14 @@ class DecoderWidthKeys:
 
 
 LLAMA_KEYS = DecoderWidthKeys()
+CLIP_KEYS = DecoderWidthKeys(kv_heads="num_attention_heads", head_dim="")  # CLIP derives head_dim = hidden / heads
 
-# model_type of a plain causal LM -> (its width keys, the formats that hold it)
+# model_type -> (the width keys of its language model, the formats that hold it); LLaVA's vision tower: CLIP_KEYS
 CAUSAL_LM_EXPORTS: dict[str, tuple[DecoderWidthKeys, tuple[str, ...]]] = {
     "llama": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
     "mistral": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
     "qwen2": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
+    "llava": (LLAMA_KEYS, ("hf",)),
 }
 
 

@@ -1,0 +1,66 @@
+"""The GGUF export run by llama.cpp itself (llama-cpp-python): its logits within 1e-4 of PyTorch's with F32 weights
+and an F32 KV cache (never its default F16 cache, ~6e-3 off alone), and the same greedy tokens, for a non-uniformly
+pruned tiny Llama and a tiny Qwen2 with q/k/v biases; the same file labelled ``llama`` fails to load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ukmp.export import export
+from ukmp.export.gguf import layer_widths, write_gguf
+from ukmp.export.source import load_source
+from ukmp.io import load_pruned
+
+llama_cpp = pytest.importorskip(
+    "llama_cpp", reason="needs llama-cpp-python (no wheel; builds from source in ~5 min): "
+                        "pip install 'ukmp[export]' llama-cpp-python==0.3.36")
+
+TOL = 1e-4  # float32 weights and KV cache; llama.cpp sums in another order than PyTorch
+GGML_TYPE_F32 = 0
+N_NEW = 6
+
+
+def _llama(path):
+    return llama_cpp.Llama(str(path), n_ctx=64, n_batch=64, logits_all=True, type_k=GGML_TYPE_F32,
+                           type_v=GGML_TYPE_F32, n_threads=1, verbose=False)
+
+
+def _greedy_torch(model, ids: list[int]) -> list[int]:
+    ids = list(ids)
+    with torch.no_grad():
+        for _ in range(N_NEW):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids
+
+
+@pytest.mark.slow  # ~2 s per case once llama-cpp-python is built
+@pytest.mark.parametrize("case", ["llama", "qwen2"])
+def test_llama_cpp_logits_and_greedy_tokens_match_pytorch(pruned_lms, tmp_path, case):
+    _, _, path, dense = pruned_lms[case]
+    export(path, "gguf", tmp_path / "m.gguf")
+    model = load_pruned(path, dtype="float32")
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(3, model.config.vocab_size, (9,), generator=g).tolist()
+    llm = _llama(tmp_path / "m.gguf")
+    llm.eval(prompt)
+    got = np.array(llm.scores[:len(prompt)])
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([prompt])).logits[0].numpy()
+        other = dense.float()(input_ids=torch.tensor([prompt])).logits[0].numpy()
+    assert np.abs(got - ref).max() <= TOL
+    assert np.abs(other - ref).max() > 1e-2  # the tolerance tells the pruned model from the dense one
+    tokens = list(prompt)
+    for _ in range(N_NEW):  # greedy through llama.cpp's KV cache
+        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([tokens[-1]])
+    assert tokens == _greedy_torch(model, prompt)
+
+
+@pytest.mark.slow
+def test_the_same_file_labelled_llama_is_refused(pruned_lms, tmp_path):
+    src = load_source(pruned_lms["llama"][2], "gguf")
+    write_gguf(src, tmp_path / "bad.gguf", "f32", "llama", layer_widths(src))  # export_gguf would refuse this
+    with pytest.raises(ValueError):
+        _llama(tmp_path / "bad.gguf")
