@@ -159,6 +159,38 @@ def test_snapped_kv_groups_on_a_llama_3_8b_shape():
     assert [snap_kv_groups(k, part, keys) for k in (1, 2, 3, 4, 5, 8)] == [1, 2, 4, 4, 8, 8]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_output_biases_of_flap_compensation(tmp_path, name):
+    """A plan's out_bias gives o_proj / down_proj a bias the dense config lacks: Llama states it with its
+    attention_bias / mlp_bias flags (the other biases they add are zero) and stays exact; Qwen2's config has no such
+    flag, so the export is refused rather than written without them (transformers would drop them on load)."""
+    from ukmp.io import save_pruned
+    from ukmp.models.build import build_tiny
+    from ukmp.testing import random_plan
+
+    model, tok = build_tiny(name=name, seed=1)
+    model = model.double()
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=3)
+    plan.out_bias = ["model.layers.0.self_attn.o_proj", "model.layers.1.mlp.down_proj"]
+    adapter.apply_(model, plan)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.bias.normal_()
+        model.model.layers[1].mlp.down_proj.bias.normal_()
+    save_pruned(model, plan, tmp_path / "p", processor=tok)
+    if name == "tiny-qwen2":
+        with pytest.raises(ValueError, match="o_proj.bias: the stock qwen2 config cannot state"):
+            export(tmp_path / "p", "hf", tmp_path / "hf")
+        assert not (tmp_path / "hf").exists()
+        return
+    export(tmp_path / "p", "hf", tmp_path / "hf")
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
+    assert served.config.attention_bias and served.config.mlp_bias
+    assert not served.model.layers[2].self_attn.q_proj.bias.any()  # the flags' other biases are zero
+    inputs = _inputs(model)
+    assert torch.equal(_logits(served, inputs), _logits(model, inputs))
+
+
 # ---------------------------------------------------------------------------------------------------- command line
 def test_cli_export_hf_prints_the_saving_kept(pruned_lms, tmp_path, capsys):
     rc = main(["export", str(pruned_lms["qwen2"][2]), "--format", "hf", "--out", str(tmp_path / "q")])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ukmp.export.source import Source, build_report, count, staged_output
-from ukmp.export.tables import CLIP_KEYS
+from ukmp.export.tables import BIAS_FLAGS, CLIP_KEYS
 from ukmp.models.parts.clip import ClipVisionPart
 
 
@@ -92,6 +92,43 @@ def pad_(model: nn.Module, groups, counts: dict[str, int], widths: dict[str, int
                     lin.out_features, lin.in_features = lin.weight.shape
 
 
+def _stock_tensors(model: nn.Module) -> dict[str, tuple]:
+    """{name: shape} of the stock model that ``model.config`` describes (built on meta)."""
+    with torch.device("meta"):
+        stock = type(model)(model.config)
+    return {k: tuple(v.shape) for k, v in stock.state_dict().items()}
+
+
+def fit_stock_(model: nn.Module) -> None:
+    """Make ``model``'s tensors exactly those of the stock model its config describes: biases the pruned model
+    gained (FLAP's output-bias compensation) are stated with the config's bias flags, the biases those flags add
+    elsewhere are zero; anything else that differs is a one-line error (nothing would load it back faithfully)."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stock = _stock_tensors(model)
+    extra = [k for k in ours if k not in stock]
+    cfgs = [c for c in (model.config, getattr(model.config, "text_config", None)) if c is not None]
+    for k in extra:
+        flag = next((f for block, f in BIAS_FLAGS.items() if f".{block}." in k and k.endswith(".bias")), None)
+        cfg = next((c for c in cfgs if flag and hasattr(c, flag)), None)
+        if cfg is None:
+            raise ValueError(f"{k}: the stock {model.config.model_type} config cannot state this tensor (an output "
+                             f"bias of FLAP's compensation?); gguf and onnx hold it")
+        setattr(cfg, flag, True)
+    if extra:
+        stock = _stock_tensors(model)
+        with torch.no_grad():
+            for k in stock.keys() - ours.keys():
+                if not k.endswith(".bias"):
+                    continue
+                lin = model.get_submodule(k.rsplit(".", 1)[0])
+                lin.bias = nn.Parameter(lin.weight.new_zeros(lin.weight.shape[0]), requires_grad=False)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = sorted(k for k in ours.keys() | stock.keys() if ours.get(k) != stock.get(k))
+    if bad:
+        raise ValueError(f"{bad[0]}: shape {ours.get(bad[0])} but the stock config gives {stock.get(bad[0])} "
+                         f"({len(bad)} tensor(s) differ)")
+
+
 def export_hf(src: Source, out) -> dict[str, Any]:
     """Write ``src`` as a stock checkpoint directory at ``out`` (absent); returns what it kept of the saving."""
     import shutil
@@ -106,6 +143,7 @@ def export_hf(src: Source, out) -> dict[str, Any]:
         pad_(src.model, groups, src.counts, widths)
         stated.update({f"{part.modality}.{k}": v for k, v in set_widths_(part, src.keys, kinds).items()
                        if not k.endswith("head_dim")})
+    fit_stock_(src.model)
     exported = count(src.model)
     with staged_output(out, is_dir=True) as tmp:
         src.model.save_pretrained(str(tmp))
