@@ -44,7 +44,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, PreTrainedTokenizerFast
 jobs, inputs, out = json.loads(sys.argv[1]), load_file(sys.argv[2]), {}
 for name, path in jobs.items():
-    auto = AutoModelForImageTextToText if AutoConfig.from_pretrained(path).model_type == "llava" else AutoModelForCausalLM
+    llava = AutoConfig.from_pretrained(path).model_type == "llava"
+    auto = AutoModelForImageTextToText if llava else AutoModelForCausalLM
     model = auto.from_pretrained(path, dtype=torch.float64).eval()
     with torch.no_grad():
         out[name] = model(**{k.split(".", 1)[1]: v for k, v in inputs.items() if k.startswith(name + ".")}).logits
@@ -121,7 +122,8 @@ def test_hf_widths_are_the_widest_kept_and_snapped(pruned_lms, exported):
         w = reports[case]["widths"]
         r = model.config.num_attention_heads // model.config.num_key_value_heads
         assert w["language.intermediate_size"] == mlp
-        assert w["language.num_key_value_heads"] == (6 if case == "llama_snap" else kv)  # 5 kept heads of 96 channels: 6 for Llama
+        # 5 kept heads in 96 channels: 6 for Llama
+        assert w["language.num_key_value_heads"] == (6 if case == "llama_snap" else kv)
         if case == "llama_snap":  # why: LlamaConfig refuses 5 heads in 96 channels, head_dim or not
             with pytest.raises(Exception, match="multiple of the number of attention heads"):
                 type(model.config)(hidden_size=96, num_attention_heads=5, num_key_value_heads=5, head_dim=16)
