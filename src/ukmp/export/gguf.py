@@ -128,7 +128,13 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
           if not k.endswith("rotary_emb.inv_freq")}
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
-    n_vocab = sd["model.embed_tokens.weight"].shape[0]
+    n_vocab = src.model.get_input_embeddings().weight.shape[0]
+    rotary = {}  # q/k weight and bias names (the adapter's table) -> the head count their rows are permuted by
+    for i, lw in enumerate(widths):
+        attn = f"{part.layer_path(i)}.{part.table.attn}"
+        for p in ("weight", "bias"):
+            rotary[f"{attn}.{part.table.q}.{p}"] = lw["heads"]
+            rotary[f"{attn}.{part.table.k}.{p}"] = lw["kv_heads"]
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(src.path.name)
     w.add_block_count(part.n_layers)
@@ -150,11 +156,8 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
-        layer = key.split(".")[2] if key.startswith("model.layers.") else None
-        if layer is not None and key.endswith(("q_proj.weight", "q_proj.bias")):
-            t = permute_rotary(t, widths[int(layer)]["heads"])
-        elif layer is not None and key.endswith(("k_proj.weight", "k_proj.bias")):
-            t = permute_rotary(t, widths[int(layer)]["kv_heads"])
+        if key in rotary:
+            t = permute_rotary(t, rotary[key])
         data, qtype = _tensor_type(gguf, t.numpy(), dtype)
         w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
     w.write_header_to_file()
