@@ -10,12 +10,17 @@ import torch
 
 from ukmp.cli import main
 from ukmp.export import export
-from ukmp.export.gguf import permute_rotary, unpermute_rotary
+from ukmp.export.gguf import lm_name, permute_rotary, unpermute_rotary
 from ukmp.io import read_plan
+from ukmp.models import adapter_for
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package of the export extra: pip install 'ukmp[export]'")
 
-CASES = ("llama", "qwen2", "llama_uniform")
+CASES = ("llama", "qwen2", "llama_uniform", "llava")  # LLaVA: its language model
+
+
+def _text_config(model):
+    return getattr(model.config, "text_config", model.config)
 
 
 def _fields(reader, arch: str) -> dict:
@@ -33,14 +38,15 @@ def files(pruned_lms, tmp_path_factory):
 def test_per_layer_arrays_equal_the_plan(pruned_lms, files, case):
     model, _, path, _ = pruned_lms[case]
     plan, f = read_plan(path), _fields(files[case][1], "deci")
-    r = model.config.num_attention_heads // model.config.num_key_value_heads
-    n = model.config.num_hidden_layers
+    cfg = _text_config(model)
+    r = cfg.num_attention_heads // cfg.num_key_value_heads
+    n = cfg.num_hidden_layers
     kv = [len(plan.keep[f"lm.layers.{i}.attn"]) for i in range(n)]
     assert f["feed_forward_length"] == [len(plan.keep[f"lm.layers.{i}.mlp"]) for i in range(n)]
     assert f["attention.head_count_kv"] == kv
     assert f["attention.head_count"] == [k * r for k in kv]
     assert f["attention.key_length"] == f["attention.value_length"] == f["rope.dimension_count"] == 16
-    assert f["block_count"] == n and f["embedding_length"] == model.config.hidden_size
+    assert f["block_count"] == n and f["embedding_length"] == cfg.hidden_size
     if case != "llama_uniform":  # the plans are really non-uniform: plain llama could not hold them
         assert len(set(f["feed_forward_length"])) > 1
 
@@ -49,9 +55,11 @@ def test_per_layer_arrays_equal_the_plan(pruned_lms, files, case):
 def test_tensor_shapes_match_and_rotary_permutation_undoes_bit_for_bit(pruned_lms, files, case):
     model = pruned_lms[case][0]
     reader = files[case][1]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, model.config.num_hidden_layers)
-    sd = {names.get_name(k, try_suffixes=(".weight", ".bias")): v.float()
-          for k, v in model.state_dict().items() if not k.endswith("inv_freq")}
+    n = _text_config(model).num_hidden_layers
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, n)
+    part = adapter_for(model).lm
+    sd = {names.get_name(lm_name(part, k), try_suffixes=(".weight", ".bias")): v.float()
+          for k, v in model.state_dict().items() if lm_name(part, k) and not k.endswith("inv_freq")}
     tensors = {t.name: t for t in reader.tensors}
     assert sorted(tensors) == sorted(sd)
     heads = _fields(reader, "deci")
@@ -69,7 +77,6 @@ def test_tensor_shapes_match_and_rotary_permutation_undoes_bit_for_bit(pruned_lm
         assert torch.equal(unpermute_rotary(got, n_head), sd[name]), name  # bit for bit
         assert not torch.equal(got, sd[name])  # the permutation did move rows
         permuted += 1
-    n = model.config.num_hidden_layers
     assert permuted == n * (4 if case == "qwen2" else 2)  # q and k weights (and Qwen2's q/k biases) of each layer
 
 

@@ -1,6 +1,7 @@
 """The GGUF export run by llama.cpp itself (llama-cpp-python): its logits within 1e-4 of PyTorch's with F32 weights
 and an F32 KV cache (never its default F16 cache, ~6e-3 off alone), and the same greedy tokens, for a non-uniformly
-pruned tiny Llama and a tiny Qwen2 with q/k/v biases; the same file labelled ``llama`` fails to load."""
+pruned tiny Llama and a tiny Qwen2 with q/k/v biases and the language model of a tiny LLaVA; the same file labelled ``llama`` fails to
+load."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def _llama(path):
 def _prompt_logits(path, model) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(llama.cpp's, PyTorch's) logits of one 9-token prompt, and the prompt."""
     g = torch.Generator().manual_seed(5)
-    prompt = torch.randint(3, model.config.vocab_size, (9,), generator=g).tolist()
+    vocab = getattr(model.config, "text_config", model.config).vocab_size
+    prompt = torch.randint(3, min(vocab, 150), (9,), generator=g).tolist()  # below LLaVA's image token
     llm = _llama(path)
     llm.eval(prompt)
     with torch.no_grad():
@@ -47,7 +49,7 @@ def _greedy_torch(model, ids: list[int]) -> list[int]:
 
 
 @pytest.mark.slow  # ~2 s per case once llama-cpp-python is built
-@pytest.mark.parametrize("case", ["llama", "qwen2"])
+@pytest.mark.parametrize("case", ["llama", "qwen2", "llava"])  # LLaVA: its language model, on text
 def test_llama_cpp_logits_and_greedy_tokens_match_pytorch(pruned_lms, tmp_path, case, monkeypatch):
     _, _, path, dense = pruned_lms[case]
     export(path, "gguf", tmp_path / "m.gguf")

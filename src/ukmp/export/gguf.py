@@ -1,5 +1,5 @@
-"""``gguf``: a pruned Llama-family LM (Llama, Mistral, Qwen2) as a llama.cpp GGUF file, written with the ``gguf``
-package (the ``export`` extra).
+"""``gguf``: a pruned Llama-family LM (Llama, Mistral, Qwen2; of LLaVA, its language model) as a llama.cpp GGUF
+file, written with the ``gguf`` package (the ``export`` extra).
 
 llama.cpp reads per-layer ``feed_forward_length``, ``attention.head_count`` and ``attention.head_count_kv`` arrays,
 but only some graphs build each layer from its own widths: the plain ``llama`` graph sizes every layer from layer 0,
@@ -54,6 +54,15 @@ def layer_widths(src: Source) -> list[dict[str, int]]:
     return out
 
 
+def lm_name(part, key: str) -> str | None:
+    """``key`` of the whole model's state dict under the name it has in a plain causal LM (``model.layers.0...``,
+    ``lm_head.weight``), which the gguf package's table maps; ``None`` for tensors outside the language model (a
+    VLM's vision tower and projector)."""
+    if not part.prefix or key == "lm_head.weight":
+        return key
+    return "model." + key[len(part.prefix) + 1:] if key.startswith(part.prefix + ".") else None
+
+
 def _rope_theta(config) -> float:
     rp = getattr(config, "rope_parameters", None) or {}
     kind = rp.get("rope_type", "default")
@@ -78,7 +87,8 @@ def check_dtype(src: Source | None, dtype: str) -> None:
         raise ValueError(f"--dtype: {dtype!r} is not one of f32, f16, q8_0 for gguf")
     if dtype == "q8_0" and src is not None:
         bad = sorted({f"{n} ({m.in_features})" for n, m in src.model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and m.in_features % QUANT_BLOCK})
+                      if isinstance(m, torch.nn.Linear) and m.in_features % QUANT_BLOCK
+                      and lm_name(src.adapter.lm, n + ".weight")})
         if bad:
             raise ValueError(f"--dtype q8_0: row widths must be multiples of {QUANT_BLOCK}; not: {', '.join(bad[:4])}"
                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
@@ -119,19 +129,20 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
     """Write the GGUF file at ``path`` as ``arch`` without checking that ``arch``'s graph can hold the widths (the
     tests write a mislabelled file with it, to see llama.cpp refuse it)."""
     gguf = require_gguf()
-    cfg, part = src.model.config, src.adapter.lm
+    part = src.adapter.lm
+    cfg = part.config  # the language model's (LLaVA: text_config)
     per_layer = (lambda key: [w[key] for w in widths]) if arch == "deci" else (lambda key: widths[0][key])
     theta = _rope_theta(cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
                                      part.n_layers)
-    sd = {k: v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
-          if not k.endswith("rotary_emb.inv_freq")}
+    sd = {lm_name(part, k): v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
+          if lm_name(part, k) and not k.endswith("rotary_emb.inv_freq")}
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
     n_vocab = src.model.get_input_embeddings().weight.shape[0]
     rotary = {}  # q/k weight and bias names (the adapter's table) -> the head count their rows are permuted by
     for i, lw in enumerate(widths):
-        attn = f"{part.layer_path(i)}.{part.table.attn}"
+        attn = lm_name(part, f"{part.layer_path(i)}.{part.table.attn}")
         for p in ("weight", "bias"):
             rotary[f"{attn}.{part.table.q}.{p}"] = lw["heads"]
             rotary[f"{attn}.{part.table.k}.{p}"] = lw["kv_heads"]
@@ -172,7 +183,7 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
     if arch not in ARCHES:
         raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
     check_dtype(src, dtype)
-    cfg = src.model.config
+    cfg = src.adapter.lm.config
     _rope_theta(cfg)
     widths = layer_widths(src)
     uniform = all(w == widths[0] for w in widths)
@@ -183,6 +194,8 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
     with staged_output(out, is_dir=False) as tmp:
         write_gguf(src, tmp, dtype, arch, widths)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths,
-                        notes=[f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"]
-                        if window else [])
+    notes = [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else []
+    if src.adapter.lm.prefix:
+        notes.append("the language model only: the vision tower and projector are not written (no mmproj yet); "
+                     "the counts above are of the whole model")
+    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths, notes=notes)

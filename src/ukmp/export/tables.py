@@ -34,7 +34,7 @@ CAUSAL_LM_EXPORTS: dict[str, tuple[DecoderWidthKeys, tuple[str, ...]]] = {
     "llama": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
     "mistral": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
     "qwen2": (LLAMA_KEYS, ("hf", "gguf", "onnx")),
-    "llava": (LLAMA_KEYS, ("hf",)),
+    "llava": (LLAMA_KEYS, ("hf", "gguf")),  # gguf: the language model alone
 }
 
 
