@@ -24,8 +24,8 @@ class DecoderWidthKeys:
 
 LLAMA_KEYS = DecoderWidthKeys()
 # config flags that give every Linear of a block a bias (zero where the pruned model has none): how a stock config
-# states the output biases FLAP's compensation adds (Llama, Mistral: o_proj via attention_bias, down_proj via
-# mlp_bias); a family whose config has no such flag (Qwen2) is refused
+# states the output biases FLAP's compensation adds (Llama, Mistral: the attention output via attention_bias, the MLP
+# output via mlp_bias); a family whose config has no such flag (Qwen2) is refused
 BIAS_FLAGS = {"self_attn": "attention_bias", "mlp": "mlp_bias"}
 CLIP_KEYS = DecoderWidthKeys(kv_heads="num_attention_heads", head_dim="")  # CLIP derives head_dim = hidden / heads
 
