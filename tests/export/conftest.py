@@ -89,6 +89,36 @@ def pruned_lms(tmp_path_factory):
     return {case: _make_pruned(root, case) for case in CASES}
 
 
+def byte_level_bpe():
+    """A byte-level BPE tokenizer (GPT-2 / SmolLM2 style) of 300 tokens trained now, offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["a photo of a cat sitting on a red couch", "a dog running on the green grass"] * 4,
+                            trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def bpe_pruned(tmp_path_factory):
+    """(pruned tiny Llama of 320 tokens, its byte-level BPE tokenizer, its directory)."""
+    d = json.loads(shipped_config_path("tiny-llama").read_text())
+    d["vocab_size"] = 320
+    model = build_model(config_from_dict(d), seed=8)
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=8)
+    adapter.apply_(model, plan)
+    tok = byte_level_bpe()
+    path = tmp_path_factory.mktemp("bpe") / "pruned"
+    save_pruned(model, plan, path, processor=tok)
+    return model, tok, path
+
+
 @pytest.fixture(scope="session")
 def make_pruned():
     """``make_pruned(root, case, dtype)``: one case built on demand (another dtype)."""

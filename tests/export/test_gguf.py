@@ -98,6 +98,22 @@ def test_tokenizer_travels_padded_to_the_vocabulary(pruned_lms, files):
     assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id and f["tokenizer.ggml.unknown_token_id"] == 2
 
 
+def test_byte_level_bpe_tokenizer_travels_with_its_merges(bpe_pruned, tmp_path):
+    import json
+
+    _, tok, path = bpe_pruned
+    export(path, "gguf", tmp_path / "b.gguf")
+    f = _fields(gguf.GGUFReader(tmp_path / "b.gguf"), "deci")
+    assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == 320
+    assert f["tokenizer.ggml.tokens"][:300] == tok.convert_ids_to_tokens(list(range(300)))
+    merges = json.loads((path / "tokenizer.json").read_text())["model"]["merges"]
+    assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges] and len(merges) > 10
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    assert f["tokenizer.ggml.eos_token_id"] == eos
+    assert f["tokenizer.ggml.token_type"][eos] == gguf.TokenType.CONTROL
+    assert f["tokenizer.ggml.token_type"][305] == gguf.TokenType.UNUSED
+
+
 def test_uniform_plan_as_plain_llama_and_q8_0(pruned_lms, tmp_path):
     path = pruned_lms["llama_uniform"][2]
     export(path, "gguf", tmp_path / "u.gguf", gguf_arch="llama")

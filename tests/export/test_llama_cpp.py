@@ -84,3 +84,16 @@ def test_the_same_file_labelled_llama_is_refused(pruned_lms, tmp_path):
     export(path, "gguf", tmp_path / "uniform.gguf", gguf_arch="llama")
     got, ref, _ = _prompt_logits(tmp_path / "uniform.gguf", load_pruned(path, dtype="float32"))
     assert np.abs(got - ref).max() <= TOL
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_the_byte_level_bpe_tokenizer(bpe_pruned, tmp_path):
+    """The same ids as the HF tokenizer for plain text (llama.cpp splits with its default pre-tokenizer: no
+    ``tokenizer.ggml.pre`` is written), and the model's logits within 1e-4."""
+    model, tok, path = bpe_pruned
+    export(path, "gguf", tmp_path / "b.gguf")
+    llm = llama_cpp.Llama(str(tmp_path / "b.gguf"), n_ctx=64, vocab_only=True, verbose=False)
+    text = "a photo of a cat sitting on the green grass"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
+    got, ref, _ = _prompt_logits(tmp_path / "b.gguf", load_pruned(path, dtype="float32"))
+    assert np.abs(got - ref).max() <= TOL

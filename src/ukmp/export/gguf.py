@@ -7,8 +7,8 @@ the ``deci`` graph (DeciLM / Nemotron-NAS) from its own. So a non-uniformly prun
 those arrays and an explicit key/value head size; a uniformly pruned one may also be written as ``llama``. Both use
 llama.cpp's interleaved rotary layout, so q/k rows (and biases) are permuted per layer as its converter does for
 Llama (:func:`permute_rotary`; :func:`unpermute_rotary` undoes it). Tensor names come from the ``gguf`` package's
-own HF-to-GGUF name table. The tokenizer (``tokenizer.json`` of the pruned directory; a Unigram model becomes
-llama.cpp's ``t5`` tokenizer) is padded with unused tokens to the embedding's vocabulary size.
+own HF-to-GGUF name table. The tokenizer (``tokenizer.json`` of the pruned directory: Unigram or byte-level BPE) is
+padded with unused tokens to the embedding's vocabulary size.
 """
 
 from __future__ import annotations
@@ -94,34 +94,46 @@ def check_dtype(src: Source | None, dtype: str) -> None:
                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
 
 
+def _is_byte_level(tok: dict) -> bool:
+    pre = tok.get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" or any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
+
+
 def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
-    """The pruned directory's ``tokenizer.json`` (Unigram -> llama.cpp's ``t5`` tokenizer), padded to ``n_vocab``
-    with unused tokens; special ids and add-bos/eos from its config files (the ``gguf`` package's SpecialVocab)."""
+    """The pruned directory's ``tokenizer.json`` as llama.cpp reads it: a Unigram model as its ``t5`` tokenizer, a
+    byte-level BPE as its ``gpt2`` one (merges included; no ``tokenizer.ggml.pre``, so llama.cpp splits text with its
+    default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
+    add-bos/eos from the config files (the ``gguf`` package's SpecialVocab)."""
     path = src.path / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no tokenizer (save the pruned model with its tokenizer)")
     tok = json.loads(path.read_text())
     model = tok.get("model", {})
-    if model.get("type") != "Unigram":
-        raise ValueError(f"{path}: tokenizer model {model.get('type')!r} is not written to GGUF by ukmp yet "
-                         f"(Unigram only)")
-    pieces = [p for p, _ in model["vocab"]]
-    scores = [float(s) for _, s in model["vocab"]]
-    special = {a["id"] for a in tok.get("added_tokens", []) if a.get("special")}
-    unk = model.get("unk_id")
+    kind = model.get("type")
+    if kind == "Unigram":
+        vocab = {i: (p, float(sc)) for i, (p, sc) in enumerate(model["vocab"])}
+    elif kind == "BPE" and _is_byte_level(tok):
+        vocab = {i: (p, 0.0) for p, i in model["vocab"].items()}
+    else:
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not written to GGUF by ukmp yet (Unigram or "
+                         f"byte-level BPE)")
     T = gguf.TokenType
-    types = [T.UNKNOWN if i == unk else T.CONTROL if i in special else T.NORMAL for i in range(len(pieces))]
-    if len(pieces) > n_vocab:
-        raise ValueError(f"{path}: {len(pieces)} tokens but the embeddings hold {n_vocab}")
-    for i in range(len(pieces), n_vocab):
-        pieces.append(f"[PAD{i}]")
-        scores.append(-1e4)
-        types.append(T.UNUSED)
-    writer.add_tokenizer_model("t5")
-    writer.add_token_list(pieces)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_add_bos_token(False)
+    types = {i: T.UNKNOWN if i == model.get("unk_id") else T.NORMAL for i in vocab}
+    for a in tok.get("added_tokens", []):
+        vocab[a["id"]] = (a["content"], 0.0)
+        types[a["id"]] = T.CONTROL if a.get("special") else T.USER_DEFINED
+    if max(vocab) >= n_vocab:
+        raise ValueError(f"{path}: token id {max(vocab)} but the embeddings hold {n_vocab}")
+    pad = [(f"[PAD{i}]", -1e4) for i in range(n_vocab)]
+    pieces = [vocab.get(i, pad[i]) for i in range(n_vocab)]
+    writer.add_tokenizer_model("t5" if kind == "Unigram" else "gpt2")
+    writer.add_token_list([p for p, _ in pieces])
+    writer.add_token_scores([sc for _, sc in pieces])
+    writer.add_token_types([types.get(i, T.UNUSED) for i in range(n_vocab)])
+    if kind == "Unigram":
+        writer.add_add_bos_token(False)
+    else:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
     gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
 
 
