@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "that keeps), gguf (llama.cpp), onnx (ONNX Runtime). OUT must not exist.")
     s.add_argument("model", help="a ukmp pruned model directory (plan.json + model.safetensors)")
     s.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"])
-    s.add_argument("--out", required=True, help="output path (a directory for hf, a file otherwise); must not exist")
+    s.add_argument("--out", required=True, help="output path (a directory for hf and onnx, a .gguf file for gguf); "
+                                                "must not exist")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="weight type (default: as stored for hf, "
                                                                            "f32 otherwise)")
     s.add_argument("--gguf-arch", default="deci", choices=["deci", "llama"],

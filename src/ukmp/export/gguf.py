@@ -14,6 +14,7 @@ padded with unused tokens to the embedding's vocabulary size.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import numpy as np
@@ -203,8 +204,14 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
         raise ValueError(f"--gguf-arch llama: llama.cpp's llama graph sizes every layer from layer 0, but the layers "
                          f"differ (ffn {[w['ffn'] for w in widths]}, kv heads {[w['kv_heads'] for w in widths]}); "
                          f"write it as deci")
-    with staged_output(out, is_dir=False) as tmp:
-        write_gguf(src, tmp, dtype, arch, widths)
+    writer_log = logging.getLogger("gguf.gguf_writer")  # its INFO lines name the temporary file
+    level = writer_log.level
+    writer_log.setLevel(logging.WARNING)
+    try:
+        with staged_output(out, is_dir=False) as tmp:
+            write_gguf(src, tmp, dtype, arch, widths)
+    finally:
+        writer_log.setLevel(level)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     notes = [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else []
     if src.adapter.lm.prefix:
