@@ -231,6 +231,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from ukmp.export import export, format_report
+
+    try:
+        report = export(args.model, args.format, args.out, dtype=args.dtype, gguf_arch=args.gguf_arch)
+    except ImportError as e:  # an optional package of the export extra: one line, exit 2 like other bad input
+        raise ValueError(str(e)) from None
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 class _ShippedConfigsFormatter(argparse.HelpFormatter):
     """Fills ``{shipped}`` in a help text with the shipped config names when the help is printed: reading them imports
     torch, which parsing and config validation must not (a bad value fails in a fraction of a second)."""
@@ -362,6 +373,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--structure-only", action="store_true",
                    help="only prune with a random plan, save, reload and generate (8.5 s, mostly imports)")
     s.set_defaults(func=_cmd_demo)
+
+    s = sub.add_parser("export", help="write a pruned model for a serving engine (hf, gguf, onnx)",
+                       description="Export a pruned model directory for serving: hf (stock transformers checkpoint, "
+                                   "every layer zero-padded to the widest kept width; prints how much of the saving "
+                                   "that keeps), gguf (llama.cpp), onnx (ONNX Runtime). OUT must not exist.")
+    s.add_argument("model", help="a ukmp pruned model directory (plan.json + model.safetensors)")
+    s.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"])
+    s.add_argument("--out", required=True, help="output path (a directory for hf and onnx, a .gguf file for gguf); "
+                                                "must not exist")
+    s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="weight type (default: as stored for hf, "
+                                                                           "f32 otherwise)")
+    s.add_argument("--gguf-arch", default="deci", choices=["deci", "llama"],
+                   help="GGUF architecture: deci (per-layer widths, any plan; default) or llama (uniform plans)")
+    s.add_argument("--json", action="store_true", help="print the report as JSON")
+    s.set_defaults(func=_cmd_export)
     return p
 
 

@@ -66,7 +66,7 @@ def test_run_without_config_refuses_in_one_line(tmp_path, monkeypatch, capsys):
 def test_every_subcommand_has_a_description():
     parser = build_parser()
     subs = next(a for a in parser._actions if a.dest == "command").choices
-    assert set(subs) == {"inspect", "run", "prune", "plan", "eval", "finetune", "compare", "demo"}
+    assert set(subs) == {"inspect", "run", "prune", "plan", "eval", "finetune", "compare", "demo", "export"}
     for name, sp in subs.items():
         assert sp.description and len(sp.description) > 40, name
 

@@ -1,0 +1,68 @@
+"""Pruned models in the formats serving engines load: ``hf`` (stock transformers, zero-padded), ``gguf``
+(llama.cpp) and ``onnx`` (ONNX Runtime).
+
+Every export derives from a ukmp pruned-model directory (``plan.json`` + ``model.safetensors``, the canonical
+artifact); bad input (no pruned model, a family the format cannot hold, an existing output) is refused in one line
+before anything is written, and an output appears only when complete::
+
+    from ukmp.export import export
+    report = export("outputs/run/prune/model", "hf", "served/llama-pruned")
+    report["saving_kept"]   # {"params": 0.41, "flops_per_token": 0.40}: what the padded shape keeps of the saving
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ukmp.export.tables import FORMATS, formats_for  # noqa: F401  (re-exported)
+
+HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
+
+
+def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: str | None = None,
+           gguf_arch: str = "deci") -> dict[str, Any]:
+    """Export the pruned model directory ``source`` as ``fmt`` to ``out`` (which must not exist); returns a report
+    (parameters and per-token FLOPs of the dense, pruned and exported models, and the share of the saving kept).
+
+    ``dtype``: hf ``f32|f16|bf16`` (default: as stored), gguf ``f32|f16|q8_0`` (default f32). ``gguf_arch``:
+    ``deci`` (any plan) or ``llama`` (uniformly pruned models only)."""
+    from ukmp.export.source import check_output, check_source, load_source
+
+    check_source(source, fmt)
+    out = check_output(out)
+    if fmt == "hf":
+        if dtype is not None and dtype not in HF_DTYPES:
+            raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(HF_DTYPES)} for hf")
+        from ukmp.export.hf import export_hf
+
+        return export_hf(load_source(source, fmt, HF_DTYPES.get(dtype or "")), out)
+    if fmt == "gguf":
+        from ukmp.export.gguf import check_dtype, export_gguf, require_gguf
+
+        require_gguf()
+        dtype = dtype or "f32"
+        check_dtype(None, dtype)
+        return export_gguf(load_source(source, fmt), out, dtype=dtype, arch=gguf_arch)
+    from ukmp.export.onnx import export_onnx, require_onnx
+
+    require_onnx()
+    if dtype not in (None, "f32"):
+        raise ValueError(f"--dtype: {dtype!r}; onnx is written in f32 only")
+    return export_onnx(load_source(source, fmt, "float32"), out)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report in a few lines for the command line."""
+    lines = [f"wrote {report['out']} ({report['format']}" + (f", {report['arch']}, {report['dtype']}"
+                                                              if report.get("arch") else "") + ")"]
+    if report.get("widths"):
+        lines.append("widths: " + ", ".join(f"{k} {v}" for k, v in report["widths"].items())
+                     + (" (zero-padded to the widest kept layer)" if report.get("padded") else " (no padding)"))
+    for key, label in (("params", "parameters"), ("flops_per_token", "Linear FLOPs per token")):
+        c = report.get(key)
+        if c:
+            lines.append(f"{label}: dense {c['dense']:,}, pruned {c['pruned']:,}, exported {c['exported']:,} "
+                         f"(keeps {100 * report['saving_kept'][key]:.1f} % of the saving)")
+    lines += [f"note: {n}" for n in report.get("notes", [])]
+    return "\n".join(lines)

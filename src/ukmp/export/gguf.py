@@ -1,0 +1,220 @@
+"""``gguf``: a pruned Llama-family LM (Llama, Mistral, Qwen2; of LLaVA, its language model) as a llama.cpp GGUF
+file, written with the ``gguf`` package (the ``export`` extra).
+
+llama.cpp reads per-layer ``feed_forward_length``, ``attention.head_count`` and ``attention.head_count_kv`` arrays,
+but only some graphs build each layer from its own widths: the plain ``llama`` graph sizes every layer from layer 0,
+the ``deci`` graph (DeciLM / Nemotron-NAS) from its own. So a non-uniformly pruned model is written as ``deci`` with
+those arrays and an explicit key/value head size; a uniformly pruned one may also be written as ``llama``. Both use
+llama.cpp's interleaved rotary layout, so q/k rows (and biases) are permuted per layer as its converter does for
+Llama (:func:`permute_rotary`; :func:`unpermute_rotary` undoes it). Tensor names come from the ``gguf`` package's
+own HF-to-GGUF name table. The tokenizer (``tokenizer.json`` of the pruned directory: Unigram or byte-level BPE) is
+padded with unused tokens to the embedding's vocabulary size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from ukmp.export.source import Source, build_report, staged_output
+
+EXTRA_HINT = "pip install 'ukmp[export]'"
+ARCHES = ("deci", "llama")
+QUANT_BLOCK = 32  # q8_0 rows are blocks of 32 values
+
+
+def require_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"--format gguf needs the gguf package: {EXTRA_HINT}") from None
+    return gguf
+
+
+def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """HF's half-split rotary rows of each head -> llama.cpp's interleaved pairs (rows of a weight or a bias)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """The inverse of :func:`permute_rotary`."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def layer_widths(src: Source) -> list[dict[str, int]]:
+    """Per layer: kept query heads, KV heads and MLP channels (from the pruned weights)."""
+    part = src.adapter.lm
+    out = []
+    for i in range(part.n_layers):
+        kv = src.counts[f"{part.gid}.layers.{i}.attn"]
+        out.append({"heads": kv * part.per_group, "kv_heads": kv, "ffn": src.counts[f"{part.gid}.layers.{i}.mlp"]})
+    return out
+
+
+def lm_name(part, key: str) -> str | None:
+    """``key`` of the whole model's state dict under the name it has in a plain causal LM (``model.layers.0...``,
+    ``lm_head.weight``), which the gguf package's table maps; ``None`` for tensors outside the language model (a
+    VLM's vision tower and projector)."""
+    if not part.prefix or key == "lm_head.weight":
+        return key
+    return "model." + key[len(part.prefix) + 1:] if key.startswith(part.prefix + ".") else None
+
+
+def _rope_theta(config) -> float:
+    rp = getattr(config, "rope_parameters", None) or {}
+    kind = rp.get("rope_type", "default")
+    if kind != "default":
+        raise ValueError(f"model config: rope type {kind!r} is not written to GGUF by ukmp yet (default only)")
+    return float(rp.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _tensor_type(gguf, t: np.ndarray, dtype: str):
+    """(array, GGML type) of one tensor: 1-D tensors (norms, biases) stay F32, as llama.cpp expects."""
+    if t.ndim == 1 or dtype == "f32":
+        return t.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if dtype == "f16":
+        return t.astype(np.float16), gguf.GGMLQuantizationType.F16
+    q = gguf.GGMLQuantizationType.Q8_0
+    return gguf.quants.quantize(t.astype(np.float32), q), q
+
+
+def check_dtype(src: Source | None, dtype: str) -> None:
+    """``dtype`` is one GGUF can hold; for q8_0, every row width of ``src`` (when given) is a multiple of 32."""
+    if dtype not in ("f32", "f16", "q8_0"):
+        raise ValueError(f"--dtype: {dtype!r} is not one of f32, f16, q8_0 for gguf")
+    if dtype == "q8_0" and src is not None:
+        bad = sorted({f"{n} ({m.in_features})" for n, m in src.model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and m.in_features % QUANT_BLOCK
+                      and lm_name(src.adapter.lm, n + ".weight")})
+        if bad:
+            raise ValueError(f"--dtype q8_0: row widths must be multiples of {QUANT_BLOCK}; not: {', '.join(bad[:4])}"
+                             + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+
+
+def _is_byte_level(tok: dict) -> bool:
+    pre = tok.get("pre_tokenizer") or {}
+    return pre.get("type") == "ByteLevel" or any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
+
+
+def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
+    """The pruned directory's ``tokenizer.json`` as llama.cpp reads it: a Unigram model as its ``t5`` tokenizer, a
+    byte-level BPE as its ``gpt2`` one (merges included; no ``tokenizer.ggml.pre``, so llama.cpp splits text with its
+    default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
+    add-bos/eos from the config files (the ``gguf`` package's SpecialVocab)."""
+    path = src.path / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer (save the pruned model with its tokenizer)")
+    tok = json.loads(path.read_text())
+    model = tok.get("model", {})
+    kind = model.get("type")
+    if kind == "Unigram":
+        vocab = {i: (p, float(sc)) for i, (p, sc) in enumerate(model["vocab"])}
+    elif kind == "BPE" and _is_byte_level(tok):
+        vocab = {i: (p, 0.0) for p, i in model["vocab"].items()}
+    else:
+        raise ValueError(f"{path}: tokenizer model {kind!r} is not written to GGUF by ukmp yet (Unigram or "
+                         f"byte-level BPE)")
+    T = gguf.TokenType
+    types = {i: T.UNKNOWN if i == model.get("unk_id") else T.NORMAL for i in vocab}
+    for a in tok.get("added_tokens", []):
+        vocab[a["id"]] = (a["content"], 0.0)
+        types[a["id"]] = T.CONTROL if a.get("special") else T.USER_DEFINED
+    if max(vocab) >= n_vocab:
+        raise ValueError(f"{path}: token id {max(vocab)} but the embeddings hold {n_vocab}")
+    pad = [(f"[PAD{i}]", -1e4) for i in range(n_vocab)]
+    pieces = [vocab.get(i, pad[i]) for i in range(n_vocab)]
+    writer.add_tokenizer_model("t5" if kind == "Unigram" else "gpt2")
+    writer.add_token_list([p for p, _ in pieces])
+    writer.add_token_scores([sc for _, sc in pieces])
+    writer.add_token_types([types.get(i, T.UNUSED) for i in range(n_vocab)])
+    if kind == "Unigram":
+        writer.add_add_bos_token(False)
+    else:
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
+
+
+def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, int]]) -> None:
+    """Write the GGUF file at ``path`` as ``arch`` without checking that ``arch``'s graph can hold the widths (the
+    tests write a mislabelled file with it, to see llama.cpp refuse it)."""
+    gguf = require_gguf()
+    part = src.adapter.lm
+    cfg = part.config  # the language model's (LLaVA: text_config)
+    per_layer = (lambda key: [w[key] for w in widths]) if arch == "deci" else (lambda key: widths[0][key])
+    theta = _rope_theta(cfg)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
+                                     part.n_layers)
+    sd = {lm_name(part, k): v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
+          if lm_name(part, k) and not k.endswith("rotary_emb.inv_freq")}
+    if getattr(cfg, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
+    n_vocab = src.model.get_input_embeddings().weight.shape[0]
+    rotary = {}  # q/k weight and bias names (the adapter's table) -> the head count their rows are permuted by
+    for i, lw in enumerate(widths):
+        attn = lm_name(part, f"{part.layer_path(i)}.{part.table.attn}")
+        for p in ("weight", "bias"):
+            rotary[f"{attn}.{part.table.q}.{p}"] = lw["heads"]
+            rotary[f"{attn}.{part.table.k}.{p}"] = lw["kv_heads"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(src.path.name)
+    w.add_block_count(part.n_layers)
+    w.add_context_length(int(cfg.max_position_embeddings))
+    w.add_embedding_length(part.width)
+    w.add_feed_forward_length(per_layer("ffn"))
+    w.add_head_count(per_layer("heads"))
+    w.add_head_count_kv(per_layer("kv_heads"))
+    w.add_key_length(part.head_dim)
+    w.add_value_length(part.head_dim)
+    w.add_rope_dimension_count(part.head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(n_vocab)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    add_tokenizer(gguf, w, src, n_vocab)
+    for key, t in sd.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
+        if key in rotary:
+            t = permute_rotary(t, rotary[key])
+        data, qtype = _tensor_type(gguf, t.numpy(), dtype)
+        w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
+    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+    require_gguf()
+    if arch not in ARCHES:
+        raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    check_dtype(src, dtype)
+    cfg = src.adapter.lm.config
+    _rope_theta(cfg)
+    widths = layer_widths(src)
+    uniform = all(w == widths[0] for w in widths)
+    if arch == "llama" and not uniform:
+        raise ValueError(f"--gguf-arch llama: llama.cpp's llama graph sizes every layer from layer 0, but the layers "
+                         f"differ (ffn {[w['ffn'] for w in widths]}, kv heads {[w['kv_heads'] for w in widths]}); "
+                         f"write it as deci")
+    writer_log = logging.getLogger("gguf.gguf_writer")  # its INFO lines name the temporary file
+    level = writer_log.level
+    writer_log.setLevel(logging.WARNING)
+    try:
+        with staged_output(out, is_dir=False) as tmp:
+            write_gguf(src, tmp, dtype, arch, widths)
+    finally:
+        writer_log.setLevel(level)
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    notes = [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else []
+    if src.adapter.lm.prefix:
+        notes.append("the language model only: the vision tower and projector are not written (no mmproj yet); "
+                     "the counts above are of the whole model")
+    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths, notes=notes)
