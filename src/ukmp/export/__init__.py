@@ -46,9 +46,9 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
         return export_gguf(load_source(source, fmt), out, dtype=dtype, arch=gguf_arch)
     from ukmp.export.onnx import export_onnx, require_onnx
 
-    require_onnx()
-    if dtype not in (None, "f32"):
+    if dtype not in (None, "f32"):  # the arguments first: a wrong one is named whatever is installed
         raise ValueError(f"--dtype: {dtype!r}; onnx is written in f32 only")
+    require_onnx()
     return export_onnx(load_source(source, fmt, "float32"), out)
 
 
