@@ -379,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every layer zero-padded to the widest kept width; prints how much of the saving "
                                    "that keeps), gguf (llama.cpp), onnx (ONNX Runtime). OUT must not exist.")
     s.add_argument("model", help="a ukmp pruned model directory (plan.json + model.safetensors)")
-    s.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"])
+    s.add_argument("--format", required=True, choices=["hf", "gguf", "onnx"],
+                   help="hf: stock transformers checkpoint (Llama, Mistral, Qwen2, LLaVA); gguf: llama.cpp file "
+                        "(Llama-family LMs, LLaVA's LM); onnx: full-sequence logits graph (ONNX Runtime)")
     s.add_argument("--out", required=True, help="output path (a directory for hf and onnx, a .gguf file for gguf); "
                                                 "must not exist")
     s.add_argument("--dtype", choices=["f32", "f16", "bf16", "q8_0"], help="weight type (default: as stored for hf, "
