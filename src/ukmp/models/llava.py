@@ -18,36 +18,17 @@ Never pruned: the patch and position embeddings, layer norms, the projector, emb
 
 from __future__ import annotations
 
-from typing import Mapping
-
-import torch
 from torch import nn
 
-from ukmp.models.base import BatchLayout, FeatureBlock, ModelAdapter, RemovedWeights
+from ukmp.models.base import BatchLayout, FeatureBlock, RemovedWeights
 from ukmp.models.parts.clip import ClipVisionPart
+from ukmp.models.vision_decoder import VisionDecoderAdapter
 from ukmp.plan import PlanError, PruningPlan
 
 
-class LlavaAdapter(ModelAdapter):
-    layout = "decoder_only"
-    modalities = ("vision", "language")
+class LlavaAdapter(VisionDecoderAdapter):
+    vision_prefix = "model.vision_tower"
     drops_layers = True
-
-    def __init__(self, config, lm_family: str, lm_part):
-        super().__init__(config)
-        self.lm_family = lm_family
-        self.name = f"llava-{lm_family}"
-        self.vision = ClipVisionPart(config.vision_config, "model.vision_tower")
-        self.lm = lm_part
-        self.parts = [self.vision, self.lm]
-
-    def modality_of_param(self, name: str) -> str:
-        if name.startswith("lm_head."):
-            return "language"
-        return super().modality_of_param(name)
-
-    def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        return {"vision": None, "lm": batch.get("attention_mask")}
 
     def batch_layout(self) -> BatchLayout:
         vc = self.config.vision_config
@@ -56,11 +37,6 @@ class LlavaAdapter(ModelAdapter):
         return BatchLayout(decoder_only=True, image_tokens=patches + cls,
                            image_token_id=getattr(self.config, "image_token_index", None),
                            image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        """The whole model: ``model.language_model`` is a base model without ``lm_head``, and LLaVA gives the same
-        logits for text alone (no ``pixel_values``)."""
-        return model
 
     def model_class(self):
         from transformers import LlavaForConditionalGeneration

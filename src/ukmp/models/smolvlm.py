@@ -26,34 +26,13 @@ through untouched.
 from __future__ import annotations
 
 from functools import lru_cache, wraps
-from typing import Mapping
 
-import torch
-from torch import nn
-
-from ukmp.models.base import BatchLayout, ModelAdapter
-from ukmp.models.parts.clip import ClipVisionPart
+from ukmp.models.base import BatchLayout
+from ukmp.models.vision_decoder import VisionDecoderAdapter
 
 
-class SmolVLMAdapter(ModelAdapter):
-    layout = "decoder_only"
-    modalities = ("vision", "language")
-
-    def __init__(self, config, lm_family: str, lm_part):
-        super().__init__(config)
-        self.lm_family = lm_family
-        self.name = f"{config.model_type}-{lm_family}"
-        self.vision = ClipVisionPart(config.vision_config, "model.vision_model")
-        self.lm = lm_part
-        self.parts = [self.vision, self.lm]
-
-    def modality_of_param(self, name: str) -> str:
-        if name.startswith("lm_head."):
-            return "language"
-        return super().modality_of_param(name)
-
-    def stream_masks(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-        return {"vision": None, "lm": batch.get("attention_mask")}
+class SmolVLMAdapter(VisionDecoderAdapter):
+    vision_prefix = "model.vision_model"
 
     def batch_layout(self) -> BatchLayout:
         """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
@@ -62,11 +41,6 @@ class SmolVLMAdapter(ModelAdapter):
         return BatchLayout(decoder_only=True, image_tokens=_image_tokens(self.config),
                            image_token_id=getattr(self.config, "image_token_id", None),
                            image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
-
-    def language_model(self, model: nn.Module) -> nn.Module:
-        """The whole model: ``model.text_model`` is a base model without ``lm_head``, and SmolVLM gives the same
-        logits for text alone (no ``pixel_values``)."""
-        return model
 
     def model_class(self):
         return single_image_class(self.config.model_type)
