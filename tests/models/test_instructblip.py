@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from ukmp.inspect import inspect_model
 from ukmp.io import load_pruned, save_pruned
@@ -14,7 +13,7 @@ from ukmp.models import adapter_for, count_parameters
 from ukmp.models.attention import HeadPrunedInstructBlipAttention
 from ukmp.models.build import build_model, build_tiny, load_config
 from ukmp.plan import PruningPlan
-from ukmp.testing import make_inputs, random_plan
+from ukmp.testing import float64_tiny, random_plan
 
 TOL = 1e-5  # float64: a statement about structure, not about summation order
 N_NEW = 5
@@ -24,16 +23,7 @@ GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, suppress
 
 
 def _build(name: str, seed: int, impl: str = "sdpa"):
-    model, proc = build_tiny(name=name, seed=seed, attn_implementation=impl)
-    model = model.double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():  # transformers zero-initialises biases; random ones make the bias slices matter
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
-    inputs = make_inputs(model, seed=seed)
-    inputs["pixel_values"] = inputs["pixel_values"].double()
-    return model, proc, inputs
+    return float64_tiny(name, seed, impl)
 
 
 def _gen_inputs(inputs: dict) -> dict:
