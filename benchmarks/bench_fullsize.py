@@ -123,9 +123,10 @@ def run_depth(name: str, depth: int, root: Path, threads: int) -> dict[str, Any]
     ukmp = [sys.executable, "-m", "ukmp.cli"]
     run = d / "run"
     commands = {
-        "prune": [*ukmp, "prune", str(d / "run.yaml")],
+        # --force-stage: a stage left finished by an interrupted earlier call is measured again, not skipped
+        "prune": [*ukmp, "prune", str(d / "run.yaml"), "--force-stage"],
         "eval_pruned": [*ukmp, "eval", str(d / "run.yaml"), "--model", str(run / "prune" / "model")],
-        "finetune": [*ukmp, "finetune", str(d / "run.yaml")],
+        "finetune": [*ukmp, "finetune", str(d / "run.yaml"), "--force-stage"],
         "eval_finetuned": [*ukmp, "eval", str(d / "run.yaml"), "--model", str(run / "finetune" / "model")],
     }
     out: dict[str, Any] = {"config": name, "depth": depth, "parameters": params, "layers": layers, "stages": {}}
@@ -153,7 +154,8 @@ def run_variant(name: str, depth: int, root: Path, threads: int, label: str, ove
     done = d / f"variant_{label}.json"
     if done.is_file():
         return json.loads(done.read_text())
-    args = [sys.executable, "-m", "ukmp.cli", "prune", str(d / "run.yaml"), f"name=variant_{label}", *overrides]
+    args = [sys.executable, "-m", "ukmp.cli", "prune", str(d / "run.yaml"), f"name=variant_{label}", *overrides,
+            "--force-stage"]
     rc, wall, rss = run_child(args, d / f"variant_{label}.log", threads)
     out: dict[str, Any] = {"config": name, "depth": depth, "variant": label, "overrides": overrides,
                            "exit_code": rc, "seconds": round(wall, 1), "peak_rss_bytes": rss}
