@@ -348,3 +348,7 @@ def test_overshoot_problem_thresholds():
     assert overshoot_problem({**check, "achieved": 0.35, "overshoot": 0.05, "largest_unit": 0.045}, 0.005)[1]
     msg, err = overshoot_problem({**check, "achieved": 0.29, "overshoot": -0.01}, 0.005)
     assert not err and "-1.00 points" in msg  # a shortfall warns, never an error here (check_shortfall's job)
+    # a full-size model (BLIP-2 FlanT5-XL at 0.5): units of thousandths of a point are written with digits, not 0.00
+    msg, _ = overshoot_problem({**check, "target": 0.5, "achieved": 0.500037, "overshoot": 3.7e-5,
+                                "one_unit": 7.1e-7, "largest_unit": 1.3e-4}, 0.005)
+    assert "(+0.0037 points; one unit is 7.1e-05 points)" in msg

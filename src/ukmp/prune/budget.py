@@ -72,6 +72,13 @@ def ratio_check(meta: Mapping[str, Any], groups: list[PrunableGroup], total: int
             "largest_unit": max(g.params_per_unit for g in groups) / total}
 
 
+def _points(fraction: float, decimals: int) -> str:
+    """``fraction`` in percentage points, with ``decimals`` decimals, or two significant digits when that would read
+    0 (a full-size model's units are thousandths of a point)."""
+    p = 100 * fraction
+    return f"{p:.{decimals}f}" if p == 0 or abs(p) >= 10 ** -decimals else f"{p:.2g}"
+
+
 def overshoot_problem(check: Mapping[str, Any], max_overshoot: float) -> tuple[str | None, bool]:
     """``(message, is_error)``: a message when the plan lands more than one smallest unit away from its target,
     an error when it overshoots by more than both its largest unit and ``max_overshoot``."""
@@ -80,5 +87,5 @@ def overshoot_problem(check: Mapping[str, Any], max_overshoot: float) -> tuple[s
         return None, False
     what = "parameters of the whole model" if check["budget"] == "params" else "scored units"
     msg = (f"the plan removes {100 * check['achieved']:.2f}% of the {what}, target {100 * check['target']:.2f}% "
-           f"({'+' if off > 0 else ''}{100 * off:.2f} points; one unit is {100 * unit:.3f} points)")
+           f"({'+' if off > 0 else ''}{_points(off, 2)} points; one unit is {_points(unit, 3)} points)")
     return msg, off > max(float(check.get("largest_unit", unit)), max_overshoot) * (1 + 1e-9)
