@@ -138,16 +138,38 @@ def _pass_parts(model: nn.Module, groups: list[PrunableGroup], passes: int) -> l
     return partition_groups(groups, passes, weight_bytes) if passes > 1 else [list(groups)]
 
 
-def _merge_pass_stats(stats: dict[str, int], passes: list[dict[str, int]], held: list[dict[str, int]]) -> None:
+def _score_parts(model: nn.Module, parts: list[list[PrunableGroup]], make: Callable[[], Iterable[dict]],
+                 threshold: float | None, order: str, total: int | None, compute_dtype: torch.dtype | None,
+                 accumulate_on: str, label: str, hist=None, exclude_padding: bool = False, first: int = 0):
+    """One pass over ``make()`` per part, each accumulating that part's groups (``hist``, when given, is fed by
+    every forward); ``(scores, token counts per pass, accumulator bytes per pass)``. ``first``: the index of
+    ``parts[0]`` among all passes (progress labels)."""
+    from ukmp.importance.taylor import TaylorScorer, row_sparse_head
+
+    scores: dict[str, torch.Tensor] = {}
+    counts, held = [], []
+    n = first + len(parts)
+    for k, part in enumerate(parts, start=first):
+        desc = label if n == 1 else f"{label} {k + 1}/{n}"
+        with TaylorScorer(model, part, order=order, accumulate_on=accumulate_on) as scorer, row_sparse_head(model):
+            counts.append(_selected_backward(model, scorer, make(), threshold, desc, total, compute_dtype, hist,
+                                             exclude_padding))
+            scores.update(scorer.scores())
+            held.append(scorer.accumulator_bytes)
+    return scores, counts, held
+
+
+def _pass_stats(counts: list[dict[str, int]], held: list[dict[str, int]]) -> dict[str, int]:
     """Token counts must agree between passes (the same batches, the same model); the accumulators' peak over the
     passes, per device type, as the scorers measured it."""
-    if any(p != passes[0] for p in passes[1:]):
-        raise RuntimeError(f"scoring passes saw different calibration batches (token counts {passes}): the batches "
+    if any(c != counts[0] for c in counts[1:]):
+        raise RuntimeError(f"scoring passes saw different calibration batches (token counts {counts}): the batches "
                            "must be reproducible for prune.score_passes > 1")
-    stats.update(passes[0])
+    stats = dict(counts[0])
     for dev in sorted({d for h in held for d in h}):
         stats[f"accumulator_peak_bytes_{dev}"] = max(h.get(dev, 0) for h in held)
     stats["score_passes"] = len(held)
+    return stats
 
 
 def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSource, threshold: float | None,
@@ -159,21 +181,9 @@ def taylor_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSou
     call), each pass accumulating one part of the groups (:func:`~ukmp.importance.taylor.partition_groups`): the
     accumulators take 1/passes of the memory for passes times the compute. ``accumulate_on="cpu"`` keeps them in
     host memory (:class:`~ukmp.importance.taylor.TaylorScorer`)."""
-    from ukmp.importance.taylor import TaylorScorer, row_sparse_head
-
-    make = _stream(batches, passes)
-    scores: dict[str, torch.Tensor] = {}
-    counts, held = [], []
-    parts = _pass_parts(model, groups, passes)
-    for k, part in enumerate(parts):
-        desc = "taylor pass" if len(parts) == 1 else f"taylor pass {k + 1}/{len(parts)}"
-        with TaylorScorer(model, part, order=order, accumulate_on=accumulate_on) as scorer, row_sparse_head(model):
-            counts.append(_selected_backward(model, scorer, make(), threshold, desc, total, compute_dtype))
-            scores.update(scorer.scores())
-            held.append(scorer.accumulator_bytes)
-    stats: dict[str, int] = {}
-    _merge_pass_stats(stats, counts, held)
-    return {g.id: scores[g.id] for g in groups}, stats
+    scores, counts, held = _score_parts(model, _pass_parts(model, groups, passes), _stream(batches, passes),
+                                        threshold, order, total, compute_dtype, accumulate_on, "taylor pass")
+    return {g.id: scores[g.id] for g in groups}, _pass_stats(counts, held)
 
 
 def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSource, threshold: float | None,
@@ -185,31 +195,17 @@ def fused_pass(model: nn.Module, groups: list[PrunableGroup], batches: BatchSour
     forward per sample. With ``passes`` > 1 the first pass also fills the histograms, the others are Taylor only
     (see :func:`taylor_pass`)."""
     from ukmp.importance.entropy import StreamingAngleHistogram, unit_entropies
-    from ukmp.importance.taylor import TaylorScorer, row_sparse_head
 
     make = _stream(batches, passes)
     parts = _pass_parts(model, groups, passes)
+    common = (make, threshold, order, total, compute_dtype, accumulate_on, "fused pass")
     language = [g for g in groups if g.modality == "language"]
-    desc = "fused pass" if len(parts) == 1 else f"fused pass 1/{len(parts)}"
-    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist, \
-            TaylorScorer(model, parts[0], order=order, accumulate_on=accumulate_on) as scorer, \
-            row_sparse_head(model):
-        first = _selected_backward(model, scorer, make(), threshold, desc, total, compute_dtype, hist,
-                                   exclude_padding)
-        scores, entropy, held = scorer.scores(), unit_entropies(hist.entropy(), language), scorer.accumulator_bytes
-    stats: dict[str, int] = {}
-    if len(parts) == 1:
-        _merge_pass_stats(stats, [first], [held])
-        return scores, entropy, stats
-    rest = [g for part in parts[1:] for g in part]
-    more, more_stats = taylor_pass(model, rest, make, threshold, order, total, compute_dtype, len(parts) - 1,
-                                   accumulate_on)
+    with StreamingAngleHistogram(model, language, angle=angle, exclude_padding=exclude_padding) as hist:
+        scores, counts, held = _score_parts(model, parts[:1], *common, hist=hist, exclude_padding=exclude_padding)
+        entropy = unit_entropies(hist.entropy(), language)
+    more, more_counts, more_held = _score_parts(model, parts[1:], *common, first=1)
     scores.update(more)
-    _merge_pass_stats(stats, [first, {k: more_stats[k] for k in first}],
-                      [held, {k[len("accumulator_peak_bytes_"):]: v for k, v in more_stats.items()
-                              if k.startswith("accumulator_peak_bytes_")}])
-    stats["score_passes"] = len(parts)
-    return {g.id: scores[g.id] for g in groups}, entropy, stats
+    return {g.id: scores[g.id] for g in groups}, entropy, _pass_stats(counts + more_counts, held + more_held)
 
 
 # ---------------------------------------------------------------------------------------------------- methods
