@@ -88,3 +88,19 @@ def float64_tiny(name: str, seed: int, impl: str = "sdpa"):
 def unpadded(inputs: dict) -> dict:
     """``inputs`` with an all-ones attention mask (for ``generate``, which appends after the last column)."""
     return {k: v if k != "attention_mask" else torch.ones_like(v) for k, v in inputs.items()}
+
+
+def check_keep_all_bit_identical(model, inputs: dict) -> None:
+    """Applying the keep-all plan removes nothing and changes no weight and no logit, bit for bit (the slicing
+    path with nothing to slice is the identity)."""
+    from ukmp.models import adapter_for
+
+    adapter = adapter_for(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        dense = model(**inputs).logits
+        removed = adapter.apply_(model, PruningPlan.keep_all(adapter.groups()))
+        after = model(**inputs).logits
+    sd = model.state_dict()
+    assert not removed.slices and before.keys() == sd.keys() and all(torch.equal(before[k], sd[k]) for k in sd)
+    assert torch.equal(dense, after)

@@ -12,8 +12,7 @@ from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.attention import HeadPrunedInstructBlipAttention
 from ukmp.models.build import build_model, build_tiny, load_config
-from ukmp.plan import PruningPlan
-from ukmp.testing import float64_tiny, random_plan
+from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan
 
 TOL = 1e-5  # float64: a statement about structure, not about summation order
 N_NEW = 5
@@ -71,17 +70,7 @@ def test_sliced_equals_masked_and_generations(name, impl):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_keep_all_is_bit_identical(name):
     model, _, inputs = _build(name, 3)
-    adapter = adapter_for(model)
-    plan = PruningPlan.keep_all(adapter.groups())
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        dense = model(**inputs).logits
-        removed = adapter.apply_(model, plan)
-        after = model(**inputs).logits
-    assert not removed.slices
-    sd = model.state_dict()
-    assert before.keys() == sd.keys() and all(torch.equal(before[k], sd[k]) for k in before)
-    assert torch.equal(dense, after)
+    check_keep_all_bit_identical(model, inputs)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -14,7 +14,7 @@ from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, build_tiny, load_config
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import float64_tiny, random_plan
+from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan
 
 TOL = 1e-5  # float64: a statement about structure, not about summation order
 N_NEW = 5
@@ -95,15 +95,7 @@ def test_dropping_unused_layers_alone_is_bit_identical():
 
 def test_keep_all_is_bit_identical():
     model, _, inputs = _build(3)
-    adapter = adapter_for(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        dense = model(**inputs).logits
-        removed = adapter.apply_(model, PruningPlan.keep_all(adapter.groups()))
-        after = model(**inputs).logits
-    sd = model.state_dict()
-    assert not removed.slices and before.keys() == sd.keys() and all(torch.equal(before[k], sd[k]) for k in sd)
-    assert torch.equal(dense, after)
+    check_keep_all_bit_identical(model, inputs)
 
 
 def test_save_load_round_trip(tmp_path):

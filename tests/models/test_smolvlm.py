@@ -14,7 +14,7 @@ from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, config_from_dict, shipped_config_path
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import float64_tiny, random_plan, unpadded
+from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan, unpadded
 
 TOL = 1e-8  # float64, seen 0.0; vision "heads" of half the width (straddling two real heads) give 1.3e-4
 N_NEW = 5
@@ -59,15 +59,7 @@ def test_sliced_equals_masked_and_generations(impl):
 
 def test_keep_all_is_bit_identical():
     model, _, inputs = _build(3)
-    adapter = adapter_for(model)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():
-        dense = model(**inputs).logits
-        removed = adapter.apply_(model, PruningPlan.keep_all(adapter.groups()))
-        after = model(**inputs).logits
-    sd = model.state_dict()
-    assert not removed.slices and before.keys() == sd.keys() and all(torch.equal(before[k], sd[k]) for k in sd)
-    assert torch.equal(dense, after)
+    check_keep_all_bit_identical(model, inputs)
 
 
 def test_save_load_round_trip(tmp_path):
