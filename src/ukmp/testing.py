@@ -65,6 +65,18 @@ def make_inputs(model, batch: int = 2, text_len: int = 7, dec_len: int = 5, seed
     return out
 
 
+def randomize_biases_(model, seed: int) -> None:
+    """Every Linear bias drawn at random (0.1 x N(0, 1), from ``seed``): transformers zero-initialises them, and
+    random ones make the bias slices (and an export's bias padding) matter."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
+
+
 def float64_tiny(name: str, seed: int, impl: str = "sdpa"):
     """(model, processor, inputs) for exactness tests: the tiny vision-language build ``name`` in float64 with
     random Linear biases (transformers zero-initialises them; random ones make the bias slices matter) and
@@ -75,11 +87,7 @@ def float64_tiny(name: str, seed: int, impl: str = "sdpa"):
 
     model, proc = build_tiny(name=name, seed=seed, attn_implementation=impl)
     model = model.double()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
+    randomize_biases_(model, seed)
     inputs = make_inputs(model, seed=seed)
     inputs["pixel_values"] = inputs["pixel_values"].double()
     return model, proc, inputs

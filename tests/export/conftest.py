@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
-from torch import nn
 
 from ukmp.io import save_pruned
 from ukmp.models import adapter_for
-from ukmp.models.build import build_model, build_tiny, config_from_dict, shipped_config_path
+from ukmp.models.build import build_model, build_tiny, build_tokenizer, config_from_dict, shipped_config_path
 from ukmp.plan import PruningPlan
-from ukmp.testing import random_plan
-
-
-def randomize_biases_(model: nn.Module, seed: int) -> None:
-    """transformers zero-initialises Linear biases; random ones make the bias padding matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
+from ukmp.testing import random_plan, randomize_biases_
 
 
 def _mha(model_type: str):
@@ -32,7 +23,7 @@ def _mha(model_type: str):
              num_attention_heads=6, num_key_value_heads=6, head_dim=16)
     if model_type == "mistral":
         d["sliding_window"] = 64
-    return build_model(config_from_dict(d), seed=5), build_tiny(name="tiny-llama")[1]
+    return build_model(config_from_dict(d), seed=5), build_tokenizer()  # a plain LM's "processor"
 
 
 def _plan(adapter, model, case: str) -> PruningPlan:
@@ -71,9 +62,7 @@ def _make_pruned(root, case: str, dtype=torch.float64):
     dense, tok = build()
     dense = dense.to(dtype)
     randomize_biases_(dense, 7)
-    model, _ = build()
-    model = model.to(dtype)
-    model.load_state_dict(dense.state_dict())
+    model = copy.deepcopy(dense)
     adapter = adapter_for(model)
     plan = _plan(adapter, model, plan_case)
     adapter.apply_(model, plan)

@@ -9,13 +9,12 @@ import pickle
 
 import pytest
 import torch
-from torch import nn
 
 from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, build_tiny, config_from_dict, shipped_config_path
 from ukmp.plan import PruningPlan
-from ukmp.testing import make_inputs, random_plan
+from ukmp.testing import make_inputs, random_plan, randomize_biases_
 
 TOL = 1e-5  # float64: a statement about structure, not about summation order
 N_NEW = 6  # generated tokens
@@ -48,19 +47,10 @@ BIASED = {"lm_heads": ("tiny-blip2-opt", "tiny-opt", "tiny-qwen2", "llama-biases
           "lm_mlp": ("tiny-blip2-opt", "tiny-opt", "llama-biases")}
 
 
-def _randomize_biases_(model: nn.Module, seed: int) -> None:
-    """transformers zero-initialises Linear biases; random ones make the bias slices matter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g, dtype=m.bias.dtype))
-
-
 def _build(family: str, seed: int, impl: str):
     model, proc = BUILDERS[family](seed, impl)
     model = model.double()
-    _randomize_biases_(model, seed)
+    randomize_biases_(model, seed)
     return model, proc
 
 

@@ -14,7 +14,7 @@ from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, build_tiny, load_config
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan
+from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan, unpadded
 
 TOL = 1e-5  # float64: a statement about structure, not about summation order
 N_NEW = 5
@@ -43,7 +43,7 @@ def test_sliced_equals_masked_and_generations(impl):
     assert adapter.unused_vision_layers() == [1]  # vision_feature_layer -2 of 2 layers: the last never counts
     plan = _plan(adapter, model, 21)
     n0 = count_parameters(model)
-    gen_inputs = {k: v if k != "attention_mask" else torch.ones_like(v) for k, v in inputs.items()}
+    gen_inputs = unpadded(inputs)
     with torch.no_grad():
         dense = model(**inputs).logits
         dense_gen = model.generate(**gen_inputs, **GEN)
