@@ -64,7 +64,7 @@ def _load_cfg(args: argparse.Namespace, reach=None):
     if reach is not None:
         from ukmp.preflight import check_reach
 
-        check_reach(cfg, reach(cfg))
+        check_reach(cfg, reach(cfg), data_free=None)  # calibration: by pipeline.preflight, which knows the method
     return cfg
 
 

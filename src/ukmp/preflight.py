@@ -54,8 +54,9 @@ def pipeline_reach(cfg: RunConfig, only: tuple[str, ...] = ()) -> Reach:
     return Reach(prune=True, finetune=finetune, tasks=tuple(tasks))
 
 
-def check_reach(cfg: RunConfig, reach: Reach, data_free: bool = False) -> None:
-    """Every check of this module for what ``reach`` covers (``data_free``: the method reads no calibration)."""
+def check_reach(cfg: RunConfig, reach: Reach, data_free: bool | None = False) -> None:
+    """Every check of this module for what ``reach`` covers (``data_free``: the method reads no calibration; None:
+    not known yet -- the method registry needs torch -- so the calibration data waits for the check that knows)."""
     from ukmp.models.families import family_label, model_types, source_config, task_kinds
 
     config = source_config(cfg.model.source)
@@ -72,7 +73,7 @@ def check_reach(cfg: RunConfig, reach: Reach, data_free: bool = False) -> None:
     vlm = None if kinds is None else "vqa" in kinds
     train = ("image_text",) if vlm else ("text",) if vlm is False else ("image_text", "text")
     p = cfg.prune
-    if reach.prune and not (p.scores_from or p.plan_from) and not data_free:
+    if reach.prune and not (p.scores_from or p.plan_from) and data_free is False:
         check_dataset("data.calibration", cfg.data.calibration, train, "calibration")
         if cfg.data.calibration_text:
             check_dataset("data.calibration_text", cfg.data.calibration_text, ("text",), "language-model calibration")

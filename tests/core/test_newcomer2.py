@@ -260,3 +260,13 @@ def test_inspect_help_imports_no_torch():
             "assert 'tiny-llava' in out.getvalue(); assert 'torch' not in sys.modules, 'torch imported'")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_data_free_method_never_checks_the_calibration_data(tmp_path, capsys, sample_data):
+    """random and magnitude read no calibration batch: a calibration YAML whose image folder is empty does not stop
+    them (the torch-free first check cannot know the method is data-free, so it leaves calibration to the second)."""
+    empty = _dataset_yaml(tmp_path, sample_data["cc595k"], images=str(tmp_path / "no_images"))
+    over = [f"output_dir={tmp_path}", f"data.calibration={empty}", "eval.after_prune=[gqa]"]
+    assert main(["prune", DEMO, *over, "prune.method=random", "prune.ratio=0.3"]) == 0
+    capsys.readouterr()
+    refused(capsys, ["prune", DEMO, *over, "prune.method=ukmp", "name=u"], "data.calibration")  # UKMP reads it
