@@ -299,17 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(json.loads(cached.read_text()))
                 continue
             runs.append(run_depth(name, depth, root, args.threads))
-    variants = []
-    for spec in args.variant:
-        label, name, depth, over = spec.split(":", 3)
-        cached = root / f"{name}_d{depth}" / f"variant_{label}.json"
-        if args.render_only:
-            if cached.is_file():
-                variants.append(json.loads(cached.read_text()))
-            continue
-        variants.append(run_variant(name, int(depth), root, args.threads, label, over.split(",")))
     if args.render_only:  # every variant that finished earlier
         variants = [json.loads(p.read_text()) for p in sorted(root.glob("*_d*/variant_*.json"))]
+    else:
+        variants = []
+        for spec in args.variant:
+            label, name, depth, over = spec.split(":", 3)
+            variants.append(run_variant(name, int(depth), root, args.threads, label, over.split(",")))
     for r in runs:  # sizes from the saved truncated config (the same function as the full-size ones)
         r["parameters"], r["layers"] = size_of(json.loads((root / f"{r['config']}_d{r['depth']}" / "model.json")
                                                           .read_text()))

@@ -74,10 +74,8 @@ def scoring_run(setup: C.Setup, model, groups, batches, threshold: float, **memo
     """One fused UKMP scoring pass (entropy + Taylor) with its peak memory; (figures, Taylor scores)."""
     from ukmp.prune.scoring import fused_pass
 
-    passes = memory.get("passes", 1)
-    source = (lambda: batches) if passes > 1 else batches
-    with C.PeakMemory(setup.device) as mem:
-        seconds, (taylor, _, stats) = C.timed(lambda: fused_pass(model, groups, source, threshold, **memory),
+    with C.PeakMemory(setup.device) as mem:  # fused_pass re-reads the batches once per pass
+        seconds, (taylor, _, stats) = C.timed(lambda: fused_pass(model, groups, lambda: batches, threshold, **memory),
                                               setup.device)
     acc = {k[len("accumulator_peak_bytes_"):]: v for k, v in stats.items() if k.startswith("accumulator_peak_bytes_")}
     n = sum(int(b["input_ids"].shape[0]) for b in batches)

@@ -25,7 +25,6 @@ _MISSING = {
     "perplexity": "perplexity needs a decoder-only language model",
 }
 _NO_VISION = "a plain language model has no vision tower (it evaluates 'perplexity' only)"
-STAGES = ("eval_dense", "prune", "eval_pruned", "finetune", "eval_finetuned")
 
 
 @dataclass(frozen=True)

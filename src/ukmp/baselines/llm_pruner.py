@@ -70,8 +70,6 @@ def reduce_layers(stack: torch.Tensor, how: str) -> torch.Tensor:
         return stack.amax(0)
     if how == "prod":
         return stack.prod(0)
-    if how == "first":
-        return stack[0]
     raise ValueError(f"prune.options.llmp.group_reduction: unknown value {how!r}")
 
 

@@ -44,7 +44,7 @@ class LogitsGraph(nn.Module):
 def export_onnx(src: Source, out) -> dict[str, Any]:
     """Write ``src`` (in float32) as an ONNX directory at ``out`` (absent)."""
     require_onnx()
-    model = src.model.float().eval()
+    model = src.model.eval()  # loaded in float32 by ukmp.export.export
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, EXAMPLE_SHAPE, generator=g)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")

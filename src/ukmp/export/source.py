@@ -31,10 +31,6 @@ class Source:
     keys: DecoderWidthKeys
     counts: dict[str, int]  # group id -> kept units
 
-    @property
-    def model_type(self) -> str:
-        return self.model.config.model_type
-
     def processor_files(self) -> list[Path]:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in OWN_FILES)
 

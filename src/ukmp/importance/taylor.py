@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ukmp.groups import PrunableGroup
+from ukmp.nll import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 TaylorOrder = Literal["first", "second", "mix"]
 AccumulateOn = Literal["device", "cpu"]
 LossReduction = Literal["per_sample_mean", "token_mean"]
