@@ -31,18 +31,41 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ukmp.data.prompts import PromptIds, prompt_ids  # noqa: F401 (prompt_ids: re-exported for the evaluators)
 from ukmp.data.textclean import blip_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+RESIZES = ("bicubic", "idefics3")
+
+
 @dataclass(frozen=True)
 class ImageTransform:
+    """An image to ``[3, size, size]`` float32 pixels: resized (``resize``), scaled to [0, 1] and normalised with
+    ``mean`` / ``std``. ``resize="bicubic"`` is one bicubic square resize (BLIP-2, LLaVA); ``"idefics3"`` is what
+    the Idefics3 / SmolVLM image processor does without tiling: the longest edge to ``size`` (aspect kept, the other
+    edge rounded up to even), then a square ``size`` x ``size``, both Lanczos. Training adds the random resized crop
+    and flip before the square resize (:meth:`crop_box`)."""
+
     size: int
     train: bool = False
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    mean: tuple[float, ...] = CLIP_MEAN
+    std: tuple[float, ...] = CLIP_STD
+    resize: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZES:
+            raise ValueError(f"image resize: {self.resize!r} is not one of {', '.join(RESIZES)}")
+
+    @classmethod
+    def for_layout(cls, layout, size: int | None = None, train: bool = False) -> "ImageTransform":
+        """The transform a model's :class:`~ukmp.models.BatchLayout` asks for, at ``size`` (default: the layout's)."""
+        return cls(int(size or layout.image_size), train=train, mean=tuple(layout.image_mean or CLIP_MEAN),
+                   std=tuple(layout.image_std or CLIP_STD), resize=layout.image_resize)
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box: 10 tries of (area fraction, log-uniform aspect), else a centre crop."""
@@ -69,17 +92,33 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         image = image.convert("RGB")
+        square = (self.size, self.size)
+        resample = Image.LANCZOS if self.resize == "idefics3" else Image.BICUBIC
         if self.train:
             rng = rng or random.Random(0)
             box = self.crop_box(image.width, image.height, rng)
-            image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+            image = image.resize(square, resample, box=box)
             if rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            image = image.resize((self.size, self.size), Image.BICUBIC)
+            if self.resize == "idefics3":
+                image = image.resize(longest_edge_size(image.width, image.height, self.size), resample)
+            image = image.resize(square, resample)
         arr = np.asarray(image, dtype=np.float32) / 255.0
-        arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+        arr = (arr - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def longest_edge_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) with the longest edge ``longest`` and the aspect kept, the other edge truncated and then
+    rounded up to even (the Idefics3 image processor's first resize)."""
+    if width >= height:
+        w, h = longest, int(longest / (width / height))
+        h += h % 2
+    else:
+        h, w = longest, int(longest * (width / height))
+        w += w % 2
+    return max(w, 1), max(h, 1)
 
 
 def prefix_split(caption: str, rng: random.Random) -> tuple[str, str]:
@@ -169,35 +208,25 @@ def qformer_inputs(tokenizer, prompts: Sequence[str], max_length: int | None = N
     return {"qformer_input_ids": ids, "qformer_attention_mask": mask}
 
 
-def prompt_ids(tokenizer, text: str, max_length: int | None = None) -> list[int]:
-    """A decoder-only prompt's ids: the tokenizer's own special tokens at the start (OPT's ``</s>``, Llama's
-    ``<s>``), never an end-of-sequence token after it (the model must continue the prompt, not close it)."""
-    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
-    eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
-    while ids and eos is not None and eos != bos and ids[-1] == eos:
-        ids.pop()
-    return ids[:max_length] if max_length else ids
-
-
 class DecoderOnlyCollator(PrefixLMCollator):
-    """Prefix-LM batches for a decoder-only language model (with ``image_tokens`` image placeholders first, or none
-    for a plain causal LM): ``{[pixel_values], input_ids, attention_mask, labels}``, right-padded, ``labels``
-    aligned with the logits (see the module docstring). The prefix/suffix split is :class:`PrefixLMCollator`'s."""
+    """Prefix-LM batches for a decoder-only language model: ``{[pixel_values], input_ids, attention_mask, labels}``,
+    right-padded, ``labels`` aligned with the logits (see the module docstring). The prefix/suffix split is
+    :class:`PrefixLMCollator`'s; the prefix is the prompt, written with its image in ``prompt_style``
+    (:class:`ukmp.data.prompts.PromptIds`: plain ``[image tokens] [bos] prefix``, or the processor's chat template
+    around a user turn holding the image and the prefix), and the suffix with ``eos`` follows as the target. A
+    plain causal LM's layout has no image: neither pixels nor image tokens."""
 
-    def __init__(self, dataset, tokenizer, image_size: int | None, image_tokens: int, image_token_id: int | None,
-                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42, qformer_tokenizer=None):
+    def __init__(self, dataset, processor, layout, image_size: int | None = None, max_text_tokens: int = 32,
+                 augment: bool = True, seed: int = 42, qformer_tokenizer=None, prompt_style: str = "plain"):
         self.dataset = dataset
-        self.tokenizer = tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", processor)
         self.qformer_tokenizer = qformer_tokenizer
-        self.num_query_tokens = image_tokens
-        self.image_token_id = image_token_id
-        self.transform = ImageTransform(image_size, train=augment) if image_size else None
+        self.prompt = PromptIds(processor, layout, prompt_style, max_text_tokens)
+        self.transform = (ImageTransform.for_layout(layout, image_size, train=augment) if layout.has_images
+                          else None)
         self.max_text_tokens = max_text_tokens
         self.seed = seed
-        self.eos = tokenizer.eos_token_id
-
-    def _prompt(self, text: str) -> list[int]:
-        return prompt_ids(self.tokenizer, text, self.max_text_tokens)
+        self.eos = self.tokenizer.eos_token_id
 
     def _target(self, text: str) -> list[int]:
         ids = list(self.tokenizer(" " + text if text else "", add_special_tokens=False)["input_ids"])
@@ -205,7 +234,7 @@ class DecoderOnlyCollator(PrefixLMCollator):
 
     def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
         prefix, suffix = self.texts(index, epoch)
-        return self.num_query_tokens + len(self._prompt(prefix)), len(self._target(suffix))
+        return len(self.prompt(prefix)), len(self._target(suffix))
 
     def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
         pix, rows, spans = [], [], []
@@ -214,7 +243,7 @@ class DecoderOnlyCollator(PrefixLMCollator):
                 rng = sample_rng(self.seed, int(i), epoch, stream=0)
                 pix.append(self.transform(self.dataset.open_image(int(i)), rng))
             prefix, suffix = self.texts(int(i), epoch)
-            head = [self.image_token_id] * self.num_query_tokens + self._prompt(prefix)
+            head = self.prompt(prefix)
             tail = self._target(suffix)
             rows.append(head + tail)
             spans.append((len(head), len(head) + len(tail)))
@@ -265,9 +294,10 @@ class TextWindowCollator:
 
 
 def make_collator(dataset, processor, layout, image_size: int | None = None, max_text_tokens: int = 32,
-                  augment: bool = True, seed: int = 42):
+                  augment: bool = True, seed: int = 42, prompt_style: str = "plain"):
     """The batch builder for ``dataset`` and a model's :class:`~ukmp.models.BatchLayout` (``processor``: a
-    processor with a ``tokenizer``, or a tokenizer). ``image_size`` overrides the model's."""
+    processor with a ``tokenizer``, or a tokenizer). ``image_size`` overrides the model's. ``prompt_style``: as
+    resolved for the dataset and model (:func:`ukmp.data.prompts.dataset_style`); plain text never has one."""
     from ukmp.data.records import TextDataset
 
     tokenizer = getattr(processor, "tokenizer", processor)
@@ -284,8 +314,11 @@ def make_collator(dataset, processor, layout, image_size: int | None = None, max
         raise ValueError(f"processor: {type(processor).__name__} has no qformer_tokenizer, which the model's "
                          f"Q-Former needs for the prompt (an InstructBlipProcessor has one)")
     if layout.decoder_only:
-        return DecoderOnlyCollator(dataset, tokenizer, size, layout.image_tokens, layout.image_token_id,
-                                   max_text_tokens, augment, seed, qformer_tokenizer=qformer_tok)
+        return DecoderOnlyCollator(dataset, processor, layout, size, max_text_tokens, augment, seed,
+                                   qformer_tokenizer=qformer_tok, prompt_style=prompt_style)
+    if prompt_style != "plain":
+        raise ValueError(f"dataset {dataset.name!r}: prompt_style {prompt_style!r} needs a decoder-only language "
+                         f"model (an encoder-decoder reads a plain prompt)")
     return PrefixLMCollator(dataset, processor, size, max_text_tokens, augment, seed,
                             num_query_tokens=layout.image_tokens, qformer_tokenizer=qformer_tok)
 

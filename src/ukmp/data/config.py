@@ -11,6 +11,14 @@ Keys (unknown keys are rejected)::
     max_samples: null        # keep only the first N records (N images for retrieval, N windows for text)
     window: 512              # text only: tokens per window (perplexity, language-model calibration)
     stride: null             # text only: tokens between window starts (default: the window, no overlap)
+    prompt_style: null       # template | plain | null: how prompts are written for a decoder-only model
+
+``prompt_style`` (VQA, captioning, and the image-caption data of calibration and fine-tuning; :mod:`ukmp.data.prompts`):
+``template`` wraps each prompt with its image in the processor's chat template (one user turn, generation prompt
+added; in fine-tuning the answer after it is the target), ``plain`` writes the image tokens and the prompt alone;
+``null`` (or left out) takes the model family's default: ``template`` for the instruction-tuned families (LLaVA-1.5,
+InstructBLIP Vicuna, SmolVLM, ...) when the processor has a chat template, ``plain`` otherwise. Text and retrieval
+data have no prompts and refuse the key.
 
 The ``text`` format (plain text files for perplexity and language-model calibration) needs no ``images``.
 
@@ -32,7 +40,9 @@ FORMAT_KINDS = {"cc595k": "image_text", "caption": "image_text", "okvqa": "vqa",
 KIND_LABELS = {"image_text": "image-caption pairs", "vqa": "VQA questions", "caption_eval": "captioning references",
                "retrieval": "image-text retrieval pairs", "text": "plain text"}
 
-_KEYS = ("format", "root", "annotations", "images", "gt", "split", "max_samples", "name", "window", "stride")
+_KEYS = ("format", "root", "annotations", "images", "gt", "split", "max_samples", "name", "window", "stride",
+         "prompt_style")
+PROMPTLESS = ("text", "flickr30k")  # formats whose task writes no prompt
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class DatasetConfig:
     window: int = 512
     stride: int | None = None
     source: Path | None = field(default=None, compare=False)  # the YAML file it came from, for messages
+    prompt_style: str | None = None  # template | plain | None (the model family's default)
 
     def __post_init__(self) -> None:
         where = f"{self.source}: " if self.source else ""
@@ -61,6 +72,12 @@ class DatasetConfig:
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
                 raise ValueError(f"{where}'{key}' must be an integer >= 2{' or null' if key == 'stride' else ''}, "
                                  f"got {v!r}")
+        if self.prompt_style is not None:
+            from ukmp.data.prompts import check_style
+
+            check_style(self.prompt_style, where.removesuffix(": ") or "dataset config")
+            if self.format in PROMPTLESS:
+                raise ValueError(f"{where}'prompt_style': a {self.format!r} dataset has no prompts; leave it out")
         if self.stride is not None and self.stride > self.window:
             raise ValueError(f"{where}'stride' ({self.stride}) must not exceed 'window' ({self.window})")
 
@@ -103,6 +120,7 @@ def config_from_dict(data: dict[str, Any], source: Path | None = None, **overrid
         window=data.get("window", 512) if data.get("window") is not None else 512,
         stride=data.get("stride"),
         source=source,
+        prompt_style=data.get("prompt_style"),
     )
 
 

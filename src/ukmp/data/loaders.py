@@ -337,10 +337,16 @@ def load_dataset(config: DatasetConfig | str | os.PathLike, **overrides: Any) ->
     else:
         cfg = load_dataset_config(config, **overrides)
     if cfg.format in TEXT_LOADERS:
-        return TEXT_LOADERS[cfg.format](cfg)
+        return _with_config(TEXT_LOADERS[cfg.format](cfg), cfg)
     if cfg.format not in LOADERS:
         where = f"{cfg.source}: " if cfg.source else ""
         known = ", ".join(sorted({*LOADERS, *TEXT_LOADERS}))
         raise ValueError(f"{where}key 'format' is {cfg.format!r}; known formats: {known}")
     _check_images_root(cfg)
-    return LOADERS[cfg.format](cfg)
+    return _with_config(LOADERS[cfg.format](cfg), cfg)
+
+
+def _with_config(ds: RecordDataset, cfg: DatasetConfig) -> RecordDataset:
+    """``ds`` carrying what its tasks read from the YAML besides records: ``prompt_style`` and the file itself."""
+    ds.prompt_style, ds.source = cfg.prompt_style, cfg.source
+    return ds

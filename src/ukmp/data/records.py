@@ -64,7 +64,12 @@ R = TypeVar("R")
 
 
 class RecordDataset(Generic[R]):
-    """An indexable list of records of one type, with the image root they refer to."""
+    """An indexable list of records of one type, with the image root they refer to. :func:`ukmp.data.loaders.
+    load_dataset` also sets ``prompt_style`` (the YAML's; ``None``: the model family's default) and ``source``
+    (the YAML file, for messages)."""
+
+    prompt_style: str | None = None
+    source: Path | None = None
 
     def __init__(self, name: str, split: str, records: Sequence[R], origins: Sequence[Origin], images: Path):
         if len(records) != len(origins):

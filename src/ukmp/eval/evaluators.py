@@ -85,16 +85,11 @@ def encoder_inputs(tokenizer, prompts: Sequence[str], num_query_tokens: int,
     return ids, mask
 
 
-def decoder_prompts(tokenizer, prompts: Sequence[str], num_query_tokens: int,
-                    image_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder-only prompt ids: image tokens, then each prompt (its tokenizer's leading special tokens, no
-    end-of-sequence), **left**-padded so that every row continues from its last column."""
-    from ukmp.data.batches import prompt_ids
-
-    rows = [[image_token_id] * num_query_tokens + prompt_ids(tokenizer, p) for p in prompts]
+def decoder_prompts(rows: Sequence[list[int]], pad: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder-only prompt ids (each row: its image tokens and prompt, :class:`ukmp.data.prompts.PromptIds`)
+    **left**-padded, so that every row continues from its last column. Returns ``(input_ids, attention_mask)``."""
     length = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(rows), length), int(pad), dtype=torch.long)
+    ids = torch.full((len(rows), length), int(pad if pad is not None else 0), dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for b, row in enumerate(rows):
         ids[b, length - len(row):] = torch.tensor(row, dtype=torch.long)
@@ -123,16 +118,26 @@ def generate_texts(
     min_new_tokens: int,
     length_penalty: float,
     qformer_tokenizer=None,
+    processor=None,
+    prompt_style: str = "plain",
 ) -> list[str]:
     """Beam-search one text per image, conditioned on the image and its prompt; decoded without special tokens.
-    ``qformer_tokenizer``: the processor's, for a model whose Q-Former reads the prompt (InstructBLIP)."""
+    ``qformer_tokenizer``: the processor's, for a model whose Q-Former reads the prompt (InstructBLIP).
+    ``prompt_style``: how a decoder-only model's prompt is written (:mod:`ukmp.data.prompts`; ``template`` needs
+    the ``processor``, whose chat template it applies)."""
     if len(prompts) != pixel_values.shape[0]:
         raise ValueError(f"prompts: {len(prompts)} prompts for {pixel_values.shape[0]} images")
+    from ukmp.data.prompts import PromptIds
     from ukmp.models import adapter_for
 
     layout = adapter_for(model).batch_layout()
-    build = decoder_prompts if layout.decoder_only else encoder_inputs
-    ids, mask = build(tokenizer, prompts, layout.image_tokens, int(layout.image_token_id))
+    if layout.decoder_only:
+        build = PromptIds(processor if processor is not None else tokenizer, layout, prompt_style)
+        ids, mask = decoder_prompts([build(p) for p in prompts], tokenizer.pad_token_id)
+    elif prompt_style != "plain":
+        raise ValueError(f"prompt_style {prompt_style!r}: an encoder-decoder language model reads a plain prompt")
+    else:
+        ids, mask = encoder_inputs(tokenizer, prompts, layout.image_tokens, int(layout.image_token_id))
     device = model_device(model)
     kwargs: dict[str, Any] = {}
     if _interpolate(model, image_size):
@@ -151,6 +156,19 @@ def generate_texts(
     if layout.decoder_only:  # the output repeats the prompt ids before the new tokens
         out = out[:, ids.shape[1]:]
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def _image_and_prompt(model: nn.Module, processor, dataset: RecordDataset, image_size: int,
+                      prompt_style: str | None) -> tuple[ImageTransform, str]:
+    """The evaluation transform the model's layout asks for (SmolVLM: its processor's resize and normalisation),
+    and the prompt style: ``prompt_style``, or the one the dataset and the model's family give."""
+    from ukmp.data.prompts import check_style, dataset_style
+    from ukmp.models import adapter_for
+
+    transform = ImageTransform.for_layout(adapter_for(model).batch_layout(), image_size, train=False)
+    if check_style(prompt_style, "prompt_style") is None:
+        prompt_style = dataset_style(dataset, processor, model.config)
+    return transform, prompt_style
 
 
 def _batches(n: int, batch_size: int) -> list[range]:
@@ -173,8 +191,11 @@ def evaluate_vqa(
     prompt: str = VQA_PROMPT,
     max_samples: int = 0,
     progress: bool = True,
+    prompt_style: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Zero-shot VQA: ``prompt`` on the ``blip_question``-cleaned question, beam search, then the task metric.
+    ``prompt_style``: plain or the processor's chat template around the prompt (``None``: the dataset's
+    ``prompt_style``, else the model family's default; :func:`ukmp.data.prompts.dataset_style`).
 
     ``kind="vqa"`` (VQAv2, OK-VQA) scores with the official VQA accuracy (``metrics.vqa_score``); ``kind="gqa"``
     with exact match (``metrics.gqa_accuracy``). ``max_samples=0`` evaluates every question, otherwise the first N.
@@ -185,7 +206,7 @@ def evaluate_vqa(
     if "{}" not in prompt:
         raise ValueError(f"prompt: must contain '{{}}' for the question, got {prompt!r}")
     n = sample_count(dataset, max_samples)
-    transform = ImageTransform(image_size, train=False)
+    transform, style = _image_and_prompt(model, processor, dataset, image_size, prompt_style)
     tokenizer = getattr(processor, "tokenizer", processor)
     predictions: list[dict[str, Any]] = []
     with eval_mode(model), tqdm(total=n, desc=f"{dataset.name} ({kind})", unit="q", disable=not progress) as bar:
@@ -196,6 +217,7 @@ def evaluate_vqa(
                 model, tokenizer, image_batch(dataset, idx, transform), prompts, image_size=image_size,
                 num_beams=num_beams, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                 length_penalty=length_penalty, qformer_tokenizer=getattr(processor, "qformer_tokenizer", None),
+                processor=processor, prompt_style=style,
             )
             predictions += [{"question_id": r.question_id, "question": r.question, "answer": a}
                             for r, a in zip(records, answers)]
@@ -232,8 +254,10 @@ def evaluate_caption(
     spice: bool | Literal["auto"] = "auto",
     max_samples: int = 0,
     progress: bool = True,
+    prompt_style: str | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Zero-shot captioning with ``prompt`` as the T5 input; scores from ``metrics.caption_scores`` (CIDEr, BLEU-1..4,
+    """Zero-shot captioning with ``prompt`` as the T5 input (a decoder-only model's prompt, in ``prompt_style`` as
+    for :func:`evaluate_vqa`); scores from ``metrics.caption_scores`` (CIDEr, BLEU-1..4,
     METEOR, ROUGE-L, and SPICE when its jars are installed, see ``spice``).
 
     ``strip_echo``: remove a leading copy of the prompt from each caption; the default (None) does so only for a
@@ -246,7 +270,7 @@ def evaluate_caption(
         from ukmp.models import is_decoder_only
 
         strip_echo = is_decoder_only(model.config)
-    transform = ImageTransform(image_size, train=False)
+    transform, style = _image_and_prompt(model, processor, dataset, image_size, prompt_style)
     tokenizer = getattr(processor, "tokenizer", processor)
     predictions: list[dict[str, Any]] = []
     with eval_mode(model), tqdm(total=n, desc=f"{dataset.name} (caption)", unit="img", disable=not progress) as bar:
@@ -255,7 +279,8 @@ def evaluate_caption(
                 model, tokenizer, image_batch(dataset, idx, transform), [prompt] * len(idx),
                 image_size=image_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
                 min_new_tokens=min_new_tokens, length_penalty=length_penalty,
-                qformer_tokenizer=getattr(processor, "qformer_tokenizer", None),
+                qformer_tokenizer=getattr(processor, "qformer_tokenizer", None), processor=processor,
+                prompt_style=style,
             )
             for i, caption in zip(idx, captions):
                 text = strip_prompt(caption, prompt) if strip_echo else caption

@@ -123,7 +123,11 @@ def evaluate_task(cfg: RunConfig, model, processor, task: Task, out: Path) -> di
         atomic_write_json(out / task.name / "metrics.json", metrics)
         return metrics
     size = task_image_size(model, task)
-    common = dict(image_size=size, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+    common: dict[str, Any] = dict(image_size=size, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams)
+    if task.kind in ("vqa", "gqa", "caption"):  # the dataset YAML's prompt_style, else the family's default
+        from ukmp.data.prompts import dataset_style
+
+        common["prompt_style"] = dataset_style(ds, processor, model.config, task.name)
     # LAVIS passes min_length to T5's generate, which counts the decoder start token: min_len 1 / 8 there means at
     # least 0 / 7 new tokens here.
     if task.kind in ("vqa", "gqa"):

@@ -37,6 +37,14 @@ class BatchLayout:
     patch_size: int | None = None
     qformer_text: bool = False  # the prompt is also tokenised for the Q-Former (InstructBLIP: qformer_input_ids)
     fixed_image_size: bool = False  # one image token per patch (LLaVA): images are always read at image_size
+    # How one image enters the text and how its pixels are made, as the model's own processor does it (the defaults
+    # are BLIP-2's and LLaVA's). The image tokens are written as ``image_prefix + [image token] * image_tokens +
+    # image_suffix`` (token strings, looked up in the tokenizer), wherever the prompt places the image.
+    image_prefix: tuple[str, ...] = ()  # SmolVLM / Idefics3: ("<fake_token_around_image>", "<global-img>")
+    image_suffix: tuple[str, ...] = ()  # SmolVLM / Idefics3: ("<fake_token_around_image>",)
+    image_mean: tuple[float, ...] | None = None  # per-channel normalisation (None: CLIP's mean and std)
+    image_std: tuple[float, ...] | None = None
+    image_resize: str = "bicubic"  # "bicubic": one square resize; "idefics3": longest edge, then square (Lanczos)
 
     @property
     def has_images(self) -> bool:

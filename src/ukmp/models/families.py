@@ -166,3 +166,14 @@ def tiny_source(source: str) -> str | None:
     config = source_config(source)
     fam = family(config) if config is not None else None
     return fam.tiny if fam is not None else None
+
+
+# Families tuned on conversations: their prompts default to the processor's chat template (a dataset YAML's
+# ``prompt_style``, ukmp.data.prompts); the others default to the plain prompt. A new family adds its name here.
+INSTRUCTION_TUNED = {"InstructBLIP Vicuna", "LLaVA", "SmolVLM2", "SmolVLM (Idefics3)"}
+
+
+def instruction_tuned(config: dict) -> bool:
+    """Whether the family of a config dict is instruction-tuned (``False`` for a type ukmp does not know)."""
+    fam = family(config)
+    return fam is not None and fam.name in INSTRUCTION_TUNED

@@ -31,16 +31,25 @@ from ukmp.models.base import BatchLayout
 from ukmp.models.vision_decoder import VisionDecoderAdapter
 
 
+FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SmolVLM's and Idefics3's image processors
+
+
 class SmolVLMAdapter(VisionDecoderAdapter):
     vision_prefix = "model.vision_model"
 
     def batch_layout(self) -> BatchLayout:
         """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
-        (the pixel shuffle folds ``scale_factor^2`` patches into one token)."""
+        (the pixel shuffle folds ``scale_factor^2`` patches into one token), written as the Idefics3 processor
+        expands ``<image>`` for an untiled image -- ``<fake_token_around_image><global-img>``, the image tokens,
+        ``<fake_token_around_image>`` -- and pixels made as its image processor makes them (longest edge, then
+        square, Lanczos; mean and std 0.5)."""
         vc = self.config.vision_config
         return BatchLayout(decoder_only=True, image_tokens=_image_tokens(self.config),
                            image_token_id=getattr(self.config, "image_token_id", None),
-                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True,
+                           image_prefix=(FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN), image_suffix=(FAKE_IMAGE_TOKEN,),
+                           image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_resize="idefics3")
 
     def model_class(self):
         return single_image_class(self.config.model_type)
@@ -58,11 +67,11 @@ def build_smolvlm_processor(tokenizer, config):
     adds ``<global-img>``, ``<fake_token_around_image>``, ``<image>`` and ``<end_of_utterance>`` to the tokenizer."""
     from transformers import Idefics3ImageProcessorPil, Idefics3Processor
 
-    tokenizer.add_tokens(["<global-img>"], special_tokens=True)  # the processor adds the other three
+    tokenizer.add_tokens([GLOBAL_IMAGE_TOKEN], special_tokens=True)  # the processor adds the other three
     size = int(config.vision_config.image_size)
     image_processor = Idefics3ImageProcessorPil(
         do_image_splitting=False, size={"longest_edge": size}, max_image_size={"longest_edge": size},
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True)
+        image_mean=list(SIGLIP_MEAN), image_std=list(SIGLIP_STD), do_convert_rgb=True)
     return Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
                              image_seq_len=_image_tokens(config))
 

@@ -62,7 +62,7 @@ def calibration_batches(cfg: RunConfig, processor, model, ds=None, text=None):
         ds = load_dataset(resolve_dataset(cfg.data.calibration, cfg.output_dir))
     layout = adapter_for(model).batch_layout()
     sources = [_calibration_source(cfg, ds, processor, layout, cfg.prune.num_samples,
-                                   f"data.calibration: {cfg.data.calibration}")]
+                                   f"data.calibration: {cfg.data.calibration}", config=model.config)]
     if cfg.data.calibration_text:
         if not layout.has_images:
             raise ValueError(f"data.calibration_text: {cfg.data.calibration_text} is for a vision-language model; "
@@ -84,13 +84,19 @@ def calibration_batches(cfg: RunConfig, processor, model, ds=None, text=None):
     return batches, n_batches, [i for _, _, ids in sources for i in ids]
 
 
-def _calibration_source(cfg: RunConfig, ds, processor, layout, wanted: int, where: str, prefix: str = ""):
+def _calibration_source(cfg: RunConfig, ds, processor, layout, wanted: int, where: str, prefix: str = "",
+                        config=None):
     """(collator, chosen sample indices, their ids): ``wanted`` samples of ``ds`` (``where``: its config field and
-    file, for messages) in a seeded shuffle."""
+    file, for messages) in a seeded shuffle; image-text prompts in the style the dataset and the family of the
+    model ``config`` give (:func:`ukmp.data.prompts.resolve_style`)."""
     from ukmp.data.batches import dataset_size, make_collator
+    from ukmp.data.prompts import resolve_style
+    from ukmp.data.records import TextDataset
 
+    style = ("plain" if config is None or isinstance(ds, TextDataset)
+             else resolve_style(getattr(ds, "prompt_style", None), processor, config, where))
     collate = make_collator(ds, processor, layout, cfg.data.image_size or None, cfg.data.max_text_tokens,
-                            cfg.data.augment, cfg.seed)
+                            cfg.data.augment, cfg.seed, prompt_style=style)
     size = dataset_size(ds, collate)
     if size == 0:
         raise ValueError(f"{where} holds no samples")

@@ -140,8 +140,14 @@ def run_finetune_stage(cfg: RunConfig, pruned_dir: Path, out: Path, work: Path) 
                                 alpha=fc.alpha, dropout=fc.dropout, plain_lora=fc.adapter == "lora")
     n_trainable = sum(p.numel() for p in trainable)
 
+    from ukmp.data.prompts import resolve_style
+    from ukmp.data.records import TextDataset
+
+    style = ("plain" if isinstance(ds, TextDataset) else
+             resolve_style(getattr(ds, "prompt_style", None), processor, teacher.config,
+                           f"data.finetune: {cfg.data.finetune}"))
     collate = make_collator(ds, processor, adapter.batch_layout(), cfg.data.image_size or None,
-                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed)
+                            cfg.data.max_text_tokens, cfg.data.augment, cfg.seed, prompt_style=style)
     tcfg = train_config(cfg)
     stages = build_schedule(teacher.config, tcfg.schedule)
     counts: list[int | None] = [s.n_samples if s.has_loss else 0 for s in stages]
