@@ -63,6 +63,26 @@ def file_digest(path: str) -> str | None:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
+def prompt_parts(specs) -> list[Any]:
+    """``[(spec, prompt_style)]`` of the dataset YAMLs in ``specs`` that set ``prompt_style``: part of the hash of
+    a stage that reads them, so a changed style reruns the stage (empty when none sets it: older hashes hold)."""
+    from ukmp.data.config import load_dataset_config
+    from ukmp.runtime import SAMPLE_PREFIX
+
+    out = []
+    for spec in specs:
+        if spec and not spec.startswith(SAMPLE_PREFIX) and Path(spec).is_file():
+            style = load_dataset_config(spec).prompt_style
+            if style is not None:
+                out.append((spec, style))
+    return out
+
+
+def _extend(parts: list[Any], specs) -> list[Any]:
+    extra = prompt_parts(specs)
+    return parts + [extra] if extra else parts
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("ukmp", "torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors", "numpy"):
@@ -97,6 +117,7 @@ def prune_stage(cfg: RunConfig, root: Path, force: bool = False) -> StageRecord:
              file_digest(cfg.prune.scores_from)]
     if cfg.prune.plan_from:
         parts.append(file_digest(cfg.prune.plan_from))
+    parts = _extend(parts, [cfg.data.calibration])
     return run_stage("prune", root / "prune", parts, [], lambda out: run_prune_stage(cfg, out), force=force)
 
 
@@ -106,6 +127,7 @@ def finetune_stage(cfg: RunConfig, root: Path, pruned_dir: Path, upstream: list[
     from ukmp.recover.stage import run_finetune_stage
 
     parts = [asdict(cfg.model), hashed_section("data", cfg.data), asdict(cfg.finetune), cfg.seed, str(pruned_dir)]
+    parts = _extend(parts, [cfg.data.finetune])
     return run_stage("finetune", root / "finetune", parts, upstream,
                      lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"), force=force)
 
@@ -201,7 +223,8 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ())
 
     def eval_stage(name: str, model_dir: Path | None, tasks: list[str], upstream: list[StageRecord]):
         return run_stage(
-            name, root / name, [asdict(cfg.model), asdict(cfg.eval), tasks], upstream,
+            name, root / name, _extend([asdict(cfg.model), asdict(cfg.eval), tasks],
+                                       [cfg.eval.datasets.get(t) for t in tasks]), upstream,
             lambda out: run_eval_stage(cfg, model_dir, tasks, out), force=name in force,
         )
 

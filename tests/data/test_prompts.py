@@ -59,7 +59,7 @@ def _stock_ids(proc, text: str, template: bool) -> list[int]:
 def test_template_ids_equal_hand_built_and_the_stock_processor(name):
     _, proc, layout = _tiny(name)
     tok = proc.tokenizer
-    words = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    words = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     n = layout.image_tokens
     if name == "tiny-llava":
         image = [layout.image_token_id] * n
@@ -89,7 +89,7 @@ def test_finetune_batch_targets_are_the_answer_after_the_template():
     caps = ["a dog running across the green grass in a park", "a red circle next to a blue square"]
     ds = ImageTextDataset("t", "train", [ImageTextRecord(str(i), "x.png", c) for i, c in enumerate(caps)],
                           [Origin(__file__, i) for i in range(2)], ".")
-    ds.open_image = lambda i: _image(40, 30, i)  # noqa: E731
+    ds.open_image = lambda i: _image(40, 30, i)
     tok = proc.tokenizer
     prompt = PromptIds(proc, layout, "template", 32)
     for style in ("template", "plain"):
@@ -184,7 +184,7 @@ def test_smolvlm_collator_equals_the_stock_processor(size):
     img = _image(*size, seed=size[0])
     ds = ImageTextDataset("t", "train", [ImageTextRecord("0", "x.png", "a red circle next to a blue square")],
                           [Origin(__file__, 0)], ".")
-    ds.open_image = lambda i: img  # noqa: E731
+    ds.open_image = lambda i: img
     for style in ("plain", "template"):
         col = make_collator(ds, proc, layout, max_text_tokens=32, augment=False, seed=0, prompt_style=style)
         batch = col([0])
@@ -202,3 +202,16 @@ def test_smolvlm_collator_equals_the_stock_processor(size):
         assert (batch["pixel_values"][0] - pix).abs().max().item() <= 1e-6
     clip = ImageTransform(32, mean=CLIP_MEAN, std=CLIP_STD, resize="idefics3")(img)
     assert (clip - pix).abs().max().item() > 0.1  # CLIP's normalisation would not match
+
+
+def test_a_set_prompt_style_enters_the_stage_hashes(sample_data, tmp_path):
+    """A YAML that sets ``prompt_style`` adds it to the hash of the stages reading it (a changed style reruns
+    them); YAMLs without it and sample specs add nothing, so the hashes of older configs hold."""
+    from ukmp.pipeline import _extend, prompt_parts
+
+    plain = tmp_path / "okvqa.yaml"
+    text = sample_data["okvqa"].read_text()
+    plain.write_text(text)
+    assert prompt_parts([str(plain), "sample:okvqa", None]) == [] and _extend([1], [str(plain)]) == [1]
+    plain.write_text(text + "\nprompt_style: template\n")
+    assert _extend([1], [str(plain)]) == [1, [(str(plain), "template")]]

@@ -20,7 +20,10 @@ projection), embeddings and ``lm_head``.
 ukmp's batches carry one image per sample as ``pixel_values [B, 3, H, W]``; the stock model wants
 ``[B, images, 3, H, W]``. :func:`single_image_class` is a subclass whose base model adds the image axis to 4-D
 pixel values (and 3-D pixel masks) and changes nothing else: same weights, same state-dict keys, 5-D input passes
-through untouched.
+through untouched. The image is never split into tiles: its text is what the Idefics3 processor writes for one
+untiled image (``<fake_token_around_image><global-img>`` + the image tokens + ``<fake_token_around_image>``; the
+``<row_i_col_j>`` tile tokens only appear with tiling) and its pixels what its image processor makes with
+``do_image_splitting=False`` at the tower's size (:meth:`SmolVLMAdapter.batch_layout`, ``ukmp.data.prompts``).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from functools import lru_cache, wraps
 
 from ukmp.models.base import BatchLayout
 from ukmp.models.vision_decoder import VisionDecoderAdapter
-
 
 FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SmolVLM's and Idefics3's image processors
