@@ -215,3 +215,20 @@ def test_a_set_prompt_style_enters_the_stage_hashes(sample_data, tmp_path):
     assert prompt_parts([str(plain), "sample:okvqa", None]) == [] and _extend([1], [str(plain)]) == [1]
     plain.write_text(text + "\nprompt_style: template\n")
     assert _extend([1], [str(plain)]) == [1, [(str(plain), "template")]]
+
+
+def test_the_eval_stage_reads_the_yaml_style_and_names_the_task(sample_data, tmp_path):
+    """``eval.datasets`` YAML with ``prompt_style: template`` on a model whose processor has no chat template: the
+    evaluation stops before generating, in one line naming the task, its file and the key."""
+    from ukmp.config import load_config
+    from ukmp.eval.stage import run_eval_stage
+
+    yaml = tmp_path / "okvqa.yaml"
+    yaml.write_text(sample_data["okvqa"].read_text() + "\nprompt_style: template\n")
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.source=tiny-llava", f"eval.datasets.okvqa={yaml}",
+                             "eval.max_samples=2"])
+    with pytest.raises(ValueError) as e:
+        run_eval_stage(cfg, None, ["okvqa"], tmp_path / "eval")
+    msg = str(e.value)
+    assert msg.startswith(f"eval task 'okvqa' ({yaml}): prompt_style 'template'") and "\n" not in msg
+    assert not (tmp_path / "eval" / "metrics.json").exists()

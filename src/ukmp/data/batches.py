@@ -9,6 +9,8 @@
 * :class:`DecoderOnlyCollator` — the same split for a decoder-only language model: one sequence
   ``[image tokens] [bos] prefix suffix [eos]`` whose ``labels`` are **aligned with the logits** (``labels[:, t]`` is
   the token position ``t`` predicts): the suffix and ``eos`` are targets, image and prompt positions never are.
+  With ``prompt_style: template`` the prompt is the processor's chat template around the image and the prefix
+  (:mod:`ukmp.data.prompts`); the image is transformed as the model's :class:`~ukmp.models.BatchLayout` says.
 * :class:`TextWindowCollator` — token windows of a plain text (``format: text``) with aligned labels: every position
   predicts the next token.
 * :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`; when the

@@ -15,7 +15,7 @@ family decides (:func:`ukmp.models.families.instruction_tuned`):
   Vicuna, SmolVLM, ...).
 
 Where the default is ``template`` but the processor has no chat template (the tiny random builds, a local directory
-saved without one, InstructBLIP Vicuna's hub processor), the prompt falls back to ``plain`` and says so once in the
+saved without one, a hub processor that ships none), the prompt falls back to ``plain`` and says so once in the
 log; a YAML that asks for ``template`` explicitly is refused in one line instead. An encoder-decoder language model
 (T5) reads its prompt in the encoder and is always ``plain``.
 
