@@ -140,7 +140,7 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     import json
 
     from ukmp.eval.stage import run_eval_stage
-    from ukmp.pipeline import run
+    from ukmp.pipeline import run, with_prompt_styles
     from ukmp.stages import run_stage
 
     base = load_config(configs, overrides)
@@ -151,7 +151,8 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
     for m in methods:  # every method's config (with its delta file) is checked before the dense evaluation
         method_config(configs, over, m, ratio, root, methods_dir)
-    key = [asdict(dense_cfg.model), asdict(dense_cfg.eval), tasks]  # what the dense metrics depend on
+    key = with_prompt_styles([asdict(dense_cfg.model), asdict(dense_cfg.eval), tasks],  # what the dense metrics
+                             [dense_cfg.eval.datasets.get(t) for t in tasks])  # depend on
     where = (Path(dense_dir) / "eval_dense" if dense_dir else
              Path(base.output_dir) / f"{base.name}_compare_dense" / f"eval_dense_{section_hash(*key)[:12]}")
     dense_rec = run_stage("eval_dense", where, key, [], lambda out: run_eval_stage(dense_cfg, None, tasks, out))

@@ -78,7 +78,7 @@ def prompt_parts(specs) -> list[Any]:
     return out
 
 
-def _extend(parts: list[Any], specs) -> list[Any]:
+def with_prompt_styles(parts: list[Any], specs) -> list[Any]:
     extra = prompt_parts(specs)
     return parts + [extra] if extra else parts
 
@@ -117,7 +117,7 @@ def prune_stage(cfg: RunConfig, root: Path, force: bool = False) -> StageRecord:
              file_digest(cfg.prune.scores_from)]
     if cfg.prune.plan_from:
         parts.append(file_digest(cfg.prune.plan_from))
-    parts = _extend(parts, [cfg.data.calibration])
+    parts = with_prompt_styles(parts, [cfg.data.calibration])
     return run_stage("prune", root / "prune", parts, [], lambda out: run_prune_stage(cfg, out), force=force)
 
 
@@ -127,7 +127,7 @@ def finetune_stage(cfg: RunConfig, root: Path, pruned_dir: Path, upstream: list[
     from ukmp.recover.stage import run_finetune_stage
 
     parts = [asdict(cfg.model), hashed_section("data", cfg.data), asdict(cfg.finetune), cfg.seed, str(pruned_dir)]
-    parts = _extend(parts, [cfg.data.finetune])
+    parts = with_prompt_styles(parts, [cfg.data.finetune])
     return run_stage("finetune", root / "finetune", parts, upstream,
                      lambda out: run_finetune_stage(cfg, pruned_dir, out, work=root / "finetune.work"), force=force)
 
@@ -223,7 +223,7 @@ def run(cfg: RunConfig, force: tuple[str, ...] = (), only: tuple[str, ...] = ())
 
     def eval_stage(name: str, model_dir: Path | None, tasks: list[str], upstream: list[StageRecord]):
         return run_stage(
-            name, root / name, _extend([asdict(cfg.model), asdict(cfg.eval), tasks],
+            name, root / name, with_prompt_styles([asdict(cfg.model), asdict(cfg.eval), tasks],
                                        [cfg.eval.datasets.get(t) for t in tasks]), upstream,
             lambda out: run_eval_stage(cfg, model_dir, tasks, out), force=name in force,
         )

@@ -207,14 +207,15 @@ def test_smolvlm_collator_equals_the_stock_processor(size):
 def test_a_set_prompt_style_enters_the_stage_hashes(sample_data, tmp_path):
     """A YAML that sets ``prompt_style`` adds it to the hash of the stages reading it (a changed style reruns
     them); YAMLs without it and sample specs add nothing, so the hashes of older configs hold."""
-    from ukmp.pipeline import _extend, prompt_parts
+    from ukmp.pipeline import prompt_parts, with_prompt_styles
 
     plain = tmp_path / "okvqa.yaml"
     text = sample_data["okvqa"].read_text()
     plain.write_text(text)
-    assert prompt_parts([str(plain), "sample:okvqa", None]) == [] and _extend([1], [str(plain)]) == [1]
+    assert prompt_parts([str(plain), "sample:okvqa", None]) == []
+    assert with_prompt_styles([1], [str(plain)]) == [1]
     plain.write_text(text + "\nprompt_style: template\n")
-    assert _extend([1], [str(plain)]) == [1, [(str(plain), "template")]]
+    assert with_prompt_styles([1], [str(plain)]) == [1, [(str(plain), "template")]]
 
 
 def test_the_eval_stage_reads_the_yaml_style_and_names_the_task(sample_data, tmp_path):
