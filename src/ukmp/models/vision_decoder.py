@@ -75,12 +75,16 @@ def one_image_per_sample(outer: type, inner: type, lift: Callable[[object, dict]
     ``<Type>SingleImage`` (cache it per model type: a new class per call would defeat type checks)."""
     stock = inner.get_image_features
     signature = inspect.signature(stock)
+    var_kw = [p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD]
 
     @wraps(stock)  # generate() reads the stock signature
     def get_image_features(self, *args, **kwargs):
-        bound = signature.bind_partial(self, *args, **kwargs)
-        lift(self.config, bound.arguments)
-        return stock(*bound.args, **bound.kwargs)
+        named = dict(signature.bind_partial(self, *args, **kwargs).arguments)
+        named.pop(next(iter(signature.parameters)))  # self
+        extra = named.pop(var_kw[0], {}) if var_kw else {}
+        lift(self.config, named)
+        # by name: the stock decorators fill unnamed arguments from the config and would see them twice
+        return stock(self, **named, **extra)
 
     base_name = inner.__name__.replace("Model", "SingleImageModel")
     base_cls = type(base_name, (inner,), {"get_image_features": get_image_features, "__module__": __name__,
