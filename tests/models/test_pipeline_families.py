@@ -28,6 +28,8 @@ FAMILIES = {
                                 "eval.after_finetune=[okvqa]"],
     "tiny-llava": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[gqa]"],
     "tiny-smolvlm": ["data.calibration=sample:cc595k", "eval.after_prune=[gqa]", "eval.after_finetune=[okvqa]"],
+    "tiny-llava-onevision": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]",
+                             "eval.after_finetune=[gqa]"],
 }
 
 SMALL = ["prune.num_samples=8", "prune.units_per_step=1", "prune.fine_units_per_step=1", "eval.max_samples=2",

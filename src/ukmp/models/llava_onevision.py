@@ -64,6 +64,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def build_processor(self, tokenizer, corpus=None):
         return build_onevision_processor(tokenizer, self.config)
 
+    def load_processor(self, source: str):
+        """:class:`OnevisionImageTextProcessor` (``AutoProcessor`` would also load the video processor, which needs
+        torchvision)."""
+        return OnevisionImageTextProcessor.from_pretrained(source)
+
 
 def _lift(config, args: dict) -> None:
     """4-D pixels without ``image_sizes``: each an ``S x S`` image, given as the processor gives it (its resized
