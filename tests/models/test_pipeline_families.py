@@ -82,7 +82,8 @@ def test_compare(family, tmp_path):
 
 
 @pytest.mark.parametrize("family, source", [("llava", "llava-hf/llava-1.5-7b-hf"),
-                                            ("instructblip", "Salesforce/instructblip-vicuna-7b")])
+                                            ("instructblip", "Salesforce/instructblip-vicuna-7b"),
+                                            ("llava_onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")])
 def test_shipped_run_configs_parse(family, source):
     from pathlib import Path
 
