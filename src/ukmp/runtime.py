@@ -78,9 +78,10 @@ def load_processor(model_dir: Path, gguf_file: str | None = None):
 
 
 def _adapter_processor(source: str):
-    """The processor the model's adapter loads itself (``ModelAdapter.load_processor``; LLaVA-OneVision's, whose
-    stock processor needs a torchvision video processor), or ``None``: ``AutoProcessor`` then loads it. The config
-    is read offline (:func:`ukmp.models.families.source_config`); an unreadable one is left to ``AutoProcessor``."""
+    """The processor the model's adapter loads itself (``ModelAdapter.load_processor``; LLaVA-OneVision's,
+    whose stock processor needs a torchvision video processor), or ``None``: ``AutoProcessor`` then loads it.
+    The config is read offline (:func:`ukmp.models.families.source_config`); one that cannot be read or built
+    is left to ``AutoProcessor``."""
     from ukmp.models.families import source_config
 
     d = source_config(source)

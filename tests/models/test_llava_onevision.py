@@ -142,7 +142,7 @@ def test_save_load_round_trip(tmp_path):
         gen = again.generate(**_batch(proc, 5, "left"), **GEN)
     assert (out - ref).abs().max().item() <= 1e-12  # up to BLAS kernel choice on the loaded buffer's alignment
     assert torch.equal(gen.sequences, ref_gen.sequences)
-    loaded = load_processor(path)  # the adapter's loader: AutoProcessor would want a video processor (torchvision)
+    loaded = load_processor(path)  # the adapter's loader: AutoProcessor wants a video processor (torchvision)
     assert type(loaded) is OnevisionImageTextProcessor
     b2 = _batch(loaded, 5)
     assert all(torch.equal(b2[k], inputs[k]) for k in inputs)
@@ -153,7 +153,8 @@ def test_one_tower_size_image_4d_equals_the_processor_batch():
     batch's logits bit for bit; another size as 4-D pixels is refused in one line."""
     model, proc, _ = _build(9)
     img = _images(9)[0]
-    b = proc(images=[img, img], text=["<image>what is it?", "<image>a photo of"], return_tensors="pt", padding=True)
+    b = proc(images=[img, img], text=["<image>what is it?", "<image>a photo of"], return_tensors="pt",
+             padding=True)
     five = {k: v for k, v in b.items() if k != "batch_num_images"}
     five["pixel_values"] = five["pixel_values"].double()
     four = {k: v for k, v in five.items() if k != "image_sizes"}
@@ -201,7 +202,8 @@ def test_configs_it_cannot_read_are_refused_in_one_line(field, value, needle):
 # name -> (LM: layers, KV groups, query heads per group, width, channels, head dim; total parameters of the meta
 #          build; the bridge: projector + image_newline)
 FULL = {
-    "llava-onevision-qwen2-0.5b": ((24, 2, 7, 896, 4864, 64), 893_675_552, 1152 * 896 + 896 + 896 * 896 + 896 + 896),
+    "llava-onevision-qwen2-0.5b": ((24, 2, 7, 896, 4864, 64), 893_675_552,
+                                   1152 * 896 + 896 + 896 * 896 + 896 + 896),
     "llava-onevision-qwen2-7b": ((28, 4, 7, 3584, 18944, 128), 8_030_807_584,
                                  1152 * 3584 + 3584 + 3584 * 3584 + 3584 + 3584),
 }

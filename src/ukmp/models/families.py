@@ -57,7 +57,8 @@ VISION_TASK_KINDS: dict[str, tuple[str, ...]] = {
 LANGUAGE_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "t5": (), "llama": ("perplexity",), "mistral": ("perplexity",), "qwen2": ("perplexity",), "opt": ("perplexity",),
 }
-COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm", "llava_onevision")  # model types whose language model is ``text_config``
+# model types whose language model is ``text_config``
+COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm", "llava_onevision")
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 (:class:`ClipVisionPart`) feeding a decoder-only language model through a connector that is never pruned, with
 ``lm_head`` on the whole model.
 
-A subclass says where the tower sits (``vision_prefix``), which model class to build, how many image tokens one
-image at the tower's size becomes (:meth:`VisionDecoderAdapter.image_tokens`) and which processor a random-weights
-build gets (:meth:`VisionDecoderAdapter.build_processor`); everything else -- the parts, the adapter's name, the batch
-layout, which parameters are language, the token masks of the streaming histograms, the language model the
-perplexity task reads -- is the same for all of them.
+A subclass says where the tower sits (``vision_prefix``), which model class to build, how many image tokens
+one image at the tower's size becomes (:meth:`VisionDecoderAdapter.image_tokens`) and which processor a
+random-weights build gets (:meth:`VisionDecoderAdapter.build_processor`); everything else -- the parts, the
+adapter's name, the batch layout, which parameters are language, the token masks of the streaming histograms,
+the language model the perplexity task reads -- is the same for all of them.
 
 :func:`one_image_per_sample` makes the class a model type runs as when ukmp's batches (one image per sample,
 ``pixel_values [B, 3, H, W]``) are not what the stock model reads: a subclass of the stock class whose base model
