@@ -23,6 +23,10 @@ TOL = 1e-8  # float64: sliced and masked differ only in summation order (seen 0.
 N_NEW = 5
 GEN = dict(max_new_tokens=N_NEW, min_new_tokens=N_NEW, do_sample=False, suppress_tokens=[0, 1],
            return_dict_in_generate=True, output_scores=True)
+# a ChatML-style template (the released processors use Qwen2's ChatML turns with <image> before the text)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+          "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 SIZES = ((32, 32), (40, 70))  # (height, width): the 1 x 1 grid of the 32 px tower, and the 1 x 2 grid
 
 
@@ -131,6 +135,7 @@ def test_save_load_round_trip(tmp_path):
     with torch.no_grad():
         ref = model(**inputs).logits
         ref_gen = model.generate(**_batch(proc, 5, "left"), **GEN)
+    proc.chat_template = CHATML  # a chat template travels with the processor (no video processor needed)
     path = save_pruned(model, plan, tmp_path / "p", processor=proc)
     again = load_pruned(path)
     assert type(again) is type(model) and count_parameters(again) == count_parameters(model)
@@ -146,6 +151,9 @@ def test_save_load_round_trip(tmp_path):
     assert type(loaded) is OnevisionImageTextProcessor
     b2 = _batch(loaded, 5)
     assert all(torch.equal(b2[k], inputs[k]) for k in inputs)
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it?"}]}]
+    assert loaded.apply_chat_template(conv, add_generation_prompt=True) == (
+        "<|im_start|>user\n<image>\nwhat is it?<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_one_tower_size_image_4d_equals_the_processor_batch():
