@@ -51,6 +51,7 @@ class VisionDecoderAdapter(ModelAdapter):
                            image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
 
     def build_processor(self, tokenizer, corpus=None):
+        """The family's processor around ``tokenizer`` (adds its image token); each subclass builds its own."""
         raise NotImplementedError
 
     def modality_of_param(self, name: str) -> str:
