@@ -64,7 +64,8 @@ def load_processor(model_dir: Path, gguf_file: str | None = None):
         return AutoTokenizer.from_pretrained(str(model_dir), gguf_file=gguf_file)
     has_images = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
     if has_images or not path.is_dir():
-        return AutoProcessor.from_pretrained(str(model_dir))
+        own = _adapter_processor(str(model_dir))
+        return own if own is not None else AutoProcessor.from_pretrained(str(model_dir))
     # the class the tokenizer was saved as (AutoTokenizer would pick the model type's own class for some types)
     import json
 
@@ -74,6 +75,26 @@ def load_processor(model_dir: Path, gguf_file: str | None = None):
     name = json.loads(saved.read_text()).get("tokenizer_class") if saved.is_file() else None
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     return (cls or AutoTokenizer).from_pretrained(str(model_dir))
+
+
+def _adapter_processor(source: str):
+    """The processor the model's adapter loads itself (``ModelAdapter.load_processor``; LLaVA-OneVision's,
+    whose stock processor needs a torchvision video processor), or ``None``: ``AutoProcessor`` then loads it.
+    The config is read offline (:func:`ukmp.models.families.source_config`); one that cannot be read or built
+    is left to ``AutoProcessor``."""
+    from ukmp.models.families import source_config
+
+    d = source_config(source)
+    if d is None:
+        return None
+    from ukmp.models.build import config_from_dict
+    from ukmp.models.registry import adapter_for
+
+    try:
+        config = config_from_dict(dict(d), source)
+    except ValueError:
+        return None
+    return adapter_for(config).load_processor(source)
 
 
 def sample_root(output_dir: str | Path) -> Path:

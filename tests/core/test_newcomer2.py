@@ -199,7 +199,8 @@ def test_the_tiny_overlay_maps_each_family_to_its_tiny_build(monkeypatch):
     monkeypatch.chdir(ROOT)
     expected = {"llava/llava_ukmp_0.2.yaml": "tiny-llava", "instructblip/instructblip_ukmp_0.2.yaml":
                 "tiny-instructblip-llama", "blip2_opt_ukmp_0.5.yaml": "tiny-blip2-opt", "ukmp_0.5.yaml": "tiny",
-                "causal_lm/smollm2_ukmp_0.2.yaml": "tiny-llama"}
+                "causal_lm/smollm2_ukmp_0.2.yaml": "tiny-llama",
+                "llava_onevision/llava_onevision_ukmp_0.2.yaml": "tiny-llava-onevision"}
     for rel, tiny in expected.items():
         cfg = load_config([ROOT / "configs" / rel, TINY_YAML])
         assert cfg.model.source == tiny, rel

@@ -28,6 +28,8 @@ FAMILIES = {
                                 "eval.after_finetune=[okvqa]"],
     "tiny-llava": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[gqa]"],
     "tiny-smolvlm": ["data.calibration=sample:cc595k", "eval.after_prune=[gqa]", "eval.after_finetune=[okvqa]"],
+    "tiny-llava-onevision": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]",
+                             "eval.after_finetune=[gqa]"],
 }
 
 SMALL = ["prune.num_samples=8", "prune.units_per_step=1", "prune.fine_units_per_step=1", "eval.max_samples=2",
@@ -80,7 +82,8 @@ def test_compare(family, tmp_path):
 
 
 @pytest.mark.parametrize("family, source", [("llava", "llava-hf/llava-1.5-7b-hf"),
-                                            ("instructblip", "Salesforce/instructblip-vicuna-7b")])
+                                            ("instructblip", "Salesforce/instructblip-vicuna-7b"),
+                                            ("llava_onevision", "llava-hf/llava-onevision-qwen2-0.5b-ov-hf")])
 def test_shipped_run_configs_parse(family, source):
     from pathlib import Path
 

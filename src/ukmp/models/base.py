@@ -229,6 +229,16 @@ class ModelAdapter(ABC):
     def batch_layout(self) -> BatchLayout:
         return BatchLayout(decoder_only=self.layout == "decoder_only")
 
+    def build_processor(self, tokenizer, corpus=None):
+        """The processor of a random-weights build around ``tokenizer`` (a plain LM: the tokenizer itself);
+        ``corpus``: the texts ``tokenizer`` was trained on, for a model that needs a second tokenizer."""
+        return tokenizer
+
+    def load_processor(self, source: str):
+        """The processor saved at ``source`` (a directory or a hub id) when this model type needs its own loader;
+        ``None`` (the default): ``AutoProcessor`` / the tokenizer classes load it."""
+        return None
+
     def unused_vision_layers(self) -> list[int]:
         """Vision layers whose output never reaches the model's output (none unless an adapter says so)."""
         return []

@@ -62,6 +62,15 @@ class Blip2Adapter(ModelAdapter):
                            image_token_id=getattr(self.config, "image_token_index", None),
                            image_size=int(vc.image_size), patch_size=int(vc.patch_size), qformer_text=self.instruct)
 
+    def build_processor(self, tokenizer, corpus=None):
+        """A ``Blip2Processor``; for InstructBLIP an ``InstructBlipProcessor`` whose second tokenizer (trained
+        on ``corpus`` as the first) reads the prompt for the Q-Former."""
+        from ukmp.models.build import build_processor, build_tokenizer
+
+        qformer_tok = build_tokenizer(corpus) if self.instruct else None
+        size = int(self.config.vision_config.image_size)
+        return build_processor(tokenizer, int(self.config.num_query_tokens), size, qformer_tok)
+
     def model_class(self):
         from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 

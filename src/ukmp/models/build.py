@@ -330,18 +330,12 @@ def build_llava_processor(tokenizer, config):
 
 
 def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
-    """The processor of a random-weights build of ``config``: the tokenizer alone for a plain LM; for InstructBLIP
-    a second tokenizer (trained the same way) reads the prompt for the Q-Former."""
-    if not hasattr(config, "vision_config"):
-        return tokenizer
-    if config.model_type == "llava":
-        return build_llava_processor(tokenizer, config)
-    if config.model_type in ("smolvlm", "idefics3"):
-        from ukmp.models.smolvlm import build_smolvlm_processor
+    """The processor of a random-weights build of ``config`` around ``tokenizer`` (its adapter's
+    :meth:`~ukmp.models.base.ModelAdapter.build_processor`: the tokenizer alone for a plain LM; InstructBLIP gets a
+    second tokenizer trained on ``corpus`` for its Q-Former)."""
+    from ukmp.models.registry import adapter_for
 
-        return build_smolvlm_processor(tokenizer, config)
-    qformer_tok = build_tokenizer(corpus) if config.model_type == "instructblip" else None
-    return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size, qformer_tok)
+    return adapter_for(config).build_processor(tokenizer, corpus)
 
 
 def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterable[str] | None = None,

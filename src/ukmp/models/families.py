@@ -36,6 +36,9 @@ SHIPPED_CONFIGS = {
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
+    "llava-onevision-qwen2-0.5b": "llava-onevision-qwen2-0.5b.json",
+    "llava-onevision-qwen2-7b": "llava-onevision-qwen2-7b.json",
+    "tiny-llava-onevision": "llava-onevision-tiny.json",
 }
 TINY = tuple(n for n in SHIPPED_CONFIGS if n == "tiny" or n.startswith("tiny-"))
 
@@ -48,12 +51,14 @@ VISION_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "llava": ("vqa", "gqa", "caption"),
     "idefics3": ("vqa", "gqa", "caption"), "smolvlm": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
     "llama": (), "mistral": (), "qwen2": (), "opt": (),
+    "llava_onevision": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
 }
 # ... and the kinds its language model adds: perplexity needs a decoder-only language model
 LANGUAGE_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "t5": (), "llama": ("perplexity",), "mistral": ("perplexity",), "qwen2": ("perplexity",), "opt": ("perplexity",),
 }
-COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm")  # model types whose language model is ``text_config``
+# model types whose language model is ``text_config``
+COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm", "llava_onevision")
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ FAMILIES = (
     Family("Mistral causal LM", "mistral", "", "tiny-llama"),
     Family("Qwen2 causal LM", "qwen2", "", "tiny-qwen2"),
     Family("OPT causal LM", "opt", "", "tiny-opt"),
+    Family("LLaVA-OneVision", "llava_onevision", "llama", "tiny-llava-onevision"),
 )
 LANGUAGE_FAMILY = {"t5": "t5", "llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
 # hub ids whose structure ukmp ships (the config is read offline from the shipped copy)
@@ -92,6 +98,8 @@ HUB_CONFIGS = {
     "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m",
     "HuggingFaceTB/SmolVLM2-2.2B-Instruct": "smolvlm-2.2b",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
+    "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-qwen2-0.5b",
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
 }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ukmp.models.base import BatchLayout, FeatureBlock, RemovedWeights
+from ukmp.models.base import FeatureBlock, RemovedWeights
 from ukmp.models.parts.clip import ClipVisionPart
 from ukmp.models.vision_decoder import VisionDecoderAdapter
 from ukmp.plan import PlanError, PruningPlan
@@ -30,13 +30,16 @@ class LlavaAdapter(VisionDecoderAdapter):
     vision_prefix = "model.vision_tower"
     drops_layers = True
 
-    def batch_layout(self) -> BatchLayout:
+    def image_tokens(self) -> int:
+        """One token per patch, plus CLIP's CLS when the strategy is ``full`` (``default`` drops it)."""
         vc = self.config.vision_config
         patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
-        cls = 1 if self.config.vision_feature_select_strategy == "full" else 0  # "default" drops CLS
-        return BatchLayout(decoder_only=True, image_tokens=patches + cls,
-                           image_token_id=getattr(self.config, "image_token_index", None),
-                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
+        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+
+    def build_processor(self, tokenizer, corpus=None):
+        from ukmp.models.build import build_llava_processor
+
+        return build_llava_processor(tokenizer, self.config)
 
     def model_class(self):
         from transformers import LlavaForConditionalGeneration

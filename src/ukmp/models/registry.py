@@ -91,6 +91,12 @@ def _smolvlm(config) -> ModelAdapter:
     return SmolVLMAdapter(config, "llama", _base_llama_part(config, "model.text_model"))
 
 
+def _llava_onevision(config) -> ModelAdapter:
+    from ukmp.models.llava_onevision import LlavaOnevisionAdapter
+
+    return LlavaOnevisionAdapter(config, "llama", _base_llama_part(config, "model.language_model"))
+
+
 def _causal_lm(config) -> ModelAdapter:
     from ukmp.models.causal_lm import CausalLMAdapter
 
@@ -111,6 +117,7 @@ register_model("smolvlm", _smolvlm)
 register_model("idefics3", _smolvlm)  # SmolVLM's architecture under its first name: the same modules
 for _t in ("llama", "mistral", "qwen2", "opt"):
     register_model(_t, _causal_lm)
+register_model("llava_onevision", _llava_onevision)  # LLaVA's layout; SigLIP tower, Qwen2 LM, AnyRes tiling
 
 
 def adapter_for(model_or_config) -> ModelAdapter:

@@ -28,10 +28,11 @@ untiled image (``<fake_token_around_image><global-img>`` + the image tokens + ``
 
 from __future__ import annotations
 
-from functools import lru_cache, wraps
+from dataclasses import replace
+from functools import lru_cache
 
 from ukmp.models.base import BatchLayout
-from ukmp.models.vision_decoder import VisionDecoderAdapter
+from ukmp.models.vision_decoder import VisionDecoderAdapter, one_image_per_sample
 
 FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SmolVLM's and Idefics3's image processors
@@ -40,18 +41,21 @@ SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SmolVLM's and Idefics3's image pro
 class SmolVLMAdapter(VisionDecoderAdapter):
     vision_prefix = "model.vision_model"
 
-    def batch_layout(self) -> BatchLayout:
+    def image_tokens(self) -> int:
         """One image read at the tower's size, without tiling: ``(size / patch)^2 / scale_factor^2`` image tokens
-        (the pixel shuffle folds ``scale_factor^2`` patches into one token), written as the Idefics3 processor
-        expands ``<image>`` for an untiled image -- ``<fake_token_around_image><global-img>``, the image tokens,
-        ``<fake_token_around_image>`` -- and pixels made as its image processor makes them (longest edge, then
-        square, Lanczos; mean and std 0.5)."""
-        vc = self.config.vision_config
-        return BatchLayout(decoder_only=True, image_tokens=_image_tokens(self.config),
-                           image_token_id=getattr(self.config, "image_token_id", None),
-                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True,
-                           image_prefix=(FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN), image_suffix=(FAKE_IMAGE_TOKEN,),
-                           image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD, image_resize="idefics3")
+        (the pixel shuffle folds ``scale_factor^2`` patches into one token)."""
+        return _image_tokens(self.config)
+
+    def batch_layout(self) -> BatchLayout:
+        """The shared layout, with the image written as the Idefics3 processor expands ``<image>`` for an untiled
+        image -- ``<fake_token_around_image><global-img>``, the image tokens, ``<fake_token_around_image>`` -- and
+        pixels made as its image processor makes them (longest edge, then square, Lanczos; mean and std 0.5)."""
+        return replace(super().batch_layout(), image_prefix=(FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN),
+                       image_suffix=(FAKE_IMAGE_TOKEN,), image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
+                       image_resize="idefics3")
+
+    def build_processor(self, tokenizer, corpus=None):
+        return build_smolvlm_processor(tokenizer, self.config)
 
     def model_class(self):
         return single_image_class(self.config.model_type)
@@ -78,32 +82,21 @@ def build_smolvlm_processor(tokenizer, config):
                              image_seq_len=_image_tokens(config))
 
 
+def _lift(config, args: dict) -> None:
+    """One image per sample: 4-D pixels (and 3-D pixel masks) gain the image axis the stock model reads."""
+    pixels, mask = args.get("pixel_values"), args.get("pixel_attention_mask")
+    if pixels is not None and pixels.dim() == 4:
+        args["pixel_values"] = pixels.unsqueeze(1)
+    if mask is not None and mask.dim() == 3:
+        args["pixel_attention_mask"] = mask.unsqueeze(1)
+
+
 @lru_cache(maxsize=None)
 def single_image_class(model_type: str) -> type:
-    """The stock ``*ForConditionalGeneration`` of ``model_type`` whose base model (``.model``) takes 4-D
-    ``pixel_values`` as one image per sample. Both ``forward`` and ``generate`` (which encodes the images first,
-    through ``base_model.get_image_features``) reach the pixels through that one method, so it alone is changed;
-    weights, state-dict keys and ``from_pretrained`` stay the stock class's. One class per type (cached)."""
+    """The stock ``*ForConditionalGeneration`` of ``model_type`` whose base model takes 4-D ``pixel_values`` as one
+    image per sample (:func:`~ukmp.models.vision_decoder.one_image_per_sample`; 5-D input passes through)."""
     import transformers
 
     outer, inner = {"smolvlm": (transformers.SmolVLMForConditionalGeneration, transformers.SmolVLMModel),
                     "idefics3": (transformers.Idefics3ForConditionalGeneration, transformers.Idefics3Model)}[model_type]
-
-    @wraps(inner.get_image_features)  # generate() reads the stock signature
-    def get_image_features(self, pixel_values, pixel_attention_mask=None, **kwargs):
-        if pixel_values.dim() == 4:
-            pixel_values = pixel_values.unsqueeze(1)
-        if pixel_attention_mask is not None and pixel_attention_mask.dim() == 3:
-            pixel_attention_mask = pixel_attention_mask.unsqueeze(1)
-        return inner.get_image_features(self, pixel_values, pixel_attention_mask, **kwargs)
-
-    base_name = inner.__name__.replace("Model", "SingleImageModel")
-    base_cls = type(base_name, (inner,), {"get_image_features": get_image_features, "__module__": __name__,
-                                          "__qualname__": base_name})
-
-    def __init__(self, config, *args, **kwargs):
-        outer.__init__(self, config, *args, **kwargs)
-        self.model.__class__ = base_cls  # the same module, one method more lenient
-
-    name = outer.__name__.replace("ForConditionalGeneration", "SingleImage")
-    return type(name, (outer,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    return one_image_per_sample(outer, inner, _lift)
