@@ -340,6 +340,10 @@ def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
         from ukmp.models.smolvlm import build_smolvlm_processor
 
         return build_smolvlm_processor(tokenizer, config)
+    if config.model_type == "qwen2_5_vl":
+        from ukmp.models.qwen2_5_vl import build_qwen_vl_processor
+
+        return build_qwen_vl_processor(tokenizer, config)
     qformer_tok = build_tokenizer(corpus) if config.model_type == "instructblip" else None
     return build_processor(tokenizer, config.num_query_tokens, config.vision_config.image_size, qformer_tok)
 
@@ -365,7 +369,7 @@ def build_tiny(seed: int = 0, attn_implementation: str = "sdpa", corpus: Iterabl
     if qformer_tok is not None and cfg.qformer_config.vocab_size < len(qformer_tok):
         raise ValueError(f"{name} config: qformer vocab_size {cfg.qformer_config.vocab_size} must be at least "
                          f"{len(qformer_tok)}")
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_id = processor.tokenizer.convert_tokens_to_ids(str(getattr(processor, "image_token", None) or "<image>"))
     cfg.image_token_id = int(image_id)  # BLIP-2 / LLaVA configs map it to image_token_index
     for k, v in text_overrides.items():
         setattr(cfg.text_config, k, v)

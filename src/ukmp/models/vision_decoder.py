@@ -26,9 +26,13 @@ class VisionDecoderAdapter(ModelAdapter):
         super().__init__(config)
         self.lm_family = lm_family
         self.name = f"{config.model_type}-{lm_family}"
-        self.vision = ClipVisionPart(config.vision_config, self.vision_prefix)
+        self.vision = self.vision_part()
         self.lm = lm_part
         self.parts = [self.vision, self.lm]
+
+    def vision_part(self):
+        """The vision tower's part (CLIP's module layout unless a subclass says otherwise)."""
+        return ClipVisionPart(self.config.vision_config, self.vision_prefix)
 
     def modality_of_param(self, name: str) -> str:
         if name.startswith("lm_head."):
