@@ -228,3 +228,40 @@ def test_inspect_full_size_configs(name, capsys):
     assert p["total"] == sum(t.numel() for t in model.parameters()) == sum(p["by_modality"].values()) == total
     assert p["by_modality"]["bridge"] == bridge
     assert adapter_for(model).batch_layout().image_tokens == 256
+
+
+# ---------------------------------------------------------------------------------------------------- Qwen3-VL
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_qwen3_vl_sliced_equals_masked(impl):
+    """Qwen3-VL under the same parts (its plain vision MLP; Qwen3 LM with per-head q/k norms): sliced ≡ masked on
+    ukmp's 4-D batch and on a native batch of two resolutions, identical greedy tokens; the DeepStack mergers (fed
+    by blocks 0 and 1, bridges, never pruned) reach the logits, and keep-all is bit-identical."""
+    model, proc, inputs = float64_tiny("tiny-qwen3-vl", 31, impl)
+    adapter = adapter_for(model)
+    assert [g.kind for g in adapter.groups()] == ["vit_heads", "vit_mlp"] * 3 + ["lm_heads", "lm_mlp"] * 2
+    assert adapter.groups()[1].slices[0].module == "model.visual.blocks.0.mlp.linear_fc1"
+    assert adapter.unused_vision_layers() == [] and list(model.model.visual.deepstack_visual_indexes) == [0, 1]
+    native = _native_batch(proc, 31)
+    plan = random_plan(adapter.groups(), seed=31, force={"vit_heads": "one"})
+    gen_inputs = unpadded(inputs)
+    deep = model.model.visual.deepstack_merger_list[0].linear_fc2
+    with torch.no_grad():
+        dense, dense_nat = model(**inputs).logits, model(**native).logits
+        saved = deep.weight.clone()
+        deep.weight.zero_()
+        assert (model(**inputs).logits - dense).abs().max().item() > 1e-3  # DeepStack reaches the logits
+        deep.weight.copy_(saved)
+        with adapter.mask(model, plan):
+            masked, masked_nat = model(**inputs).logits, model(**native).logits
+            masked_gen = model.generate(**gen_inputs, **GEN)
+        n0 = count_parameters(model)
+        removed = adapter.apply_(model, plan)
+        sliced, sliced_nat = model(**inputs).logits, model(**native).logits
+        sliced_gen = model.generate(**gen_inputs, **GEN)
+    for s, m, d in ((sliced, masked, dense), (sliced_nat, masked_nat, dense_nat)):
+        assert (s - m).abs().max().item() <= TOL and (m - d).abs().max().item() > 1e-3
+    assert torch.equal(sliced_gen.sequences, masked_gen.sequences)
+    assert count_parameters(model) == n0 - removed.numel() and removed.numel() > 0
+    if impl == "sdpa":
+        fresh, _, inputs = float64_tiny("tiny-qwen3-vl", 32, impl)
+        check_keep_all_bit_identical(fresh, inputs)

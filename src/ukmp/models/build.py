@@ -340,7 +340,7 @@ def processor_for(config, tokenizer, corpus: Iterable[str] | None = None):
         from ukmp.models.smolvlm import build_smolvlm_processor
 
         return build_smolvlm_processor(tokenizer, config)
-    if config.model_type == "qwen2_5_vl":
+    if config.model_type in ("qwen2_5_vl", "qwen3_vl"):
         from ukmp.models.qwen2_5_vl import build_qwen_vl_processor
 
         return build_qwen_vl_processor(tokenizer, config)

@@ -36,6 +36,7 @@ SHIPPED_CONFIGS = {
     "tiny-llava": "llava-tiny.json",
     "tiny-smolvlm": "smolvlm-tiny.json",
     "tiny-qwen2.5-vl": "qwen2.5-vl-tiny.json",
+    "tiny-qwen3-vl": "qwen3-vl-tiny.json",
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
@@ -51,15 +52,16 @@ VISION_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "llava": ("vqa", "gqa", "caption"),
     "idefics3": ("vqa", "gqa", "caption"), "smolvlm": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
     "qwen2_5_vl": ("vqa", "gqa", "caption"),  # Qwen's own ViT: no ITM model fits
+    "qwen3_vl": ("vqa", "gqa", "caption"),
     "llama": (), "mistral": (), "qwen2": (), "opt": (),
 }
 # ... and the kinds its language model adds: perplexity needs a decoder-only language model
 LANGUAGE_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "t5": (), "llama": ("perplexity",), "mistral": ("perplexity",), "qwen2": ("perplexity",), "opt": ("perplexity",),
-    "qwen2_5_vl_text": ("perplexity",),
+    "qwen2_5_vl_text": ("perplexity",), "qwen3_vl_text": ("perplexity",),
 }
 COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm")  # model types whose language model is ``text_config``
-COMPOSITE += ("qwen2_5_vl",)
+COMPOSITE += ("qwen2_5_vl", "qwen3_vl")
 # ... and the language-model type of those whose hub configs are flat (the text fields at the top level)
 IMPLICIT_TEXT_TYPE = {"qwen2_5_vl": "qwen2_5_vl_text"}
 
@@ -85,13 +87,14 @@ FAMILIES = (
     Family("SmolVLM2", "smolvlm", "llama", "tiny-smolvlm"),
     Family("SmolVLM (Idefics3)", "idefics3", "llama", "tiny-smolvlm"),
     Family("Qwen2.5-VL", "qwen2_5_vl", "llama", "tiny-qwen2.5-vl"),
+    Family("Qwen3-VL", "qwen3_vl", "llama", "tiny-qwen3-vl"),
     Family("Llama causal LM", "llama", "", "tiny-llama"),
     Family("Mistral causal LM", "mistral", "", "tiny-llama"),
     Family("Qwen2 causal LM", "qwen2", "", "tiny-qwen2"),
     Family("OPT causal LM", "opt", "", "tiny-opt"),
 )
 LANGUAGE_FAMILY = {"t5": "t5", "llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
-LANGUAGE_FAMILY["qwen2_5_vl_text"] = "llama"
+LANGUAGE_FAMILY.update(qwen2_5_vl_text="llama", qwen3_vl_text="llama")
 # hub ids whose structure ukmp ships (the config is read offline from the shipped copy)
 HUB_CONFIGS = {
     "Salesforce/blip2-flan-t5-xl": "blip2-flan-t5-xl",

@@ -31,7 +31,7 @@ from typing import Sequence
 import torch
 
 from ukmp.models.base import BatchLayout
-from ukmp.models.parts.qwen_vision import GATED_MLP, QwenVisionPart
+from ukmp.models.parts.qwen_vision import GATED_MLP, PLAIN_MLP, QwenVisionPart
 from ukmp.models.vision_decoder import VisionDecoderAdapter
 
 DEFAULT_IMAGE_SIZE = 448  # ukmp's fixed read size for a hub config: 32 x 32 patches of 14 px -> 256 image tokens
@@ -43,7 +43,7 @@ class Qwen2_5_VLAdapter(VisionDecoderAdapter):
 
     def __init__(self, config, lm_family: str, lm_part):
         super().__init__(config, lm_family, lm_part)
-        image_text_processor_class()  # a saved processor of this model type loads back (see there)
+        image_text_processor_class(config.model_type)  # a saved processor of this type loads back (see there)
 
     def vision_part(self):
         return QwenVisionPart(self.config.vision_config, self.vision_prefix, self.vision_mlp)
@@ -65,6 +65,23 @@ class Qwen2_5_VLAdapter(VisionDecoderAdapter):
 
     def model_class(self):
         return batched_image_class(self.config.model_type)
+
+
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
+    """Qwen3-VL (``Qwen3VLForConditionalGeneration``): the same fused-qkv attention and input layout; its ViT's MLP
+    is plain (``linear_fc1`` / ``linear_fc2``), attention is global (no windows), and DeepStack mergers
+    (``model.visual.deepstack_merger_list``) hand the outputs of blocks ``deepstack_visual_indexes`` to the first
+    language-model layers. Those blocks all lie before the last, which the main merger reads: still no unused
+    layer. The mergers are bridges, never pruned. Its Qwen3 LM normalises q and k per head (``q_norm`` /
+    ``k_norm``: one ``[head_dim]`` weight shared by every head), which whole-KV-group slicing leaves valid, and
+    has no attention biases."""
+
+    vision_mlp = PLAIN_MLP
+
+    def modality_of_param(self, name: str) -> str:
+        if name.startswith(f"{self.vision_prefix}.deepstack_merger_list."):
+            return "bridge"
+        return super().modality_of_param(name)
 
 
 def image_size(config) -> int:
@@ -159,27 +176,33 @@ def build_qwen_vl_processor(tokenizer, config):
     image_processor = Qwen2VLImageProcessorPil(
         size={"shortest_edge": unit * unit, "longest_edge": size * size}, patch_size=int(vc.patch_size),
         merge_size=int(vc.spatial_merge_size), temporal_patch_size=int(vc.temporal_patch_size))
-    return image_text_processor_class()(image_processor=image_processor, tokenizer=tokenizer)
+    return image_text_processor_class(config.model_type)(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @lru_cache(maxsize=None)
-def image_text_processor_class() -> type:
-    """``Qwen2_5_VLProcessor`` without its video processor. transformers 5.24 checks every processor attribute's
-    class, and the video processor's needs torchvision, which ukmp does not install: the stock class cannot be built
-    (or loaded) without it, even for images alone. This subclass drops the ``video_processor`` argument and nothing
-    else (the same tokens, image expansion and ``mm_token_type_ids``); it is registered with ``AutoProcessor`` for
-    ``Qwen2_5_VLConfig`` once, here, so a saved copy loads back through ``AutoProcessor.from_pretrained``."""
-    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLProcessor
+def image_text_processor_class(model_type: str = "qwen2_5_vl") -> type:
+    """The stock ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` without its video processor. transformers 5.24
+    checks every processor attribute's class, and the video processor's needs torchvision, which ukmp does not
+    install: the stock class cannot be built (or loaded) without it, even for images alone. This subclass drops the
+    ``video_processor`` argument and nothing else (the same tokens, image expansion and ``mm_token_type_ids``); it
+    is registered with ``AutoProcessor`` for the model's config class once, here, so a saved copy loads back through
+    ``AutoProcessor.from_pretrained``."""
+    import transformers
+    from transformers import AutoProcessor
     from transformers.processing_utils import ProcessorMixin
 
+    stock, config_cls = {"qwen2_5_vl": (transformers.Qwen2_5_VLProcessor, transformers.Qwen2_5_VLConfig),
+                         "qwen3_vl": (transformers.Qwen3VLProcessor, transformers.Qwen3VLConfig)}[model_type]
+
     def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
-        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
-        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        for kind, default in (("image", "<|image_pad|>"), ("video", "<|video_pad|>"),
+                              ("vision_start", "<|vision_start|>"), ("vision_end", "<|vision_end|>")):
+            token = getattr(tokenizer, f"{kind}_token", None) or default
+            setattr(self, f"{kind}_token", token)
+            setattr(self, f"{kind}_token_id", tokenizer.convert_tokens_to_ids(token))
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
 
-    name = "Qwen2_5_VLImageTextProcessor"
-    cls = type(name, (Qwen2_5_VLProcessor,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
-    AutoProcessor.register(Qwen2_5_VLConfig, cls, exist_ok=True)
+    name = stock.__name__.replace("Processor", "ImageTextProcessor")
+    cls = type(name, (stock,), {"__init__": __init__, "__module__": __name__, "__qualname__": name})
+    AutoProcessor.register(config_cls, cls, exist_ok=True)
     return cls
