@@ -265,3 +265,54 @@ def test_qwen3_vl_sliced_equals_masked(impl):
     if impl == "sdpa":
         fresh, _, inputs = float64_tiny("tiny-qwen3-vl", 32, impl)
         check_keep_all_bit_identical(fresh, inputs)
+
+
+# --------------------------------------------------------------------------- ukmp's collator: mixed resolutions
+class _Images:
+    """A two-sample caption dataset whose images are 32 x 32 and 40 x 24 (width x height)."""
+
+    def __init__(self, seed: int):
+        self.images = _images(seed, sizes=((32, 32), (24, 40)))
+        self.records = [type("R", (), {"caption": c})() for c in ("a red circle on grass", "two blue squares")]
+
+    def __len__(self) -> int:
+        return 2
+
+    def open_image(self, i: int) -> Image.Image:
+        return self.images[i]
+
+
+def test_collator_batches_two_resolutions():
+    """The collator reads each image near its own aspect ratio (the processor's resize rule: the same grids), pads
+    the pixels and says each size; the rows carry 16 and 15 image tokens; the padding never reaches the model; and
+    sliced ≡ masked on that batch (windowed blocks, float64)."""
+    from ukmp.data.batches import fit_size, make_collator
+
+    model, proc, _ = _build(41)
+    adapter = adapter_for(model)
+    layout = adapter.batch_layout()
+    assert layout.native_resolution and layout.patch_size == 8 and layout.image_size == 32
+    for h, w in ((32, 32), (24, 40), (50, 17), (100, 64), (9, 9)):  # ukmp's fit == the processor's resize
+        img = Image.new("RGB", (w, h))
+        grid = proc.image_processor(images=[img], return_tensors="pt")["image_grid_thw"][0].tolist()
+        assert [1, *(s // 4 for s in fit_size(h, w, 8, 32 * 32, 64))] == grid, (h, w)
+    collate = make_collator(_Images(41), proc, layout, max_text_tokens=8, augment=False, seed=0)
+    batch = collate([0, 1])
+    assert batch["image_sizes"].tolist() == [[32, 32], [24, 40]]
+    assert tuple(batch["pixel_values"].shape) == (2, 3, 32, 40)
+    assert (batch["input_ids"] == layout.image_token_id).sum(1).tolist() == [16, 15]
+    assert collate.text_lengths(1)[0] == 15 + len(collate._prompt(collate.texts(1)[0]))
+    batch["pixel_values"] = batch["pixel_values"].double()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    noisy = batch["pixel_values"].clone()
+    noisy[0, :, :, 32:] = torch.randn(3, 32, 8, dtype=torch.float64)
+    noisy[1, :, 24:, :] = torch.randn(3, 8, 40, dtype=torch.float64)
+    plan = random_plan(adapter.groups(), seed=41)
+    with torch.no_grad():
+        dense = model(**inputs).logits
+        assert torch.equal(model(**{**inputs, "pixel_values": noisy}).logits, dense)  # padding is cropped away
+        with adapter.mask(model, plan):
+            masked = model(**inputs).logits
+        adapter.apply_(model, plan)
+        sliced = model(**inputs).logits
+    assert (sliced - masked).abs().max().item() <= TOL and (masked - dense).abs().max().item() > 1e-3

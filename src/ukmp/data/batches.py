@@ -9,6 +9,8 @@
 * :class:`DecoderOnlyCollator` — the same split for a decoder-only language model: one sequence
   ``[image tokens] [bos] prefix suffix [eos]`` whose ``labels`` are **aligned with the logits** (``labels[:, t]`` is
   the token position ``t`` predicts): the suffix and ``eos`` are targets, image and prompt positions never are.
+  For a ``native_resolution`` layout (Qwen-VL) each image keeps its aspect ratio (:func:`fit_size`), so its row
+  holds its own number of image tokens and the batch pads the pixels (:func:`padded_images`, ``image_sizes``).
 * :class:`TextWindowCollator` — token windows of a plain text (``format: text``) with aligned labels: every position
   predicts the next token.
 * :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`; when the
@@ -37,12 +39,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def fit_size(height: int, width: int, unit: int, max_area: int, min_area: int = 0) -> tuple[int, int]:
+    """(height, width) near ``height x width``'s aspect ratio with both sides multiples of ``unit`` and an area in
+    [``min_area``, ``max_area``]: each side rounded to the nearest multiple, then both scaled down (floor) or up
+    (ceil) together when the area falls outside -- the rule Qwen-VL's image processor resizes by."""
+    h, w = max(unit, round(height / unit) * unit), max(unit, round(width / unit) * unit)
+    if h * w > max_area:
+        beta = math.sqrt(height * width / max_area)
+        h = max(unit, math.floor(height / beta / unit) * unit)
+        w = max(unit, math.floor(width / beta / unit) * unit)
+    elif h * w < min_area:
+        beta = math.sqrt(min_area / (height * width))
+        h, w = math.ceil(height * beta / unit) * unit, math.ceil(width * beta / unit) * unit
+    return h, w
+
+
 @dataclass(frozen=True)
 class ImageTransform:
+    """``size``: the square side, or with ``fit_unit`` the side of the largest area (:func:`fit_size`: the image,
+    or the training crop, keeps its aspect ratio with sides multiples of ``fit_unit``)."""
+
     size: int
     train: bool = False
     scale: tuple[float, float] = (0.5, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    fit_unit: int = 0
+
+    def out_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the output for a source (or crop) of ``width x height``."""
+        if not self.fit_unit:
+            return self.size, self.size
+        h, w = fit_size(height, width, self.fit_unit, self.size * self.size, self.fit_unit * self.fit_unit)
+        return w, h
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box: 10 tries of (area fraction, log-uniform aspect), else a centre crop."""
@@ -72,11 +100,11 @@ class ImageTransform:
         if self.train:
             rng = rng or random.Random(0)
             box = self.crop_box(image.width, image.height, rng)
-            image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+            image = image.resize(self.out_size(box[2] - box[0], box[3] - box[1]), Image.BICUBIC, box=box)
             if rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
         else:
-            image = image.resize((self.size, self.size), Image.BICUBIC)
+            image = image.resize(self.out_size(image.width, image.height), Image.BICUBIC)
         arr = np.asarray(image, dtype=np.float32) / 255.0
         arr = (arr - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
@@ -185,13 +213,18 @@ class DecoderOnlyCollator(PrefixLMCollator):
     aligned with the logits (see the module docstring). The prefix/suffix split is :class:`PrefixLMCollator`'s."""
 
     def __init__(self, dataset, tokenizer, image_size: int | None, image_tokens: int, image_token_id: int | None,
-                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42, qformer_tokenizer=None):
+                 max_text_tokens: int = 32, augment: bool = True, seed: int = 42, qformer_tokenizer=None,
+                 native_unit: int = 0):
+        """``native_unit`` > 0 (``BatchLayout.native_resolution``): each image keeps its aspect ratio with sides
+        multiples of it, gets one image token per ``native_unit^2`` pixels, and the batch carries the pixels
+        zero-padded to the largest with ``image_sizes``."""
         self.dataset = dataset
         self.tokenizer = tokenizer
         self.qformer_tokenizer = qformer_tokenizer
         self.num_query_tokens = image_tokens
         self.image_token_id = image_token_id
-        self.transform = ImageTransform(image_size, train=augment) if image_size else None
+        self.native_unit = int(native_unit)
+        self.transform = ImageTransform(image_size, train=augment, fit_unit=self.native_unit) if image_size else None
         self.max_text_tokens = max_text_tokens
         self.seed = seed
         self.eos = tokenizer.eos_token_id
@@ -203,25 +236,50 @@ class DecoderOnlyCollator(PrefixLMCollator):
         ids = list(self.tokenizer(" " + text if text else "", add_special_tokens=False)["input_ids"])
         return ids[: self.max_text_tokens - 1] + [self.eos]
 
+    def _image_tokens(self, image: torch.Tensor | None) -> int:
+        if image is None or not self.native_unit:
+            return self.num_query_tokens
+        return image.shape[1] * image.shape[2] // self.native_unit ** 2
+
     def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
         prefix, suffix = self.texts(index, epoch)
-        return self.num_query_tokens + len(self._prompt(prefix)), len(self._target(suffix))
+        n_img = self.num_query_tokens
+        if self.native_unit and self.transform is not None:  # the uncropped image's count (the size alone is read)
+            w, h = self.transform.out_size(*self.dataset.open_image(index).size)
+            n_img = w * h // self.native_unit ** 2
+        return n_img + len(self._prompt(prefix)), len(self._target(suffix))
 
     def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
         pix, rows, spans = [], [], []
         for i in indices:
+            image = None
             if self.transform is not None:
                 rng = sample_rng(self.seed, int(i), epoch, stream=0)
-                pix.append(self.transform(self.dataset.open_image(int(i)), rng))
+                image = self.transform(self.dataset.open_image(int(i)), rng)
+                pix.append(image)
             prefix, suffix = self.texts(int(i), epoch)
-            head = [self.image_token_id] * self.num_query_tokens + self._prompt(prefix)
+            head = [self.image_token_id] * self._image_tokens(image) + self._prompt(prefix)
             tail = self._target(suffix)
             rows.append(head + tail)
             spans.append((len(head), len(head) + len(tail)))
         batch = {**aligned_batch(rows, spans, self.tokenizer.pad_token_id), **self._qformer(indices, epoch)}
-        if pix:
+        if pix and self.native_unit:
+            batch = {**padded_images(pix), **batch}
+        elif pix:
             batch = {"pixel_values": torch.stack(pix), **batch}
         return batch
+
+
+def padded_images(images: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``pixel_values [B, C, H_max, W_max]`` (each image top-left, zeros after) and ``image_sizes [B, 2]``
+    (height, width) of images ``[C, H, W]`` of different sizes."""
+    h = max(im.shape[1] for im in images)
+    w = max(im.shape[2] for im in images)
+    out = images[0].new_zeros((len(images), images[0].shape[0], h, w))
+    for b, im in enumerate(images):
+        out[b, :, : im.shape[1], : im.shape[2]] = im
+    sizes = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.long)
+    return {"pixel_values": out, "image_sizes": sizes}
 
 
 def aligned_batch(rows: Sequence[list[int]], spans: Sequence[tuple[int, int]], pad: int) -> dict[str, torch.Tensor]:
@@ -285,7 +343,8 @@ def make_collator(dataset, processor, layout, image_size: int | None = None, max
                          f"Q-Former needs for the prompt (an InstructBlipProcessor has one)")
     if layout.decoder_only:
         return DecoderOnlyCollator(dataset, tokenizer, size, layout.image_tokens, layout.image_token_id,
-                                   max_text_tokens, augment, seed, qformer_tokenizer=qformer_tok)
+                                   max_text_tokens, augment, seed, qformer_tokenizer=qformer_tok,
+                                   native_unit=layout.patch_size if layout.native_resolution else 0)
     return PrefixLMCollator(dataset, processor, size, max_text_tokens, augment, seed,
                             num_query_tokens=layout.image_tokens, qformer_tokenizer=qformer_tok)
 

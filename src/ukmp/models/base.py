@@ -37,6 +37,10 @@ class BatchLayout:
     patch_size: int | None = None
     qformer_text: bool = False  # the prompt is also tokenised for the Q-Former (InstructBLIP: qformer_input_ids)
     fixed_image_size: bool = False  # one image token per patch (LLaVA): images are always read at image_size
+    # Qwen-VL: batches read each image near its own aspect ratio (sides multiples of patch_size, at most
+    # image_size^2 pixels; one image token per patch_size^2 pixels), so a batch mixes resolutions: the pixels are
+    # zero-padded to the largest and ``image_sizes [B, 2]`` says each one's (height, width)
+    native_resolution: bool = False
 
     @property
     def has_images(self) -> bool:

@@ -16,11 +16,13 @@ groups leaves it valid. Never pruned: the patch embedding, the norms, the merger
 **Images.** The model takes every image of a batch as one flat sequence of patches (``pixel_values
 [patches, 3 * temporal * patch^2]``, in 2 x 2 merge-window order) with ``image_grid_thw [images, 3]``, and its
 M-RoPE positions need ``mm_token_type_ids`` (1 at image tokens), which Qwen's processor writes. ukmp's batches carry
-one image per sample as ``pixel_values [B, 3, H, W]`` read at the adapter's size (:meth:`Qwen2_5_VLAdapter
-.batch_layout`): :func:`batched_image_class` is the stock class whose ``forward`` and ``generate`` turn such pixels
-into the flat layout (:func:`pack_images`, the same numbers as ``Qwen2VLImageProcessorPil``'s patches) and derive
-``mm_token_type_ids`` from the image token. Native inputs (flat pixels with ``image_grid_thw``, e.g. images of
-different resolutions in one batch, as the processor builds them) pass through untouched.
+one image per sample as ``pixel_values [B, 3, H, W]``: read at the adapter's square size for evaluation, and near
+each image's own aspect ratio in calibration and recovery (``BatchLayout.native_resolution``: the collator pads the
+images of a batch to the largest and adds ``image_sizes [B, 2]``). :func:`batched_image_class` is the stock class
+whose ``forward`` and ``generate`` crop each image to its size, turn the pixels into the flat layout
+(:func:`pack_images`, the same numbers as ``Qwen2VLImageProcessorPil``'s patches) and derive ``mm_token_type_ids``
+from the image token. Native inputs (flat pixels with ``image_grid_thw``, as the processor builds them) pass
+through untouched.
 """
 
 from __future__ import annotations
@@ -55,13 +57,14 @@ class Qwen2_5_VLAdapter(VisionDecoderAdapter):
         return super().modality_of_param(name)
 
     def batch_layout(self) -> BatchLayout:
-        """One image per sample, read at :func:`image_size` (a multiple of ``patch * merge``):
-        ``(size / (patch * merge))^2`` image tokens."""
+        """One image per sample: ``(size / (patch * merge))^2`` image tokens at the square :func:`image_size` (a
+        multiple of ``patch * merge``, the layout's ``patch_size``) in evaluation; ``h * w / (patch * merge)^2`` at
+        the aspect-preserving size the collators read (``native_resolution``, at most ``size^2`` pixels)."""
         vc = self.config.vision_config
         size, unit = image_size(self.config), int(vc.patch_size) * int(vc.spatial_merge_size)
         return BatchLayout(decoder_only=True, image_tokens=(size // unit) ** 2,
                            image_token_id=int(self.config.image_token_id), image_size=size, patch_size=unit,
-                           fixed_image_size=True)
+                           fixed_image_size=True, native_resolution=True)
 
     def model_class(self):
         return batched_image_class(self.config.model_type)
@@ -123,10 +126,12 @@ def pack_images(images: torch.Tensor | Sequence[torch.Tensor], patch: int, merge
 def _native_inputs(model, kwargs: dict) -> dict:
     """``kwargs`` with 4-D ``pixel_values`` packed (:func:`pack_images`) and ``mm_token_type_ids`` derived from
     ``input_ids`` when images come without them; anything else unchanged."""
-    pix = kwargs.get("pixel_values")
+    pix, sizes = kwargs.get("pixel_values"), kwargs.pop("image_sizes", None)
     if isinstance(pix, torch.Tensor) and pix.dim() == 4:
         if kwargs.get("image_grid_thw") is not None:
             raise ValueError("pixel_values: 4-D images come with no image_grid_thw (it is derived from them)")
+        if sizes is not None:  # zero-padded images of several resolutions: each cropped to its own size
+            pix = [p[:, : int(h), : int(w)] for p, (h, w) in zip(pix, sizes.tolist())]
         vc = model.config.vision_config
         kwargs["pixel_values"], kwargs["image_grid_thw"] = pack_images(
             pix, int(vc.patch_size), int(vc.spatial_merge_size), int(vc.temporal_patch_size))
