@@ -286,7 +286,8 @@ def test_collator_batches_two_resolutions():
     """The collator reads each image near its own aspect ratio (the processor's resize rule: the same grids), pads
     the pixels and says each size; the rows carry 16 and 15 image tokens; the padding never reaches the model; and
     sliced ≡ masked on that batch (windowed blocks, float64)."""
-    from ukmp.data.batches import fit_size, make_collator
+    from ukmp.data.batches import make_collator
+    from ukmp.data.resolution import fit_size
 
     model, proc, _ = _build(41)
     adapter = adapter_for(model)
