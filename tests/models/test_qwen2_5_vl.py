@@ -317,3 +317,16 @@ def test_collator_batches_two_resolutions():
         adapter.apply_(model, plan)
         sliced = model(**inputs).logits
     assert (sliced - masked).abs().max().item() <= TOL and (masked - dense).abs().max().item() > 1e-3
+
+
+def test_family_tables_read_flat_hub_configs():
+    """Hub configs of Qwen2.5-VL keep the language model's fields at the top level (no ``text_config``): the
+    torch-free tables still know its language model, its tasks and its tiny build."""
+    from ukmp.models import families
+
+    flat = {"model_type": "qwen2_5_vl", "hidden_size": 3584, "vision_config": {"depth": 32}}
+    assert families.model_types(flat) == ("qwen2_5_vl", "qwen2_5_vl_text")
+    assert families.task_kinds(*families.model_types(flat)) == {"vqa", "gqa", "caption", "perplexity"}
+    assert families.family_label(flat) == "Qwen2.5-VL"
+    assert families.tiny_source("Qwen/Qwen2.5-VL-7B-Instruct") == "tiny-qwen2.5-vl"
+    assert families.tiny_source("qwen2.5-vl-3b") == "tiny-qwen2.5-vl"
