@@ -64,6 +64,13 @@ def load_processor(model_dir: Path, gguf_file: str | None = None):
         return AutoTokenizer.from_pretrained(str(model_dir), gguf_file=gguf_file)
     has_images = (path / "preprocessor_config.json").is_file() or (path / "processor_config.json").is_file()
     if has_images or not path.is_dir():
+        from ukmp.models.families import source_config
+
+        model_type = (source_config(str(model_dir)) or {}).get("model_type")
+        if model_type in ("qwen2_5_vl", "qwen3_vl"):  # the stock processor cannot load without torchvision
+            from ukmp.models.qwen2_5_vl import image_text_processor_class
+
+            return image_text_processor_class(model_type).from_pretrained(str(model_dir))
         return AutoProcessor.from_pretrained(str(model_dir))
     # the class the tokenizer was saved as (AutoTokenizer would pick the model type's own class for some types)
     import json

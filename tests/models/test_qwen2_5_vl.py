@@ -158,6 +158,17 @@ def test_save_load_round_trip(tmp_path):
                return_tensors="pt", padding=True)
     assert torch.equal(b["input_ids"], native["input_ids"]) and torch.equal(b["image_grid_thw"],
                                                                            native["image_grid_thw"])
+    # a directory that names the stock processor class (as the hub's do) loads through ukmp's runtime, which
+    # builds the processor without the torchvision-only video processor (AutoProcessor cannot, here)
+    from ukmp.runtime import load_processor
+
+    for f in path.glob("*config.json"):
+        d = json.loads(f.read_text())
+        if "processor_class" in d:
+            f.write_text(json.dumps({**d, "processor_class": "Qwen2_5_VLProcessor"}))
+    again_proc = load_processor(path)
+    assert type(again_proc).__name__ == "Qwen2_5_VLImageTextProcessor" and again_proc.image_token_id == \
+        proc.image_token_id
 
 
 def test_four_d_pixels_are_packed_as_the_processor_packs_them():
