@@ -105,7 +105,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     label=f"{m}" if state == "pruned" else None, lw=2.2 if m == "ukmp" else 1.2)
     ax.axhline(dense, color="k", lw=0.8, ls=":")
     ax.set_xlabel("pruning ratio (fraction of all parameters)")
-    ax.set_ylabel(f"easy-VQA test accuracy (%)")
+    ax.set_ylabel("easy-VQA test accuracy (%)")
     ax.set_title("testbed: solid = after pruning, dashed = after recovery")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

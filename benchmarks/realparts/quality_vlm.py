@@ -328,7 +328,7 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     d = result["dense"]
-    lines = [f"# Quality with real weights: BLIP-2 = DINOv2 ViT-S/14 + Q-Former + SmolLM2-135M-Instruct", "",
+    lines = ["# Quality with real weights: BLIP-2 = DINOv2 ViT-S/14 + Q-Former + SmolLM2-135M-Instruct", "",
              f"Dense: easy-VQA **{d['vqa']:.2f} %** (500 fixed test questions), held-out perplexity "
              f"**{d['ppl']:.3f}** ({result['ppl_tokens']}). Ratio = fraction of all {result['total_params']:,} "
              f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "

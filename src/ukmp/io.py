@@ -14,7 +14,6 @@ assigns the safetensors tensors: no pickle is involved anywhere.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any

@@ -81,8 +81,6 @@ def float64_tiny(name: str, seed: int, impl: str = "sdpa"):
     """(model, processor, inputs) for exactness tests: the tiny vision-language build ``name`` in float64 with
     random Linear biases (transformers zero-initialises them; random ones make the bias slices matter) and
     :func:`make_inputs`' batch, pixels in float64 too."""
-    from torch import nn
-
     from ukmp.models.build import build_tiny
 
     model, proc = build_tiny(name=name, seed=seed, attn_implementation=impl)

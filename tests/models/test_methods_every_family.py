@@ -29,7 +29,7 @@ from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.scoring import get_method
 
 FAMILIES = ("tiny-blip2-opt", "tiny-blip2-llama", "tiny-llama", "tiny-instructblip-t5", "tiny-instructblip-llama",
-            "tiny-llava", "tiny-smolvlm", "tiny-llava-onevision")
+            "tiny-llava", "tiny-smolvlm", "tiny-llava-onevision", "tiny-qwen2.5-vl", "tiny-qwen3-vl")
 METHODS = ("ukmp", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp", "flap", "upop", "magnitude_sp",
            "wanda_sp", "random")
 FAST = {"upop": {"upop": {"steps": 4, "update_every": 2}}, "ecoflap_sp": {"ecoflap": {"zo_samples": 4}}}

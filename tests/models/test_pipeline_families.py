@@ -1,5 +1,5 @@
 """``ukmp run`` and ``ukmp compare`` on every family beyond BLIP-2-T5 (tiny BLIP-2-OPT, BLIP-2 with a GQA Llama, a
-plain Llama, InstructBLIP with T5 and Llama, LLaVA, SmolVLM), through the CLI entry point: every stage runs, the
+plain Llama, InstructBLIP with T5 and Llama, LLaVA, SmolVLM, Qwen2.5-VL), through the CLI entry point: every stage runs, the
 pruned and recovered models reload, cached scores re-plan to the same plan, a second run skips every stage, and the
 comparison tabulates each method. Sizes are cut to the bone (2 evaluation samples, one recovery step per sub-stage,
 one unit per allocation step); the demo-size runs of the T5 pipeline live in tests/core/test_pipeline.py. LLaVA's
@@ -30,6 +30,7 @@ FAMILIES = {
     "tiny-smolvlm": ["data.calibration=sample:cc595k", "eval.after_prune=[gqa]", "eval.after_finetune=[okvqa]"],
     "tiny-llava-onevision": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]",
                              "eval.after_finetune=[gqa]"],
+    "tiny-qwen2.5-vl": ["data.calibration=sample:cc595k", "eval.after_prune=[okvqa]", "eval.after_finetune=[gqa]"],
 }
 
 SMALL = ["prune.num_samples=8", "prune.units_per_step=1", "prune.fine_units_per_step=1", "eval.max_samples=2",

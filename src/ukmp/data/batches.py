@@ -11,6 +11,8 @@
   the token position ``t`` predicts): the suffix and ``eos`` are targets, image and prompt positions never are.
   With ``prompt_style: template`` the prompt is the processor's chat template around the image and the prefix
   (:mod:`ukmp.data.prompts`); the image is transformed as the model's :class:`~ukmp.models.BatchLayout` says.
+  For a ``native_resolution`` layout (Qwen-VL) each image keeps its aspect ratio (:func:`fit_size`), so its row
+  holds its own number of image tokens and the batch pads the pixels (:func:`padded_images`, ``image_sizes``).
 * :class:`TextWindowCollator` — token windows of a plain text (``format: text``) with aligned labels: every position
   predicts the next token.
 * :func:`make_collator` — the collator for a dataset and a model's :class:`~ukmp.models.BatchLayout`; when the
@@ -34,6 +36,7 @@ import torch
 from PIL import Image
 
 from ukmp.data.prompts import PromptIds, prompt_ids  # noqa: F401 (prompt_ids: re-exported for the evaluators)
+from ukmp.data.resolution import fit_size, padded_images
 from ukmp.data.textclean import blip_caption
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -49,7 +52,9 @@ class ImageTransform:
     ``mean`` / ``std``. ``resize="bicubic"`` is one bicubic square resize (BLIP-2, LLaVA); ``"idefics3"`` is what
     the Idefics3 / SmolVLM image processor does without tiling: the longest edge to ``size`` (aspect kept, the other
     edge rounded up to even), then a square ``size`` x ``size``, both Lanczos. Training adds the random resized crop
-    and flip before the square resize (:meth:`crop_box`)."""
+    and flip before the square resize (:meth:`crop_box`). With ``fit_unit`` (Qwen-VL, bicubic only) the output is
+    not square: ``size`` is the side of the largest area, and the image (or the training crop) keeps its aspect
+    ratio with sides multiples of ``fit_unit`` (:func:`fit_size`)."""
 
     size: int
     train: bool = False
@@ -58,16 +63,30 @@ class ImageTransform:
     mean: tuple[float, ...] = CLIP_MEAN
     std: tuple[float, ...] = CLIP_STD
     resize: str = "bicubic"
+    fit_unit: int = 0
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZES:
             raise ValueError(f"image resize: {self.resize!r} is not one of {', '.join(RESIZES)}")
+        if self.fit_unit and self.resize != "bicubic":
+            raise ValueError(f"image resize: {self.resize!r} reads square images; fit_unit needs 'bicubic'")
 
     @classmethod
-    def for_layout(cls, layout, size: int | None = None, train: bool = False) -> "ImageTransform":
-        """The transform a model's :class:`~ukmp.models.BatchLayout` asks for, at ``size`` (default: the layout's)."""
+    def for_layout(cls, layout, size: int | None = None, train: bool = False,
+                   native: bool = False) -> "ImageTransform":
+        """The transform a model's :class:`~ukmp.models.BatchLayout` asks for, at ``size`` (default: the layout's).
+        ``native``: a ``native_resolution`` layout's images keep their aspect ratio (the collators); else square
+        (evaluation reads every image at ``size`` x ``size``)."""
         return cls(int(size or layout.image_size), train=train, mean=tuple(layout.image_mean or CLIP_MEAN),
-                   std=tuple(layout.image_std or CLIP_STD), resize=layout.image_resize)
+                   std=tuple(layout.image_std or CLIP_STD), resize=layout.image_resize,
+                   fit_unit=int(layout.patch_size) if native and layout.native_resolution else 0)
+
+    def out_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the output for a source (or crop) of ``width x height``."""
+        if not self.fit_unit:
+            return self.size, self.size
+        h, w = fit_size(height, width, self.fit_unit, self.size * self.size, self.fit_unit * self.fit_unit)
+        return w, h
 
     def crop_box(self, width: int, height: int, rng: random.Random) -> tuple[int, int, int, int]:
         """RandomResizedCrop's box: 10 tries of (area fraction, log-uniform aspect), else a centre crop."""
@@ -94,18 +113,17 @@ class ImageTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
         image = image.convert("RGB")
-        square = (self.size, self.size)
         resample = Image.LANCZOS if self.resize == "idefics3" else Image.BICUBIC
         if self.train:
             rng = rng or random.Random(0)
             box = self.crop_box(image.width, image.height, rng)
-            image = image.resize(square, resample, box=box)
+            image = image.resize(self.out_size(box[2] - box[0], box[3] - box[1]), resample, box=box)
             if rng.random() < 0.5:
                 image = image.transpose(Image.FLIP_LEFT_RIGHT)
         else:
             if self.resize == "idefics3":
                 image = image.resize(longest_edge_size(image.width, image.height, self.size), resample)
-            image = image.resize(square, resample)
+            image = image.resize(self.out_size(image.width, image.height), resample)
         arr = np.asarray(image, dtype=np.float32) / 255.0
         arr = (arr - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
         return torch.from_numpy(arr.transpose(2, 0, 1).copy())
@@ -224,8 +242,9 @@ class DecoderOnlyCollator(PrefixLMCollator):
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.qformer_tokenizer = qformer_tokenizer
         self.prompt = PromptIds(processor, layout, prompt_style, max_text_tokens)
-        self.transform = (ImageTransform.for_layout(layout, image_size, train=augment) if layout.has_images
-                          else None)
+        self.transform = (ImageTransform.for_layout(layout, image_size, train=augment, native=True)
+                          if layout.has_images else None)
+        self.native_unit = self.transform.fit_unit if self.transform is not None else 0
         self.max_text_tokens = max_text_tokens
         self.seed = seed
         self.eos = self.tokenizer.eos_token_id
@@ -234,23 +253,38 @@ class DecoderOnlyCollator(PrefixLMCollator):
         ids = list(self.tokenizer(" " + text if text else "", add_special_tokens=False)["input_ids"])
         return ids[: self.max_text_tokens - 1] + [self.eos]
 
+    def _image_tokens(self, image: torch.Tensor | None) -> int | None:
+        """The image tokens of ``image`` under a ``native_resolution`` layout (one per ``native_unit^2`` pixels);
+        ``None``: the layout's fixed count."""
+        if image is None or not self.native_unit:
+            return None
+        return image.shape[1] * image.shape[2] // self.native_unit ** 2
+
     def text_lengths(self, index: int, epoch: int = 0) -> tuple[int, int]:
         prefix, suffix = self.texts(index, epoch)
-        return len(self.prompt(prefix)), len(self._target(suffix))
+        n_img = None
+        if self.native_unit:  # the uncropped image's count (the size alone is read)
+            w, h = self.transform.out_size(*self.dataset.open_image(index).size)
+            n_img = w * h // self.native_unit ** 2
+        return len(self.prompt(prefix, n_img)), len(self._target(suffix))
 
     def __call__(self, indices: Sequence[int], epoch: int = 0) -> dict[str, torch.Tensor]:
         pix, rows, spans = [], [], []
         for i in indices:
+            image = None
             if self.transform is not None:
                 rng = sample_rng(self.seed, int(i), epoch, stream=0)
-                pix.append(self.transform(self.dataset.open_image(int(i)), rng))
+                image = self.transform(self.dataset.open_image(int(i)), rng)
+                pix.append(image)
             prefix, suffix = self.texts(int(i), epoch)
-            head = self.prompt(prefix)
+            head = self.prompt(prefix, self._image_tokens(image))
             tail = self._target(suffix)
             rows.append(head + tail)
             spans.append((len(head), len(head) + len(tail)))
         batch = {**aligned_batch(rows, spans, self.tokenizer.pad_token_id), **self._qformer(indices, epoch)}
-        if pix:
+        if pix and self.native_unit:
+            batch = {**padded_images(pix), **batch}
+        elif pix:
             batch = {"pixel_values": torch.stack(pix), **batch}
         return batch
 

@@ -98,11 +98,13 @@ def token_id(tokenizer, token: str) -> int:
     return int(i)
 
 
-def image_ids(layout, tokenizer) -> list[int]:
-    """The ids one image becomes: ``image_prefix + [image token] * image_tokens + image_suffix`` ([] without one)."""
+def image_ids(layout, tokenizer, n: int | None = None) -> list[int]:
+    """The ids one image becomes: ``image_prefix + [image token] * n + image_suffix`` ([] without one); ``n``
+    defaults to the layout's ``image_tokens`` (a ``native_resolution`` layout gives each image its own count)."""
     if not layout.image_tokens:
         return []
-    return ([token_id(tokenizer, t) for t in layout.image_prefix] + [int(layout.image_token_id)] * layout.image_tokens
+    n = layout.image_tokens if n is None else int(n)
+    return ([token_id(tokenizer, t) for t in layout.image_prefix] + [int(layout.image_token_id)] * n
             + [token_id(tokenizer, t) for t in layout.image_suffix])
 
 
@@ -128,16 +130,20 @@ class PromptIds:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.style = style or "plain"
         self.max_length = max_length
+        self.layout = layout
         self.image = image_ids(layout, self.tokenizer)
         self.image_token_id = layout.image_token_id
         if self.style == "template" and not has_chat_template(processor):
             raise ValueError(f"prompt_style 'template': the processor ({type(processor).__name__}) has no chat "
                              f"template")
 
-    def __call__(self, text: str) -> list[int]:
+    def __call__(self, text: str, image_tokens: int | None = None) -> list[int]:
+        """``image_tokens``: this image's own count of image tokens (``None``: the layout's)."""
+        image = self.image if image_tokens is None or not self.image else image_ids(self.layout, self.tokenizer,
+                                                                                      image_tokens)
         if self.style == "plain":
-            return self.image + prompt_ids(self.tokenizer, text, self.max_length)
-        return self.templated(self.user_text(text))
+            return image + prompt_ids(self.tokenizer, text, self.max_length)
+        return self.templated(self.user_text(text), image)
 
     def user_text(self, text: str) -> str:
         """``text`` cut to ``max_length`` tokens (decoded back) when it is longer."""
@@ -154,7 +160,8 @@ class PromptIds:
         return self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                   add_generation_prompt=True, tokenize=False)
 
-    def templated(self, text: str) -> list[int]:
+    def templated(self, text: str, image: list[int] | None = None) -> list[int]:
+        image = self.image if image is None else image
         rendered = self.render(text)
         bos = self.tokenizer.bos_token
         ids = prompt_ids(self.tokenizer, rendered, special=not (bos and rendered.startswith(bos)))
@@ -165,5 +172,5 @@ class PromptIds:
             raise ValueError(f"prompt_style 'template': the chat template of {type(self.processor).__name__} wrote "
                              f"{len(at)} image placeholders for one image")
         if not at:  # BLIP-2 / InstructBLIP processors put the image tokens in front of the text
-            return self.image + ids
-        return ids[: at[0]] + self.image + ids[at[0] + 1:]
+            return image + ids
+        return ids[: at[0]] + image + ids[at[0] + 1:]

@@ -45,6 +45,10 @@ class BatchLayout:
     image_mean: tuple[float, ...] | None = None  # per-channel normalisation (None: CLIP's mean and std)
     image_std: tuple[float, ...] | None = None
     image_resize: str = "bicubic"  # "bicubic": one square resize; "idefics3": longest edge, then square (Lanczos)
+    # Qwen-VL: batches read each image near its own aspect ratio (sides multiples of patch_size, at most
+    # image_size^2 pixels; one image token per patch_size^2 pixels), so a batch mixes resolutions: the pixels are
+    # zero-padded to the largest and ``image_sizes [B, 2]`` says each one's (height, width)
+    native_resolution: bool = False
 
     @property
     def has_images(self) -> bool:

@@ -65,7 +65,7 @@ class Blip2Adapter(ModelAdapter):
     def build_processor(self, tokenizer, corpus=None):
         """A ``Blip2Processor``; for InstructBLIP an ``InstructBlipProcessor`` whose second tokenizer (trained
         on ``corpus`` as the first) reads the prompt for the Q-Former."""
-        from ukmp.models.build import build_processor, build_tokenizer
+        from ukmp.models.processors import build_processor, build_tokenizer
 
         qformer_tok = build_tokenizer(corpus) if self.instruct else None
         size = int(self.config.vision_config.image_size)

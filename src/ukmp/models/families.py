@@ -25,6 +25,8 @@ SHIPPED_CONFIGS = {
     "llava-1.5-7b": "llava-1.5-7b.json",
     "smolvlm-256m": "smolvlm-256m.json",
     "smolvlm-2.2b": "smolvlm-2.2b.json",
+    "qwen2.5-vl-3b": "qwen2.5-vl-3b.json",
+    "qwen2.5-vl-7b": "qwen2.5-vl-7b.json",
     "mid": "blip2-t5-mid.json",
     "tiny": "blip2-t5-tiny.json",
     "tiny-blip2-opt": "blip2-opt-tiny.json",
@@ -33,6 +35,8 @@ SHIPPED_CONFIGS = {
     "tiny-instructblip-llama": "instructblip-llama-tiny.json",
     "tiny-llava": "llava-tiny.json",
     "tiny-smolvlm": "smolvlm-tiny.json",
+    "tiny-qwen2.5-vl": "qwen2.5-vl-tiny.json",
+    "tiny-qwen3-vl": "qwen3-vl-tiny.json",
     "tiny-llama": "llama-tiny.json",
     "tiny-opt": "opt-tiny.json",
     "tiny-qwen2": "qwen2-tiny.json",
@@ -50,15 +54,20 @@ VISION_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "instructblip": ("vqa", "gqa", "caption", "retrieval"),
     "llava": ("vqa", "gqa", "caption"),
     "idefics3": ("vqa", "gqa", "caption"), "smolvlm": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
+    "qwen2_5_vl": ("vqa", "gqa", "caption"),  # Qwen's own ViT: no ITM model fits
+    "qwen3_vl": ("vqa", "gqa", "caption"),
     "llama": (), "mistral": (), "qwen2": (), "opt": (),
     "llava_onevision": ("vqa", "gqa", "caption"),  # SigLIP: no ITM model fits
 }
 # ... and the kinds its language model adds: perplexity needs a decoder-only language model
 LANGUAGE_TASK_KINDS: dict[str, tuple[str, ...]] = {
     "t5": (), "llama": ("perplexity",), "mistral": ("perplexity",), "qwen2": ("perplexity",), "opt": ("perplexity",),
+    "qwen2_5_vl_text": ("perplexity",), "qwen3_vl_text": ("perplexity",),
 }
 # model types whose language model is ``text_config``
-COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm", "llava_onevision")
+COMPOSITE = ("blip-2", "instructblip", "llava", "idefics3", "smolvlm", "llava_onevision", "qwen2_5_vl", "qwen3_vl")
+# ... and the language-model type of those whose hub configs are flat (the text fields at the top level)
+IMPLICIT_TEXT_TYPE = {"qwen2_5_vl": "qwen2_5_vl_text"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ FAMILIES = (
     Family("LLaVA", "llava", "llama", "tiny-llava"),
     Family("SmolVLM2", "smolvlm", "llama", "tiny-smolvlm"),
     Family("SmolVLM (Idefics3)", "idefics3", "llama", "tiny-smolvlm"),
+    Family("Qwen2.5-VL", "qwen2_5_vl", "llama", "tiny-qwen2.5-vl"),
+    Family("Qwen3-VL", "qwen3_vl", "llama", "tiny-qwen3-vl"),
     Family("Llama causal LM", "llama", "", "tiny-llama"),
     Family("Mistral causal LM", "mistral", "", "tiny-llama"),
     Family("Qwen2 causal LM", "qwen2", "", "tiny-qwen2"),
@@ -88,6 +99,7 @@ FAMILIES = (
     Family("LLaVA-OneVision", "llava_onevision", "llama", "tiny-llava-onevision"),
 )
 LANGUAGE_FAMILY = {"t5": "t5", "llama": "llama", "mistral": "llama", "qwen2": "llama", "opt": "opt"}
+LANGUAGE_FAMILY.update(qwen2_5_vl_text="llama", qwen3_vl_text="llama")
 # hub ids whose structure ukmp ships (the config is read offline from the shipped copy)
 HUB_CONFIGS = {
     "Salesforce/blip2-flan-t5-xl": "blip2-flan-t5-xl",
@@ -97,6 +109,8 @@ HUB_CONFIGS = {
     "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b",
     "HuggingFaceTB/SmolVLM-256M-Instruct": "smolvlm-256m",
     "HuggingFaceTB/SmolVLM2-2.2B-Instruct": "smolvlm-2.2b",
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2.5-vl-3b",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2.5-vl-7b",
     "HuggingFaceTB/SmolLM2-135M-Instruct": "smollm2-135m",
     "llava-hf/llava-onevision-qwen2-0.5b-ov-hf": "llava-onevision-qwen2-0.5b",
     "llava-hf/llava-onevision-qwen2-7b-ov-hf": "llava-onevision-qwen2-7b",
@@ -141,7 +155,7 @@ def model_types(config: dict) -> tuple[str, str]:
     """(whole-model type, language-model type; '' for a plain LM) of a config dict."""
     t = str(config.get("model_type", ""))
     if t in COMPOSITE:
-        return t, str((config.get("text_config") or {}).get("model_type", ""))
+        return t, str((config.get("text_config") or {}).get("model_type", IMPLICIT_TEXT_TYPE.get(t, "")))
     return t, ""
 
 
@@ -178,7 +192,8 @@ def tiny_source(source: str) -> str | None:
 
 # Families tuned on conversations: their prompts default to the processor's chat template (a dataset YAML's
 # ``prompt_style``, ukmp.data.prompts); the others default to the plain prompt. A new family adds its name here.
-INSTRUCTION_TUNED = {"InstructBLIP Vicuna", "LLaVA", "SmolVLM2", "SmolVLM (Idefics3)"}
+INSTRUCTION_TUNED = {"InstructBLIP Vicuna", "LLaVA", "SmolVLM2", "SmolVLM (Idefics3)", "Qwen2.5-VL", "Qwen3-VL",
+                     "LLaVA-OneVision"}
 
 
 def instruction_tuned(config: dict) -> bool:

@@ -37,7 +37,7 @@ class LlavaAdapter(VisionDecoderAdapter):
         return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
 
     def build_processor(self, tokenizer, corpus=None):
-        from ukmp.models.build import build_llava_processor
+        from ukmp.models.processors import build_llava_processor
 
         return build_llava_processor(tokenizer, self.config)
 

@@ -97,6 +97,20 @@ def _llava_onevision(config) -> ModelAdapter:
     return LlavaOnevisionAdapter(config, "llama", _base_llama_part(config, "model.language_model"))
 
 
+def _qwen2_5_vl(config) -> ModelAdapter:
+    from ukmp.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    part = DecoderPart(config.text_config, "model.language_model", replace(LLAMA, layers="layers"))
+    return Qwen2_5_VLAdapter(config, "llama", part)
+
+
+def _qwen3_vl(config) -> ModelAdapter:
+    from ukmp.models.qwen2_5_vl import Qwen3VLAdapter
+
+    part = DecoderPart(config.text_config, "model.language_model", replace(LLAMA, layers="layers"))
+    return Qwen3VLAdapter(config, "llama", part)
+
+
 def _causal_lm(config) -> ModelAdapter:
     from ukmp.models.causal_lm import CausalLMAdapter
 
@@ -115,6 +129,8 @@ register_model("instructblip", _blip2)
 register_model("llava", _llava)  # BLIP-2's layout; the adapter names the model class and the Q-Former text
 register_model("smolvlm", _smolvlm)
 register_model("idefics3", _smolvlm)  # SmolVLM's architecture under its first name: the same modules
+register_model("qwen2_5_vl", _qwen2_5_vl)  # its Qwen2 LM is a text config of its own (qwen2_5_vl_text)
+register_model("qwen3_vl", _qwen3_vl)  # Qwen3 LM (per-head q/k norms, no biases), DeepStack mergers
 for _t in ("llama", "mistral", "qwen2", "opt"):
     register_model(_t, _causal_lm)
 register_model("llava_onevision", _llava_onevision)  # LLaVA's layout; SigLIP tower, Qwen2 LM, AnyRes tiling

@@ -35,7 +35,7 @@ class VisionDecoderAdapter(ModelAdapter):
         super().__init__(config)
         self.lm_family = lm_family
         self.name = f"{config.model_type}-{lm_family}"
-        self.vision = ClipVisionPart(config.vision_config, self.vision_prefix)
+        self.vision = self.vision_part()
         self.lm = lm_part
         self.parts = [self.vision, self.lm]
 
@@ -53,6 +53,9 @@ class VisionDecoderAdapter(ModelAdapter):
     def build_processor(self, tokenizer, corpus=None):
         """The family's processor around ``tokenizer`` (adds its image token); each subclass builds its own."""
         raise NotImplementedError
+    def vision_part(self):
+        """The vision tower's part (CLIP's module layout unless a subclass says otherwise)."""
+        return ClipVisionPart(self.config.vision_config, self.vision_prefix)
 
     def modality_of_param(self, name: str) -> str:
         if name.startswith("lm_head."):

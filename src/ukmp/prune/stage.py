@@ -7,7 +7,6 @@ reloadable), ``summary.json`` and ``kept_width.png``.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random

@@ -39,7 +39,8 @@ from ukmp.recover.wr_lora import save_adapter
 _log = logging.getLogger(__name__)
 
 BATCH_KEYS = ("pixel_values", "input_ids", "attention_mask", "labels", "decoder_attention_mask",
-              "qformer_input_ids", "qformer_attention_mask")  # the last two: InstructBLIP's Q-Former prompt
+              "qformer_input_ids", "qformer_attention_mask",  # InstructBLIP's Q-Former prompt
+              "image_sizes")  # the real size of each padded image (BatchLayout.native_resolution)
 PRECISIONS = ("no", "bf16")
 LR_SCHEDULES = ("constant", "cosine")
 

@@ -71,7 +71,7 @@ class DecoderPart(Part):
         t = config.model_type
         if self.table is OPT:
             return bool(getattr(config, "enable_bias", True)), bool(getattr(config, "enable_bias", True))
-        if t == "qwen2":
+        if t in ("qwen2", "qwen2_5_vl_text"):  # Qwen2 (and Qwen2.5-VL's Qwen2): q/k/v biases, no other bias
             return True, False
         return bool(getattr(config, "attention_bias", False)), bool(getattr(config, "mlp_bias", False))
 
