@@ -238,7 +238,7 @@ def allocate(
         raise ValueError(f"total_params: {total_params} is smaller than the scored groups' "
                          f"{prunable} parameters")
     if cfg.width_multiple > 1 or cfg.scope == "uniform":
-        alive, extra = allocate_widths(flat, int(total_params), prunable, cfg)
+        alive, extra = allocate_widths(flat, int(total_params), prunable, cfg, _allocate_global)
     elif cfg.scope == "local":
         alive, extra = _allocate_local(flat, int(total_params), prunable, cfg)
     else:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -102,18 +102,19 @@ def make_blocks(flat: Any, multiple: int, uniform: bool) -> Blocks:
                   groups, sizes)
 
 
-def allocate_widths(flat: Any, total: int, prunable: int, cfg: Any) -> tuple[torch.Tensor, dict[str, Any]]:
-    """``(alive units, meta)`` of a ``width_multiple`` / ``uniform`` allocation of ``flat`` (see the module doc)."""
-    from ukmp.prune.allocate import _allocate_global, _Flat
-
+def allocate_widths(flat: Any, total: int, prunable: int, cfg: Any,
+                    global_loop: Callable[[Any, int, Any], tuple[torch.Tensor, dict[str, Any]]]
+                    ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``(alive units, meta)`` of a ``width_multiple`` / ``uniform`` allocation of ``flat`` (see the module doc);
+    ``global_loop``: the allocator's global loop (``allocate._allocate_global``), run on the blocks."""
     uniform = cfg.scope == "uniform"
     b = make_blocks(flat, int(cfg.width_multiple), uniform)
     if cfg.scope == "local":
         alive_b, extra = _local_blocks(b, total, prunable, cfg)
     else:
-        bflat = _Flat(b.groups, b.score, b.gidx, torch.arange(b.score.numel()), b.ppu, b.mod, flat.modalities,
-                      count=b.count)
-        alive_b, extra = _allocate_global(bflat, total, cfg)
+        bflat = replace(flat, order=b.groups, score=b.score, gidx=b.gidx, uidx=torch.arange(b.score.numel()),
+                        ppu=b.ppu, mod=b.mod, count=b.count)
+        alive_b, extra = global_loop(bflat, total, cfg)
     alive = alive_b[b.owner]
     cost = b.count if cfg.budget == "units" else b.ppu
     n = flat.score.numel() if cfg.budget == "units" else total
