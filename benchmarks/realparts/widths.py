@@ -13,6 +13,7 @@ removes a unit from all 30 layers (30 KV groups are 6.6 % of the model, 30 x 256
 cut at the unit that reaches the target could overshoot by that much; with exact_stop the plan stays at or below
 the target and the achieved ratio is in the table. Perplexity on the same 4,096 held-out tokens as the track.
 
+Each run's pruned weights are deleted once it is evaluated (``--keep-models`` keeps them: 30 runs, ~10 GB).
 Writes ``outputs/realparts_lm_widths/widths.{json,md}`` and copies them to ``benchmarks/results/realparts_lm_widths.*``.
 """
 
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="ukmp,llm_pruner_global")
     p.add_argument("--scores-root", default="outputs/realparts_lm_quality", help="the language track's run root")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--keep-models", action="store_true", help="keep each run's pruned weights (deleted once evaluated)")
     p.add_argument("--results-dir", default=str(language.RESULTS), help="where the results are copied ('' = nowhere)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -148,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                         from ukmp.plan import PruningPlan
 
                         row["same_plan_as_track"] = PruningPlan.load(plan).digest() == PruningPlan.load(track).digest()
+                    weights = plan.parent / "model" / "model.safetensors"
+                    if not args.keep_models and weights.is_file():  # ~400 MB per run; its plan and ppl stay
+                        weights.unlink()
                 except Exception as e:  # noqa: BLE001 - a variant's failure is a result
                     log.exception("widths: %s %s at %s failed", m, label, r)
                     row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
