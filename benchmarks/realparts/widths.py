@@ -63,7 +63,8 @@ def markdown(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = ["# Engine-friendly widths: quality cost on SmolLM2-135M (held-out perplexity, no recovery)", "",
              f"Dense perplexity **{result['dense']:.2f}** on {s['eval_tokens']:,} held-out tokens; machine: "
-             f"{s['machine']}; {s['date']}; load average at start {s['load_at_start']}; {result['wall_seconds']:,.0f} s",
+             f"{s['machine']}; {s['date']}; load average at start {s['load_at_start']}; "
+             f"{result['wall_seconds']:,.0f} s",
              f"- command: `{s['command']}`", f"- scores: {s['scores']}", ""]
     for m in result["methods"]:
         lines += [f"## {m}", "", "| variant | " + " | ".join(f"{r}: ppl (achieved)" for r in result["ratios"])

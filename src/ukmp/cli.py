@@ -106,8 +106,8 @@ def _check_ratio(ratio: float) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     _check_ratio(args.ratio)
-    for flag, v in (("--units-per-step", args.units_per_step), ("--fine-units-per-step", args.fine_units_per_step),
-                    ("--width-multiple", args.width_multiple)):
+    for flag, v in (("--units-per-step", args.units_per_step),
+                    ("--fine-units-per-step", args.fine_units_per_step), ("--width-multiple", args.width_multiple)):
         if v is not None and v < 1:
             raise ValueError(f"{flag}: must be >= 1, got {v}")
     from ukmp.prune.reuse import replan
