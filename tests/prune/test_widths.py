@@ -231,3 +231,14 @@ def test_stage_save_load_forward_and_replan(tmp_path, sample_data):
     assert again.digest() == PruningPlan.load(out / "plan.json").digest()
     other = replan(out / "scores.safetensors", 0.3, scope="global", width_multiple=1)
     assert other.digest() != again.digest()
+
+
+def test_a_method_with_its_own_plan_is_refused_before_the_model_loads(tmp_path):
+    from ukmp.prune.stage import run_prune_stage
+
+    demo = str(resources.files("ukmp") / "configs" / "demo.yaml")
+    cfg = load_config([demo], [f"output_dir={tmp_path}", "model.source=/nonexistent/model", "prune.method=flap",
+                               "prune.scope=uniform"])
+    with pytest.raises(ValueError, match=r"^prune\.scope=uniform: flap makes its own plan"):
+        run_prune_stage(cfg, tmp_path)
+    assert list(tmp_path.iterdir()) == []
