@@ -106,14 +106,16 @@ def _check_ratio(ratio: float) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     _check_ratio(args.ratio)
-    for flag, v in (("--units-per-step", args.units_per_step), ("--fine-units-per-step", args.fine_units_per_step)):
+    for flag, v in (("--units-per-step", args.units_per_step),
+                    ("--fine-units-per-step", args.fine_units_per_step), ("--width-multiple", args.width_multiple)):
         if v is not None and v < 1:
             raise ValueError(f"{flag}: must be >= 1, got {v}")
     from ukmp.prune.reuse import replan
     from ukmp.prune.stage import check_shortfall
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
-                  units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)
+                  units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step,
+                  width_multiple=args.width_multiple)
     check_shortfall(plan, args.allow_shortfall, "--allow-shortfall")
     plan.save(args.out)
     m = plan.meta
@@ -312,9 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="plan.json", help="where to write the plan (default plan.json)")
     s.add_argument("--normalization", choices=["mean_iterative", "mean_once", "none", "minmax", "standardize"],
                    help="per-modality score normalisation (default: the one the scores were allocated with)")
-    s.add_argument("--scope", choices=["global", "local"],
-                   help="global: one ranking over the whole model; local: every module loses the same fraction "
-                        "(default: as the scores file records)")
+    s.add_argument("--scope", choices=["global", "local", "uniform"],
+                   help="global: one ranking over the whole model; local: every module loses the same fraction; "
+                        "uniform: every layer of a kind keeps the same width (default: as the scores file records)")
+    s.add_argument("--width-multiple", type=int,
+                   help="kept MLP channels per layer: a multiple of this, e.g. 32 or 256 (default: as recorded)")
     s.add_argument("--units-per-step", type=int, help="units removed per allocation step (default: as recorded)")
     s.add_argument("--fine-units-per-step", type=int,
                    help="units per step once the target is near (default: as recorded)")

@@ -51,14 +51,18 @@ def primary(task: str) -> str:
 
 def allocation_label(summary: dict[str, Any]) -> str:
     """How a prune stage turned scores into a plan, by the names of its options: scope, budget, rounding or stop
-    rule, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``), or the method's own."""
+    rule, engine-friendly widths, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``), or the
+    method's own."""
     a, meta = summary.get("allocation", {}), summary.get("allocation_meta", {})
     if meta.get("allocator") != "ukmp.prune.allocate":
         label = f"own ({meta.get('allocator', summary.get('method'))})"
     elif a.get("scope") == "local":
         label = f"local, {a.get('budget', 'params')} budget, {a.get('local_rounding')} rounding"
     else:
-        label = f"global, {a.get('budget', 'params')} budget, {'exact stop' if a.get('exact_stop') else 'cut at target'}"
+        label = f"{a.get('scope', 'global')}, {a.get('budget', 'params')} budget, " \
+                f"{'exact stop' if a.get('exact_stop') else 'cut at target'}"
+    if int(a.get("width_multiple", 1)) > 1 and meta.get("allocator") == "ukmp.prune.allocate":
+        label += f", MLP widths x{a['width_multiple']}"
     ranges = []
     for tower, text in summary.get("layers", {}).items():  # "4..27 (24 of 30 layers)"
         n, _, of = text[text.index("(") + 1:].split(" ")[:3]

@@ -54,7 +54,7 @@ class PruneConfig:
     taylor: str = "first"  # first | first_no_threshold | second | mix
     entropy: str = "cosine"  # cosine | arccos | none
     normalization: str = "mean_iterative"  # mean_iterative | mean_once | none | minmax | standardize
-    scope: str = "global"  # global | local
+    scope: str = "global"  # global | local | uniform (every layer of a kind keeps the same width; prune/widths.py)
     units_per_step: int = 1000
     fine_units_per_step: int = 100
     max_group_prune_ratio: float = 0.9
@@ -63,6 +63,7 @@ class PruneConfig:
     budget: str = "params"  # what prune.ratio counts: params (of the whole model) | units (LLM-Pruner: each unit is 1)
     layers: dict[str, str] = field(default_factory=dict)  # per tower: "all" | "start:stop[:step]"; {} = every layer
     max_overshoot: float = 0.005  # an achieved ratio above target + max(largest unit, this) is an error
+    width_multiple: int = 1  # kept MLP/FFN channels per layer: a multiple of this (32, 256) or all; heads untouched
     entropy_exclude_padding: bool = True  # padded positions stay out of the histograms (as at batch size 1)
     group_by_length: bool = True  # calibration batches of similar text length (less padding; the sums are unchanged)
     prefetch: int = 2  # calibration batches collated ahead in a background thread (0: inline)
@@ -187,7 +188,7 @@ _CHOICES = {
     ("prune", "taylor"): ("first", "first_no_threshold", "second", "mix"),
     ("prune", "entropy"): ("cosine", "arccos", "none"),
     ("prune", "normalization"): ("mean_iterative", "mean_once", "none", "minmax", "standardize"),
-    ("prune", "scope"): ("global", "local"),
+    ("prune", "scope"): ("global", "local", "uniform"),
     ("prune", "local_rounding"): ("floor", "carry", "llm_pruner"),
     ("prune", "budget"): ("params", "units"),
     ("prune", "compute_dtype"): ("", "model", "bfloat16", "float16", "bf16", "fp16"),
@@ -243,6 +244,10 @@ def validate(cfg: RunConfig) -> None:
     _check(p.prefetch >= 0, "prune.prefetch", ">= 0", p.prefetch)
     _check(p.score_passes >= 1, "prune.score_passes", ">= 1", p.score_passes)
     _check(p.num_text_samples >= 0, "prune.num_text_samples", ">= 0", p.num_text_samples)
+    _check(p.width_multiple >= 1, "prune.width_multiple", ">= 1 (1: any width)", p.width_multiple)
+    if p.plan_from and (p.width_multiple > 1 or p.scope == "uniform"):
+        raise ConfigError("prune.plan_from: a given plan is applied as is; prune.width_multiple and "
+                          "prune.scope=uniform shape a new allocation (give them to `ukmp plan`, or drop them)")
     _check(0.0 <= p.max_overshoot < 1.0, "prune.max_overshoot", "in [0, 1)", p.max_overshoot)
     try:
         check_layers(p.layers)
@@ -285,7 +290,8 @@ EXECUTION_ONLY: dict[str, tuple[str, ...]] = {"prune": ("prefetch",)}
 # Fields added after stage caches existed: hashed only when set away from their default, so that a run which
 # does not use them keeps the stage hashes (and the finished stages) it had before they were added.
 LATE_FIELDS: dict[str, tuple[str, ...]] = {"data": ("calibration_text",),
-                                           "prune": ("num_text_samples", "budget", "layers", "max_overshoot")}
+                                           "prune": ("num_text_samples", "budget", "layers", "max_overshoot",
+                                                     "width_multiple")}
 
 
 def hashed_section(name: str, section: Any) -> dict[str, Any]:

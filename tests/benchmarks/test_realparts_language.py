@@ -127,3 +127,26 @@ def test_command_on_tiny_llama(language, tmp_path):
         return {k: v for k, v in r.items() if k != "run_seconds_this_call"}
 
     assert {m: same(v) for m, v in again.items()} == {m: same(v) for m, v in res["by_ratio"]["0.3"].items()}
+
+
+@pytest.mark.unit
+def test_widths_markdown_and_kept_widths(language, tmp_path):
+    """benchmarks/realparts/widths.py: the cost column divides by the default row, an error row says so, and the
+    kept widths of a plan are read per kind in layer order."""
+    import widths
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"units": {"lm.layers.1.mlp": 64, "lm.layers.0.mlp": 64, "lm.layers.0.attn": 3,
+                                          "lm.layers.1.attn": 3},
+                                "keep": {"lm.layers.1.mlp": list(range(32)), "lm.layers.0.attn": [0, 2]}}))
+    assert widths.widths_of(plan) == {"lm_heads": [2, 3], "lm_mlp": [64, 32]}
+    row = {"pruned": 30.0, "achieved_ratio": 0.2001, "widths": {"lm_mlp": [64, 32], "lm_heads": [2, 3]}}
+    res = {"dense": 14.7, "ratios": [0.2], "methods": ["ukmp"], "wall_seconds": 10.0,
+           "rows": {"ukmp": {"default": {"0.2": {**row, "pruned": 20.0, "same_plan_as_track": True}},
+                             "width_multiple 32": {"0.2": row}, "uniform": {"0.2": {"error": "ValueError: x"}}}},
+           "setup": {"eval_tokens": 4096, "machine": "x86", "date": "today", "load_at_start": "1 1 1",
+                     "command": "python benchmarks/realparts/widths.py", "scores": "ukmp: s"}}
+    md = widths.markdown(res)
+    assert "| width_multiple 32 | 30.00 (0.2001) | 1.50x |" in md
+    assert "| uniform | error: ValueError: x |  |" in md
+    assert "same plan as the language track: True" in md

@@ -156,6 +156,8 @@ def test_ratio_flags(tmp_path, capsys):
     fails(capsys, ["plan", "--scores", tmp_path / "s.safetensors", "--ratio", "1.0"], "--ratio")
     fails(capsys, ["plan", "--scores", tmp_path / "s.safetensors", "--ratio", "0.3", "--units-per-step", "0"],
           "--units-per-step")
+    fails(capsys, ["plan", "--scores", tmp_path / "s.safetensors", "--ratio", "0.3", "--width-multiple", "0"],
+          "--width-multiple: must be >= 1")
     fails(capsys, ["compare", DEMO, f"output_dir={tmp_path / 'out'}", "--methods", "ukmp,nope"], "prune.method")
     assert not (tmp_path / "out").exists()
 

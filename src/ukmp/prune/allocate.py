@@ -2,7 +2,8 @@
 
 * :func:`combine` — UKMI: language units ``I = Taylor * entropy``, vision units ``I = Taylor``.
 * :func:`allocate` — ``scope="global"``: the modality-normalised, parameter-budgeted iterative threshold of
-  §2.5; ``scope="local"``: the same fraction of units removed in every group (lowest scores first).
+  §2.5; ``scope="local"``: the same fraction of units removed in every group (lowest scores first);
+  ``scope="uniform"`` and ``width_multiple``: engine-friendly widths (:mod:`ukmp.prune.widths`).
 
 The ratio is measured in parameters of the **whole** model by default (``budget="params"``: ``removed /
 total_params`` where ``removed`` is the sum of ``params_per_unit`` over pruned units), or in units of the scored
@@ -23,13 +24,14 @@ import torch
 from ukmp.groups import PrunableGroup, groups_by_id
 from ukmp.plan import PruningPlan
 from ukmp.prune.budget import budget_check, local_count
+from ukmp.prune.widths import allocate_widths
 
-Scope = Literal["global", "local"]
+Scope = Literal["global", "local", "uniform"]
 Normalization = Literal["mean_iterative", "mean_once", "none", "minmax", "standardize"]
 LocalRatioMode = Literal["whole_model", "per_module_raw"]
 CombineMode = Literal["product", "taylor_only"]
 
-_SCOPES = ("global", "local")
+_SCOPES = ("global", "local", "uniform")
 _ROUNDINGS = ("floor", "carry", "llm_pruner")
 _BUDGETS = ("params", "units")
 _NORMS = ("mean_iterative", "mean_once", "none", "minmax", "standardize")
@@ -60,6 +62,8 @@ class AllocationConfig:
     lands below the target by less than the smallest unit still rankable; without it the last step is cut at the
     unit that reaches the target, so the plan overshoots by less than that unit (the reference removes the rest
     of its step too).
+
+    ``width_multiple`` / ``scope="uniform"``: engine-friendly widths, ranking blocks of units (:mod:`ukmp.prune.widths`).
     """
 
     target_ratio: float = 0.5
@@ -75,24 +79,17 @@ class AllocationConfig:
     local_rounding: str = "carry"  # local scope: "floor" | "carry" | "llm_pruner" (see above)
     exact_stop: bool = False  # global scope: never overshoot the budget (see above)
     budget: str = "params"  # "params" (whole-model parameters) | "units" (LLM-Pruner: every unit counts 1)
+    width_multiple: int = 1  # kept channels per channel group: a multiple of this (or all of them)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
             raise ValueError(f"allocation.target_ratio: must be in [0, 1), got {self.target_ratio}")
-        if self.scope not in _SCOPES:
-            raise ValueError(f"allocation.scope: unknown value {self.scope!r} (choose from {list(_SCOPES)})")
-        if self.normalization not in _NORMS:
-            raise ValueError(f"allocation.normalization: unknown value {self.normalization!r} "
-                             f"(choose from {list(_NORMS)})")
-        if self.local_rounding not in _ROUNDINGS:
-            raise ValueError(f"allocation.local_rounding: unknown value {self.local_rounding!r} "
-                             f"(choose from {list(_ROUNDINGS)})")
-        if self.budget not in _BUDGETS:
-            raise ValueError(f"allocation.budget: unknown value {self.budget!r} (choose from {list(_BUDGETS)})")
-        if self.local_ratio_mode not in _LOCAL_MODES:
-            raise ValueError(f"allocation.local_ratio_mode: unknown value {self.local_ratio_mode!r} "
-                             f"(choose from {list(_LOCAL_MODES)})")
-        for name in ("units_per_step", "fine_units_per_step", "min_units_per_group"):
+        for name, choices in (("scope", _SCOPES), ("normalization", _NORMS), ("local_rounding", _ROUNDINGS),
+                              ("budget", _BUDGETS), ("local_ratio_mode", _LOCAL_MODES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"allocation.{name}: unknown value {getattr(self, name)!r} "
+                                 f"(choose from {list(choices)})")
+        for name in ("units_per_step", "fine_units_per_step", "min_units_per_group", "width_multiple"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"allocation.{name}: must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.max_group_prune_ratio <= 1.0:
@@ -113,7 +110,6 @@ class AllocationConfig:
         return asdict(self)
 
 
-# --------------------------------------------------------------------------------------------- combination
 def combine(
     taylor: Mapping[str, torch.Tensor],
     entropy: Mapping[str, torch.Tensor] | None,
@@ -153,6 +149,7 @@ class _Flat:
     ppu: torch.Tensor  # long [U]
     mod: torch.Tensor  # long [U], index into modalities
     modalities: list[str]
+    count: torch.Tensor | None = None  # long [U]: units per entry when the entries are blocks (ukmp.prune.widths)
 
 
 def _flatten(scores: Mapping[str, torch.Tensor], groups: list[PrunableGroup]) -> _Flat:
@@ -240,7 +237,9 @@ def allocate(
     if int(total_params) < prunable:
         raise ValueError(f"total_params: {total_params} is smaller than the scored groups' "
                          f"{prunable} parameters")
-    if cfg.scope == "local":
+    if cfg.width_multiple > 1 or cfg.scope == "uniform":
+        alive, extra = allocate_widths(flat, int(total_params), prunable, cfg, _allocate_global)
+    elif cfg.scope == "local":
         alive, extra = _allocate_local(flat, int(total_params), prunable, cfg)
     else:
         alive, extra = _allocate_global(flat, int(total_params), cfg)
@@ -258,9 +257,10 @@ def allocate(
         "prunable_units": int(flat.score.numel()),
         "unscored_groups": [g.id for g in groups if g.id not in scores],
     }
+    blocks = extra.pop("block_units", {})  # a block is the smallest step (ukmp.prune.widths)
     meta.update(extra)
-    meta["ratio_check"] = budget_check(~alive, flat.ppu, int(total_params), prunable, cfg,
-                                       float(extra.get("local_unit_ratio", 0.0)))
+    meta["ratio_check"] = {**budget_check(~alive, flat.ppu, int(total_params), prunable, cfg,
+                                          float(extra.get("local_unit_ratio", 0.0))), **blocks}
     return _plan(flat, alive, meta)
 
 
@@ -307,12 +307,13 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
                          dtype=torch.float64)
     keep_min = int(cfg.min_units_per_group)
     target = cfg.target_ratio
-    n_all = flat.score.numel()
+    n_all = flat.score.numel() if flat.count is None else int(flat.count.sum())
     if cfg.budget == "units":  # LLM-Pruner's count: the units it keeps are int(N * (1 - r))
-        cost, goal, scale = torch.ones(n_all, dtype=torch.float64), float(n_all - int(n_all * (1 - target))), n_all
+        cost = torch.ones(n_all, dtype=torch.float64) if flat.count is None else flat.count.double()
+        goal, scale = float(n_all - int(n_all * (1 - target))), n_all
     else:
         cost, goal, scale = flat.ppu.double(), target * total, total
-    alive = torch.ones(n_all, dtype=torch.bool)
+    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
     # state kept across steps instead of recomputed over every unit: alive units per group, and the candidates
     # (alive units of groups not frozen; a group never unfreezes, since its count only falls)
     remaining = n_units.clone()

@@ -23,18 +23,38 @@ from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.budget import overshoot_problem, ratio_check
-from ukmp.prune.reuse import cached_scores, in_layers, plan_ratio, planned, save_scores
+from ukmp.prune.reuse import SELF_ALLOCATING, cached_scores, in_layers, plan_ratio, planned, save_scores
 from ukmp.prune.scoring import get_method, is_data_free
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
 
 log = logging.getLogger(__name__)
+
+
 def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) -> AllocationConfig:
+    """The allocator's settings from ``prune.*``, with the ones a method imposes (``overrides``) on top. A method
+    that imposes the global scope (LLM-Pruner's global pruning) takes ``prune.scope=uniform`` as its uniform form;
+    one that allocates within each module (scope local) cannot, which is an error."""
     d = dict(target_ratio=pc.ratio, scope=pc.scope, normalization=pc.normalization,
              units_per_step=pc.units_per_step, fine_units_per_step=pc.fine_units_per_step,
              max_group_prune_ratio=pc.max_group_prune_ratio, local_rounding=pc.local_rounding,
-             exact_stop=pc.exact_stop, budget=pc.budget)
+             exact_stop=pc.exact_stop, budget=pc.budget, width_multiple=pc.width_multiple)
     d.update(overrides or {})
+    if pc.scope == "uniform" and d["scope"] == "global":
+        d["scope"] = "uniform"
+    elif pc.scope == "uniform" and d["scope"] != "uniform":
+        raise ValueError(f"prune.scope: uniform ranks across layers, and {pc.method} allocates within each module "
+                         f"(scope {d['scope']}); use a method with a global allocation")
     return AllocationConfig.from_dict(d)
+
+
+def check_width_options(pc: PruneConfig, own_plan: bool) -> None:
+    """``prune.width_multiple`` and ``prune.scope=uniform`` shape the shared allocator's plan: a method that makes its
+    own (FLAP, UPop, ECoFLaP, Wanda-sp with carry rounding) is refused them in one line."""
+    if own_plan and (pc.width_multiple > 1 or pc.scope == "uniform"):
+        what = "prune.width_multiple" if pc.width_multiple > 1 else "prune.scope=uniform"
+        raise ValueError(f"{what}: {pc.method} makes its own plan; engine-friendly widths apply to methods ranked by "
+                         f"the shared allocator (ukmp, random, magnitude, magnitude_sp, llm_pruner_global/local, "
+                         f"wanda_sp with local_rounding=floor)")
 
 
 def text_calibration(cfg: RunConfig):
@@ -198,6 +218,7 @@ class _Clock:
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
     get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
+    check_width_options(cfg.prune, cfg.prune.method in SELF_ALLOCATING and cfg.prune.method != "wanda_sp")
     calib = text = None
     if not (cfg.prune.scores_from or cfg.prune.plan_from) and not is_data_free(cfg.prune.method):
         from ukmp.data.loaders import load_dataset
@@ -245,6 +266,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
              "given plan" if pc.plan_from else pc.method if not pc.scores_from else "cached",
              len(ids), n_batches, clock.lap("score"), sel)
+    check_width_options(pc, result.plan is not None and not pc.plan_from)
     if result.plan is not None and pc.budget == "units" and not pc.plan_from:
         raise ValueError(f"prune.budget: 'units' is a budget of the shared allocator; {pc.method} makes its own plan, "
                          f"in whole-model parameters (use prune.budget=params)")
