@@ -113,7 +113,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from ukmp.prune.stage import check_shortfall
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
-                  units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step)
+                  units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step,
+                  rank_by=args.rank_by)
     check_shortfall(plan, args.allow_shortfall, "--allow-shortfall")
     plan.save(args.out)
     m = plan.meta
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-modality score normalisation (default: the one the scores were allocated with)")
     s.add_argument("--scope", choices=["global", "local"],
                    help="global: one ranking over the whole model; local: every module loses the same fraction "
+                        "(default: as the scores file records)")
+    s.add_argument("--rank-by", choices=["importance", "per_param"],
+                   help="global scope: rank by the normalised score, or by it per parameter the unit frees "
                         "(default: as the scores file records)")
     s.add_argument("--units-per-step", type=int, help="units removed per allocation step (default: as recorded)")
     s.add_argument("--fine-units-per-step", type=int,

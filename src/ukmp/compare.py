@@ -51,7 +51,8 @@ def primary(task: str) -> str:
 
 def allocation_label(summary: dict[str, Any]) -> str:
     """How a prune stage turned scores into a plan, by the names of its options: scope, budget, rounding or stop
-    rule, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``), or the method's own."""
+    rule, ranking per parameter, rounds, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``,
+    ``global, params budget, cut at target, ranked per param, 2 rounds``), or the method's own."""
     a, meta = summary.get("allocation", {}), summary.get("allocation_meta", {})
     if meta.get("allocator") != "ukmp.prune.allocate":
         label = f"own ({meta.get('allocator', summary.get('method'))})"
@@ -59,6 +60,11 @@ def allocation_label(summary: dict[str, Any]) -> str:
         label = f"local, {a.get('budget', 'params')} budget, {a.get('local_rounding')} rounding"
     else:
         label = f"global, {a.get('budget', 'params')} budget, {'exact stop' if a.get('exact_stop') else 'cut at target'}"
+    if a.get("rank_by", "importance") != "importance":
+        label += f", ranked {a['rank_by'].replace('_', ' ')}"
+    k = summary.get("prune_config", {}).get("iterations", 1)
+    if k > 1:
+        label += f", {k} rounds"
     ranges = []
     for tower, text in summary.get("layers", {}).items():  # "4..27 (24 of 30 layers)"
         n, _, of = text[text.index("(") + 1:].split(" ")[:3]

@@ -230,11 +230,24 @@ def test_per_param_removes_the_unit_worth_least_per_parameter():
     assert default.meta["config"]["rank_by"] == "importance" and per_param.meta["config"]["rank_by"] == "per_param"
 
 
-def test_per_param_through_the_stage_lands_on_the_ratio_with_another_plan(runs):
+def test_per_param_through_the_stage_and_ukmp_plan(runs, tmp_path, capsys):
+    """The stage's per_param plan differs from the default on the same scores and lands on the ratio; `ukmp plan
+    --rank-by per_param` on the default run's scores makes the same plan; compare's allocation column names both
+    options."""
+    from ukmp.cli import main
+    from ukmp.compare import allocation_label
+
     pp, base = runs["ukmp_pp"]["summary"], runs["ukmp"]["summary"]
     assert pp["allocation"]["rank_by"] == "per_param" and base["allocation"]["rank_by"] == "importance"
     assert pp["plan_digest"] != base["plan_digest"]
     lands_on_target(pp)
+    scores = runs["ukmp"]["dir"] / "scores.safetensors"
+    assert main(["plan", "--scores", str(scores), "--ratio", str(RATIO), "--rank-by", "per_param",
+                 "--out", str(tmp_path / "pp.json")]) == 0
+    assert json.loads(capsys.readouterr().out)["digest"] == pp["plan_digest"]
+    assert allocation_label(pp) == "global, params budget, cut at target, ranked per param"
+    assert allocation_label(runs["ukmp_k2"]["summary"]) == "global, params budget, cut at target, 2 rounds"
+    assert allocation_label(base) == "global, params budget, cut at target"
 
 
 def test_per_param_refuses_what_it_cannot_rank():
