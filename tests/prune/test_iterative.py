@@ -129,7 +129,7 @@ def test_two_rounds_of_ukmp_rescore_and_land_on_the_ratio(runs):
     first = replan(k2["dir"] / "scores.safetensors", RATIO / 2)
     s = k2["scores"]
     moved = 0.0
-    for gid, keep in first.keep.items():
+    for gid in first.keep:
         gone = removed({"keep": first.keep}, gid, n_units(gid))
         assert gone <= removed(k2["plan"], gid, n_units(gid))
         nan = torch.isnan(s[f"round2/{gid}"])
@@ -190,7 +190,6 @@ def test_options_that_cannot_apply_fail_at_load_in_one_line(extra, message):
 def test_a_method_with_its_own_plan_is_refused_by_the_stage(tmp_path, sample_data):
     """Past the config check: a plugin (here FLAP, allowed through as if unknown to it) that returns a plan."""
     import ukmp.config as config_module
-
     from ukmp.prune.stage import run_prune_stage
 
     with pytest.MonkeyPatch.context() as mp:

@@ -112,9 +112,10 @@ class AllocationConfig:
             raise ValueError(f"allocation.fine_after: must be in [0, 1], got {self.fine_after}")
         if self.rank_by not in _RANK_BY:
             raise ValueError(f"allocation.rank_by: unknown value {self.rank_by!r} (choose from {list(_RANK_BY)})")
-        for bad, why in ((self.scope != "global", f"scope={self.scope} ranks within a group, where every unit frees "
-                          "the same parameters"), (self.normalization == "standardize", "normalization=standardize "
-                          "makes scores negative, whose order a division by the parameters inverts")):
+        for bad, why in ((self.scope != "global", (f"scope={self.scope} ranks within a group, where every unit "
+                                                    "frees the same parameters")),
+                         (self.normalization == "standardize", ("normalization=standardize makes scores negative, "
+                                                                "whose order a division by the parameters inverts"))):
             if self.rank_by == "per_param" and bad:
                 raise ValueError(f"allocation.rank_by: 'per_param' ranks across groups by a positive score; {why}")
 
