@@ -136,6 +136,16 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
     return [ax.get_title() for ax in axes]
 
 
+def shared_scores(m: str, methods: tuple[str, ...], root: Path, iterations: int = 1) -> list[str]:
+    """The overrides that let ``m`` re-allocate a sibling's finished scores (``SCORE_SHARING``); none when the
+    sibling has not run, or with ``prune.iterations`` > 1 (each round re-scores: there is nothing to share)."""
+    if m not in SCORE_SHARING or SCORE_SHARING[m][0] not in methods or iterations > 1:
+        return []
+    src, alloc = SCORE_SHARING[m]
+    scores = root / src / "prune" / "scores.safetensors"
+    return [f"prune.scores_from={scores}", *alloc] if scores.is_file() else []
+
+
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
             recover: bool = False, methods_dir: Path | None = None,
             tasks: list[str] | None = None, dense_dir: Path | None = None) -> dict[str, Any]:
@@ -164,12 +174,7 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     dense = json.loads((dense_rec.path / "metrics.json").read_text())
     rows: dict[str, dict[str, Any]] = {}
     for m in methods:
-        extra = []
-        if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:
-            src, alloc = SCORE_SHARING[m]
-            scores = root / src / "prune" / "scores.safetensors"
-            if scores.is_file():
-                extra = [f"prune.scores_from={scores}", *alloc]
+        extra = shared_scores(m, methods, root, base.prune.iterations)
         cfg = method_config(configs, [*over, *extra], m, ratio, root, methods_dir)
         log.info("compare: %s at ratio %s", m, ratio)
         out = run(cfg)

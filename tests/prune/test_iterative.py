@@ -277,3 +277,17 @@ def test_the_refused_methods_are_methods_that_allocate_themselves():
     from ukmp.prune.reuse import SELF_ALLOCATING
 
     assert set(OWN_PLAN_METHODS) | {"wanda_sp"} == set(SELF_ALLOCATING)
+
+
+def test_compare_shares_no_scores_between_iterative_runs(tmp_path):
+    """ukmp compare lets llm_pruner_local re-allocate llm_pruner_global's scores, except with prune.iterations > 1
+    (each round re-scores: prune.scores_from is refused there)."""
+    from ukmp.compare import shared_scores
+
+    methods = ("llm_pruner_global", "llm_pruner_local")
+    scores = tmp_path / "llm_pruner_global" / "prune" / "scores.safetensors"
+    scores.parent.mkdir(parents=True)
+    scores.write_bytes(b"")
+    assert shared_scores("llm_pruner_local", methods, tmp_path)[0] == f"prune.scores_from={scores}"
+    assert shared_scores("llm_pruner_local", methods, tmp_path, iterations=2) == []
+    assert shared_scores("llm_pruner_global", methods, tmp_path) == []
