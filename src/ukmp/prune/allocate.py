@@ -261,6 +261,8 @@ def allocate(
     if int(total_params) < prunable:
         raise ValueError(f"total_params: {total_params} is smaller than the scored groups' "
                          f"{prunable} parameters")
+    if start is not None and cfg.scope not in ("global", "local"):  # a new scope must start from alive0 too
+        raise ValueError(f"allocation.scope: {cfg.scope} cannot extend an earlier round's plan (prune.iterations)")
     alive0 = alive_at_start(flat.order, flat.gidx, start)
     if cfg.scope == "local":
         alive, extra = _allocate_local(flat, int(total_params), prunable, cfg, alive0)
