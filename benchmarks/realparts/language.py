@@ -117,8 +117,12 @@ def run_method(configs: list[str], over: list[str], m: str, ratio: float, rdir: 
     return row
 
 
-def score_reuse(m: str, methods: tuple[str, ...], ratio: float, first: float, root: Path) -> list[str]:
-    """The overrides that let ``m`` at ``ratio`` re-allocate scores computed earlier (none: score afresh)."""
+def score_reuse(m: str, methods: tuple[str, ...], ratio: float, first: float, root: Path,
+                iterative: bool = False) -> list[str]:
+    """The overrides that let ``m`` at ``ratio`` re-allocate scores computed earlier (none: score afresh; always
+    with ``iterative``: prune.iterations > 1 re-scores the pruned model, so its scores depend on the ratio)."""
+    if iterative:
+        return []
     if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:  # llm_pruner_local re-allocates the global scores
         src, alloc = SCORE_SHARING[m]
         return [f"prune.scores_from={ratio_dir(root, ratio) / src / 'prune' / 'scores.safetensors'}", *alloc]
@@ -339,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     over = [*user, "finetune.enabled=false", f"eval.after_prune=[{TASK}]", f"eval.after_finetune=[{TASK}]"]
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = tuple(args.methods.split(","))
+    iterative = base.prune.iterations > 1
     for m in methods:  # every method's config is checked before anything runs
         method_config(configs, over, m, ratios[0], root, ROOT / "configs" / "methods")
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
@@ -368,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
             "score_reuse": ", ".join(f"{m} (computed at ratio {ratios[0]}, re-allocated at the others)"
                                      for m in RATIO_FREE if m in methods)
                            + "; llm_pruner_local re-allocates llm_pruner_global's scores at each ratio; the others "
-                             "score afresh at every ratio (their own plan, or ratio-dependent scores)",
+                             "score afresh at every ratio (their own plan, or ratio-dependent scores)"
+                           if not iterative else f"none: prune.iterations={base.prune.iterations} re-scores the "
+                                                 "pruned model at every ratio",
             "cpu_budget_options": {m: v for m, v in CPU_BUDGET.items() if m in methods},
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
                        f"{torch.__version__} on {args.threads} thread(s)",
@@ -385,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("language track: %s at ratio %s", m, r)
             try:
                 by_ratio[str(r)][m] = run_method(configs, over, m, r, ratio_dir(root, r),
-                                                 score_reuse(m, methods, r, ratios[0], root), cached_only=args.cached_only)
+                                                 score_reuse(m, methods, r, ratios[0], root, iterative),
+                                                 cached_only=args.cached_only)
             except NotRun:
                 result["not_run"].append(f"{m}@{r}")
             except Exception as e:  # one method's failure (e.g. on GQA) is a result, not the end of the run

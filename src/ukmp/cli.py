@@ -115,7 +115,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     plan = replan(args.scores, args.ratio, normalization=args.normalization, scope=args.scope,
                   units_per_step=args.units_per_step, fine_units_per_step=args.fine_units_per_step,
-                  width_multiple=args.width_multiple)
+                  width_multiple=args.width_multiple, rank_by=args.rank_by)
     check_shortfall(plan, args.allow_shortfall, "--allow-shortfall")
     plan.save(args.out)
     m = plan.meta
@@ -319,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "uniform: every layer of a kind keeps the same width (default: as the scores file records)")
     s.add_argument("--width-multiple", type=int,
                    help="kept MLP channels per layer: a multiple of this, e.g. 32 or 256 (default: as recorded)")
+    s.add_argument("--rank-by", choices=["importance", "per_param"],
+                   help="global scope: rank by the normalised score, or by it per parameter the unit frees "
+                        "(default: as the scores file records)")
     s.add_argument("--units-per-step", type=int, help="units removed per allocation step (default: as recorded)")
     s.add_argument("--fine-units-per-step", type=int,
                    help="units per step once the target is near (default: as recorded)")

@@ -51,7 +51,8 @@ def primary(task: str) -> str:
 
 def allocation_label(summary: dict[str, Any]) -> str:
     """How a prune stage turned scores into a plan, by the names of its options: scope, budget, rounding or stop
-    rule, engine-friendly widths, layer ranges (e.g. ``local, units budget, llm_pruner rounding, lm 4..27``), or the
+    rule, engine-friendly widths, ranking per parameter, rounds, layer ranges (e.g. ``local, units budget,
+    llm_pruner rounding, lm 4..27``, ``global, params budget, cut at target, ranked per param, 2 rounds``), or the
     method's own."""
     a, meta = summary.get("allocation", {}), summary.get("allocation_meta", {})
     if meta.get("allocator") != "ukmp.prune.allocate":
@@ -63,6 +64,11 @@ def allocation_label(summary: dict[str, Any]) -> str:
                 f"{'exact stop' if a.get('exact_stop') else 'cut at target'}"
     if int(a.get("width_multiple", 1)) > 1 and meta.get("allocator") == "ukmp.prune.allocate":
         label += f", MLP widths x{a['width_multiple']}"
+    if a.get("rank_by", "importance") != "importance":
+        label += f", ranked {a['rank_by'].replace('_', ' ')}"
+    k = summary.get("prune_config", {}).get("iterations", 1)
+    if k > 1:
+        label += f", {k} rounds"
     ranges = []
     for tower, text in summary.get("layers", {}).items():  # "4..27 (24 of 30 layers)"
         n, _, of = text[text.index("(") + 1:].split(" ")[:3]
@@ -134,6 +140,16 @@ def plot_comparison(rows: dict[str, dict[str, Any]], dense: dict[str, Any] | Non
     return [ax.get_title() for ax in axes]
 
 
+def shared_scores(m: str, methods: tuple[str, ...], root: Path, iterations: int = 1) -> list[str]:
+    """The overrides that let ``m`` re-allocate a sibling's finished scores (``SCORE_SHARING``); none when the
+    sibling has not run, or with ``prune.iterations`` > 1 (each round re-scores: there is nothing to share)."""
+    if m not in SCORE_SHARING or SCORE_SHARING[m][0] not in methods or iterations > 1:
+        return []
+    src, alloc = SCORE_SHARING[m]
+    scores = root / src / "prune" / "scores.safetensors"
+    return [f"prune.scores_from={scores}", *alloc] if scores.is_file() else []
+
+
 def compare(configs: list[str], overrides: list[str], ratio: float, methods: tuple[str, ...] = DEFAULT_METHODS,
             recover: bool = False, methods_dir: Path | None = None,
             tasks: list[str] | None = None, dense_dir: Path | None = None) -> dict[str, Any]:
@@ -163,12 +179,7 @@ def compare(configs: list[str], overrides: list[str], ratio: float, methods: tup
     dense = json.loads((dense_rec.path / "metrics.json").read_text())
     rows: dict[str, dict[str, Any]] = {}
     for m in methods:
-        extra = []
-        if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:
-            src, alloc = SCORE_SHARING[m]
-            scores = root / src / "prune" / "scores.safetensors"
-            if scores.is_file():
-                extra = [f"prune.scores_from={scores}", *alloc]
+        extra = shared_scores(m, methods, root, base.prune.iterations)
         cfg = method_config(configs, [*over, *extra], m, ratio, root, methods_dir)
         log.info("compare: %s at ratio %s", m, ratio)
         out = run(cfg)

@@ -76,6 +76,8 @@ class PruneConfig:
     allow_shortfall: bool = False  # accept a plan below the target ratio (every group at its floor) instead of failing
     plan_from: str = ""  # apply this plan.json as is (e.g. from `ukmp plan`): no scoring, no allocation
     options: dict[str, Any] = field(default_factory=dict)  # per-method knobs, e.g. {flap: {metric: wifv}}
+    iterations: int = 1  # k > 1: k rounds of score -> remove 1/k of the target -> re-score the pruned model
+    rank_by: str = "importance"  # importance | per_param (scope=global: normalised score / parameters the unit frees)
 
 
 @dataclass
@@ -193,6 +195,7 @@ _CHOICES = {
     ("prune", "budget"): ("params", "units"),
     ("prune", "compute_dtype"): ("", "model", "bfloat16", "float16", "bf16", "fp16"),
     ("prune", "accumulate_on"): ("device", "cpu"),
+    ("prune", "rank_by"): ("importance", "per_param"),
     ("finetune", "adapter"): ("wr_lora", "lora"),
     ("finetune", "schedule"): ("progressive", "mse_kl_task_all", "kl_task", "task", "no_progressive"),
     ("finetune", "lr_schedule"): ("constant", "cosine"),
@@ -207,6 +210,9 @@ EVAL_TASK_KINDS = {"okvqa": "vqa", "vqav2": "vqa", "gqa": "gqa", "nocaps": "capt
                    "flickr30k": "retrieval", "perplexity": "perplexity"}
 EVAL_TASKS = tuple(EVAL_TASK_KINDS)
 OPTION_NAMESPACES = ("ecoflap", "flap", "llmp", "mag", "upop", "wanda")
+# Methods that make their own plan whatever their options (ukmp.prune.reuse.SELF_ALLOCATING, less wanda_sp, whose
+# plan depends on prune.options.wanda): iterative rounds re-allocate with the shared allocator, which they bypass.
+OWN_PLAN_METHODS = ("flap", "upop", "ecoflap_sp")
 _DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
 
 
@@ -249,6 +255,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("prune.plan_from: a given plan is applied as is; prune.width_multiple and "
                           "prune.scope=uniform shape a new allocation (give them to `ukmp plan`, or drop them)")
     _check(0.0 <= p.max_overshoot < 1.0, "prune.max_overshoot", "in [0, 1)", p.max_overshoot)
+    _check_iterations(p)
+    _check(p.rank_by == "importance" or p.scope == "global", "prune.rank_by",
+           "'importance' with scope=local (within a group every unit frees the same parameters)", p.rank_by)
     try:
         check_layers(p.layers)
     except ValueError as err:
@@ -283,6 +292,23 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key}: unknown task {unknown[0]!r} (choose from {', '.join(EVAL_TASKS)})")
 
 
+def _check_iterations(p: PruneConfig) -> None:
+    """``prune.iterations``: rounds re-score the model pruned so far, so they need a method that scores (not one that
+    makes its own plan) and a stage that scores (not cached scores or a given plan)."""
+    _check(isinstance(p.iterations, int) and not isinstance(p.iterations, bool) and p.iterations >= 1,
+           "prune.iterations", "an integer >= 1", p.iterations)
+    if p.iterations == 1:
+        return
+    wanda = p.options.get("wanda") or {}
+    own = p.method in OWN_PLAN_METHODS or (p.method == "wanda_sp" and (wanda.get("sequential", True)
+                                                                       or wanda.get("local_rounding") == "carry"))
+    for bad, why in ((own, f"{p.method} makes its own plan; rounds re-allocate with the shared allocator"),
+                     (bool(p.scores_from), "prune.scores_from holds scores of one model; each round re-scores"),
+                     (bool(p.plan_from), "prune.plan_from applies a plan as is")):
+        if bad:
+            raise ConfigError(f"prune.iterations: {p.iterations} rounds, but {why} (use prune.iterations=1)")
+
+
 # Knobs that change how a stage runs but never what it produces (prune.prefetch only moves collation into a
 # background thread). They stay out of the stage hashes, so changing one re-runs nothing. A knob belongs here only
 # with a test that the artifacts are identical with and without it.
@@ -291,7 +317,7 @@ EXECUTION_ONLY: dict[str, tuple[str, ...]] = {"prune": ("prefetch",)}
 # does not use them keeps the stage hashes (and the finished stages) it had before they were added.
 LATE_FIELDS: dict[str, tuple[str, ...]] = {"data": ("calibration_text",),
                                            "prune": ("num_text_samples", "budget", "layers", "max_overshoot",
-                                                     "width_multiple")}
+                                                     "width_multiple", "iterations", "rank_by")}
 
 
 def hashed_section(name: str, section: Any) -> dict[str, Any]:

@@ -77,6 +77,8 @@ def test_score_reuse_rule(language, tmp_path):
     assert local[0].endswith("ratio_0.3/llm_pruner_global/prune/scores.safetensors") and "prune.scope=local" in local
     for m in ("upop", "wanda_sp", "flap"):  # own plan or ratio-dependent scores: always scored afresh
         assert language.score_reuse(m, methods, 0.2, 0.5, tmp_path) == []
+    for m in ("ukmp", "llm_pruner_local"):  # prune.iterations > 1: each round re-scores, so every ratio scores
+        assert language.score_reuse(m, methods, 0.2, 0.5, tmp_path, iterative=True) == []
 
 
 @pytest.mark.unit

@@ -23,7 +23,7 @@ import torch
 
 from ukmp.groups import PrunableGroup, groups_by_id
 from ukmp.plan import PruningPlan
-from ukmp.prune.budget import budget_check, local_count
+from ukmp.prune.budget import alive_at_start, budget_check, local_count, per_param
 from ukmp.prune.widths import allocate_widths
 
 Scope = Literal["global", "local", "uniform"]
@@ -36,6 +36,7 @@ _ROUNDINGS = ("floor", "carry", "llm_pruner")
 _BUDGETS = ("params", "units")
 _NORMS = ("mean_iterative", "mean_once", "none", "minmax", "standardize")
 _LOCAL_MODES = ("whole_model", "per_module_raw")
+_RANK_BY = ("importance", "per_param")
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,12 @@ class AllocationConfig:
     of its step too).
 
     ``width_multiple`` / ``scope="uniform"``: engine-friendly widths, ranking blocks of units (:mod:`ukmp.prune.widths`).
+    ``rank_by`` (global scope): ``importance`` ranks the modality-normalised scores (§2.5); ``per_param`` divides
+    each normalised score by the parameters its unit frees (its group's ``params_per_unit``), so a unit is kept for
+    what it is worth per parameter: of two units worth the same, the bigger one goes first. Scores that are already
+    a mean per weight (UKMP's Taylor term, magnitude) then count ``sum / params_per_unit ** 2``; raw sums
+    (LLM-Pruner's default) become a mean per weight. Within one group every unit frees the same parameters, so a
+    local scope is refused rather than left unchanged.
     """
 
     target_ratio: float = 0.5
@@ -80,6 +87,8 @@ class AllocationConfig:
     exact_stop: bool = False  # global scope: never overshoot the budget (see above)
     budget: str = "params"  # "params" (whole-model parameters) | "units" (LLM-Pruner: every unit counts 1)
     width_multiple: int = 1  # kept channels per channel group: a multiple of this (or all of them)
+    # -- parameter-cost-aware ranking (issue 28): see ``rank_by`` in the class docstring
+    rank_by: str = "importance"  # "importance" | "per_param"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.target_ratio < 1.0:
@@ -97,6 +106,14 @@ class AllocationConfig:
                              f"got {self.max_group_prune_ratio}")
         if not 0.0 <= self.fine_after <= 1.0:
             raise ValueError(f"allocation.fine_after: must be in [0, 1], got {self.fine_after}")
+        if self.rank_by not in _RANK_BY:
+            raise ValueError(f"allocation.rank_by: unknown value {self.rank_by!r} (choose from {list(_RANK_BY)})")
+        for bad, why in ((self.scope != "global", (f"scope={self.scope} ranks within a group, where every unit "
+                                                    "frees the same parameters")),
+                         (self.normalization == "standardize", ("normalization=standardize makes scores negative, "
+                                                                "whose order a division by the parameters inverts"))):
+            if self.rank_by == "per_param" and bad:
+                raise ValueError(f"allocation.rank_by: 'per_param' ranks across groups by a positive score; {why}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "AllocationConfig":
@@ -226,23 +243,31 @@ def allocate(
     groups: list[PrunableGroup],
     total_params: int,
     cfg: AllocationConfig = AllocationConfig(),
+    start: PruningPlan | None = None,
 ) -> PruningPlan:
     """A plan removing ``cfg.target_ratio`` of ``total_params`` (the whole model's parameter count), or of the
     scored units with ``cfg.budget="units"``.
 
-    Higher score = more important. Groups without scores are kept whole and left out of the plan.
+    Higher score = more important. Groups without scores are kept whole and left out of the plan. ``start``
+    (iterative pruning, :mod:`ukmp.prune.iterative`): the units an earlier round removed stay removed and count
+    toward the budget and the group floors; their scores are not read (any finite value will do).
     """
     flat = _flatten(scores, groups)
     prunable = int(sum(g.total_params for g in flat.order))
     if int(total_params) < prunable:
         raise ValueError(f"total_params: {total_params} is smaller than the scored groups' "
                          f"{prunable} parameters")
-    if cfg.width_multiple > 1 or cfg.scope == "uniform":
+    widths = cfg.width_multiple > 1 or cfg.scope == "uniform"
+    if start is not None and (widths or cfg.scope not in ("global", "local")):  # a new scope must use alive0 too
+        raise ValueError(f"allocation: scope {cfg.scope} / width_multiple {cfg.width_multiple} cannot extend an "
+                         f"earlier round's plan (prune.iterations)")
+    alive0 = alive_at_start(flat.order, flat.gidx, start)
+    if widths:
         alive, extra = allocate_widths(flat, int(total_params), prunable, cfg, _allocate_global)
     elif cfg.scope == "local":
-        alive, extra = _allocate_local(flat, int(total_params), prunable, cfg)
+        alive, extra = _allocate_local(flat, int(total_params), prunable, cfg, alive0)
     else:
-        alive, extra = _allocate_global(flat, int(total_params), cfg)
+        alive, extra = _allocate_global(flat, int(total_params), cfg, alive0)
     removed = int(flat.ppu[~alive].sum())
     meta: dict[str, Any] = {
         "allocator": "ukmp.prune.allocate",
@@ -301,7 +326,8 @@ def _last_step(sel: torch.Tensor, norm: torch.Tensor, cost: torch.Tensor, gap: f
     return taken, skipped
 
 
-def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig,
+                     alive0: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
     n_units = torch.tensor([g.n_units for g in flat.order], dtype=torch.long)
     floor = torch.tensor([round((1.0 - cfg.max_group_prune_ratio) * g.n_units, 9) for g in flat.order],
                          dtype=torch.float64)
@@ -313,14 +339,14 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         goal, scale = float(n_all - int(n_all * (1 - target))), n_all
     else:
         cost, goal, scale = flat.ppu.double(), target * total, total
-    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    alive = alive0.clone()
     # state kept across steps instead of recomputed over every unit: alive units per group, and the candidates
     # (alive units of groups not frozen; a group never unfreezes, since its count only falls)
-    remaining = n_units.clone()
+    remaining = n_units - torch.bincount(flat.gidx[~alive], minlength=len(flat.order))
     frozen = torch.zeros(len(flat.order), dtype=torch.bool)
     cand = alive.clone()
     masks = [flat.mod == m for m in range(len(flat.modalities))]
-    removed = 0.0
+    removed = float(cost[~alive].sum())
     once_stats = None
     history: list[list[float]] = []
     last_step_params = 0
@@ -344,6 +370,8 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
         else:
             stats = _stats(flat.score, cand, masks, cfg.normalization)
         norm = _apply_stats(flat.score, flat.mod, stats)
+        if cfg.rank_by == "per_param":
+            norm = per_param(norm, flat.ppu, cand)
         cvals = norm[cand]
         # the k-th smallest normalised score: the largest of the k smallest (topk with a small k is a single
         # partial pass, several times faster than a selection over every candidate)
@@ -375,21 +403,21 @@ def _allocate_global(flat: _Flat, total: int, cfg: AllocationConfig) -> tuple[to
 
 
 def _allocate_local(
-    flat: _Flat, total: int, prunable: int, cfg: AllocationConfig
+    flat: _Flat, total: int, prunable: int, cfg: AllocationConfig, alive0: torch.Tensor
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     raw = cfg.local_ratio_mode == "per_module_raw" or cfg.budget == "units"
     r = cfg.target_ratio if raw else cfg.target_ratio * total / prunable
-    alive = torch.ones(flat.score.numel(), dtype=torch.bool)
+    alive = alive0.clone()
     carry: dict[str, float] = {}
     capped = False
     for i, g in enumerate(flat.order):
         n_rm = local_count(g, r, cfg.local_rounding, carry)
         cap = min(math.floor(cfg.max_group_prune_ratio * g.n_units + 1e-9), g.n_units - cfg.min_units_per_group)
         capped |= n_rm > cap
-        n_rm = min(n_rm, cap)
+        members = (alive & (flat.gidx == i)).nonzero().flatten()
+        n_rm = min(n_rm, cap) - (g.n_units - members.numel())  # less what an earlier round removed
         if n_rm <= 0:
             continue
-        members = (flat.gidx == i).nonzero().flatten()
         order = torch.sort(flat.score[members], stable=True).indices  # ties: lower unit index first
         alive[members[order[:n_rm]]] = False
     target = r * prunable / total if raw else cfg.target_ratio

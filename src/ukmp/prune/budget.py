@@ -6,6 +6,8 @@ from its target, in the budget's own currency.
 * :func:`budget_check` — ``{"budget", "target", "achieved", "overshoot", "one_unit", "largest_unit"}`` of a plan: a
   fraction of the whole model's parameters (``budget="params"``) or of the scored units (``budget="units"``).
 * :func:`ratio_check` — the same figures for any plan (a method's own plan counts whole-model parameters).
+* :func:`alive_at_start` — the units an earlier round's plan keeps (iterative pruning starts the allocator there).
+* :func:`per_param` — ``rank_by="per_param"``: normalised scores divided by the parameters each unit frees.
 * :func:`overshoot_problem` — a one-line message when a plan lands more than one smallest unit away from its target,
   flagged as an error when it overshoots by more than both its largest unit and ``prune.max_overshoot`` (a plan cut
   at the unit that reaches the target may overshoot by that unit, which on a tiny model is a big share: a KV group
@@ -20,6 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ukmp.groups import PrunableGroup
+from ukmp.plan import PruningPlan
 
 
 def unit_width(g: PrunableGroup) -> int:
@@ -89,3 +92,23 @@ def overshoot_problem(check: Mapping[str, Any], max_overshoot: float) -> tuple[s
     msg = (f"the plan removes {100 * check['achieved']:.2f}% of the {what}, target {100 * check['target']:.2f}% "
            f"({'+' if off > 0 else ''}{_points(off, 2)} points; one unit is {_points(unit, 3)} points)")
     return msg, off > max(float(check.get("largest_unit", unit)), max_overshoot) * (1 + 1e-9)
+
+
+def alive_at_start(order: list[PrunableGroup], gidx: torch.Tensor, start: PruningPlan | None) -> torch.Tensor:
+    """Flat keep-mask of the scored units (``order``: the scored groups; ``gidx``: each unit's index into it, units
+    in ascending index within a group) that ``start`` keeps; every unit when it is None."""
+    alive = torch.ones(gidx.numel(), dtype=torch.bool)
+    for i, g in enumerate(order if start is not None else ()):
+        if g.id in start.keep:
+            if start.units.get(g.id, g.n_units) != g.n_units:
+                raise ValueError(f"start: plan has {start.units[g.id]} units for group {g.id!r}, scores {g.n_units}")
+            alive[(gidx == i).nonzero().flatten()[torch.tensor(start.removed(g), dtype=torch.long)]] = False
+    return alive
+
+
+def per_param(norm: torch.Tensor, ppu: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """``norm / ppu``: each unit's normalised score per parameter it frees (``cand``: the ranked units, whose
+    scores must not be negative: a negative score divided by a unit's size would rank it higher the bigger it is)."""
+    if bool((norm[cand] < 0).any()):
+        raise ValueError("allocation.rank_by: 'per_param' needs non-negative normalised scores")
+    return norm / ppu.double()

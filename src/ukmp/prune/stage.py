@@ -2,7 +2,8 @@
 
 Artifacts: ``scores.safetensors`` (ranked scores and every part, per group, with the model config and allocation
 settings in its metadata so ``ukmp plan`` can re-allocate without a model), ``plan.json``, ``model/`` (pruned,
-reloadable), ``summary.json`` and ``kept_width.png``.
+reloadable), ``summary.json`` and ``kept_width.png``. With ``prune.iterations`` > 1 the scoring and allocation run
+in rounds (:mod:`ukmp.prune.iterative`); ``plan.json`` and ``summary.json`` then list every round under ``rounds``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.budget import overshoot_problem, ratio_check
+from ukmp.prune.iterative import prune_in_rounds
 from ukmp.prune.reuse import SELF_ALLOCATING, cached_scores, in_layers, plan_ratio, planned, save_scores
 from ukmp.prune.scoring import get_method, is_data_free
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
@@ -37,7 +39,7 @@ def allocation_config(pc: PruneConfig, overrides: dict[str, Any] | None = None) 
     d = dict(target_ratio=pc.ratio, scope=pc.scope, normalization=pc.normalization,
              units_per_step=pc.units_per_step, fine_units_per_step=pc.fine_units_per_step,
              max_group_prune_ratio=pc.max_group_prune_ratio, local_rounding=pc.local_rounding,
-             exact_stop=pc.exact_stop, budget=pc.budget, width_multiple=pc.width_multiple)
+             exact_stop=pc.exact_stop, budget=pc.budget, width_multiple=pc.width_multiple, rank_by=pc.rank_by)
     d.update(overrides or {})
     if pc.scope == "uniform" and d["scope"] == "global":
         d["scope"] = "uniform"
@@ -249,6 +251,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     scored_total = count_parameters(model)
     log.info("prune: %s loaded on %s in %.1f s: %s parameters, %d groups, %s units", cfg.model.source, device,
              clock.lap("load"), f"{total:,}", len(groups), f"{sum(g.n_units for g in groups):,}")
+    rounds = None
     if pc.plan_from:
         result, ids, n_batches = planned(pc.plan_from, groups, total, model.config.model_type), [], 0
     elif pc.scores_from:
@@ -260,7 +263,13 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
             batches, n_batches, ids = (lambda epoch: iter(())), 0, []
         else:
             batches, n_batches, ids = calibration_batches(cfg, processor, model, calib, text)
-        result = method(model, chosen, batches, pc, n_batches)
+        if pc.iterations > 1:  # k rounds, each re-scoring the model the previous ones pruned (masked)
+            rounds = prune_in_rounds(model, groups, scored_total, pc.iterations, pc.method,
+                                     lambda: method(model, chosen, batches, pc, n_batches),
+                                     lambda r: allocation_config(pc, r.allocation))
+            result = rounds.result
+        else:
+            result = method(model, chosen, batches, pc, n_batches)
     sel = (f"; {result.stats['tokens_selected']:,} of {result.stats['tokens_total']:,} target tokens selected"
            if "tokens_selected" in result.stats else "")
     log.info("prune: %s scores from %d calibration samples (%d batches) in %.1f s%s",
@@ -270,8 +279,14 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     if result.plan is not None and pc.budget == "units" and not pc.plan_from:
         raise ValueError(f"prune.budget: 'units' is a budget of the shared allocator; {pc.method} makes its own plan, "
                          f"in whole-model parameters (use prune.budget=params)")
+    if result.plan is not None and pc.rank_by != "importance" and not pc.plan_from:
+        raise ValueError(f"prune.rank_by: {pc.rank_by!r} ranks in the shared allocator; {pc.method} makes its own "
+                         f"plan (use prune.rank_by=importance)")
     acfg = allocation_config(pc, result.allocation)
-    plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
+    if rounds is not None:
+        plan = rounds.plan
+    else:
+        plan = result.plan if result.plan is not None else allocate(result.scores, groups, scored_total, acfg)
     target = plan_ratio(plan) if pc.plan_from else cfg.prune.ratio  # --plan: the labels say the plan's ratio
     plan.meta.update(method=cfg.prune.method, seed=cfg.seed, num_samples=len(ids),
                      model_type=model.config.model_type, whole_model_ratio=target)  # every plan says its ratio

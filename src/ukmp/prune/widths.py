@@ -103,7 +103,7 @@ def make_blocks(flat: Any, multiple: int, uniform: bool) -> Blocks:
 
 
 def allocate_widths(flat: Any, total: int, prunable: int, cfg: Any,
-                    global_loop: Callable[[Any, int, Any], tuple[torch.Tensor, dict[str, Any]]]
+                    global_loop: Callable[[Any, int, Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``(alive units, meta)`` of a ``width_multiple`` / ``uniform`` allocation of ``flat`` (see the module doc);
     ``global_loop``: the allocator's global loop (``allocate._allocate_global``), run on the blocks."""
@@ -114,7 +114,7 @@ def allocate_widths(flat: Any, total: int, prunable: int, cfg: Any,
     else:
         bflat = replace(flat, order=b.groups, score=b.score, gidx=b.gidx, uidx=torch.arange(b.score.numel()),
                         ppu=b.ppu, mod=b.mod, count=b.count)
-        alive_b, extra = global_loop(bflat, total, cfg)
+        alive_b, extra = global_loop(bflat, total, cfg, torch.ones(b.score.numel(), dtype=torch.bool))
     alive = alive_b[b.owner]
     cost = b.count if cfg.budget == "units" else b.ppu
     n = flat.score.numel() if cfg.budget == "units" else total
