@@ -304,7 +304,9 @@ def _check_iterations(p: PruneConfig) -> None:
                                                                        or wanda.get("local_rounding") == "carry"))
     for bad, why in ((own, f"{p.method} makes its own plan; rounds re-allocate with the shared allocator"),
                      (bool(p.scores_from), "prune.scores_from holds scores of one model; each round re-scores"),
-                     (bool(p.plan_from), "prune.plan_from applies a plan as is")):
+                     (bool(p.plan_from), "prune.plan_from applies a plan as is"),
+                     (p.width_multiple > 1 or p.scope == "uniform",
+                      "prune.width_multiple / scope uniform allocate blocks of units, which a round cannot extend")):
         if bad:
             raise ConfigError(f"prune.iterations: {p.iterations} rounds, but {why} (use prune.iterations=1)")
 

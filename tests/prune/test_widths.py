@@ -172,6 +172,14 @@ def test_bad_values_fail_in_one_line():
         load_config(None, ["prune.scope=flat"])
     with pytest.raises(ConfigError, match=r"^prune\.plan_from: a given plan is applied as is"):
         load_config(None, ["prune.plan_from=plan.json", "prune.width_multiple=32"])
+    for opt in ("prune.width_multiple=32", "prune.scope=uniform"):  # rounds extend a plan unit by unit
+        with pytest.raises(ConfigError, match=r"^prune\.iterations: 2 rounds, but prune\.width_multiple / scope "
+                                              r"uniform allocate blocks of units"):
+            load_config(None, ["prune.iterations=2", opt])
+    assert load_config(None, ["prune.iterations=2"]).prune.iterations == 2  # the refusal is the options' alone
+    with pytest.raises(ValueError, match=r"^allocation: scope uniform / width_multiple 1 cannot extend"):
+        allocate(make_scores(), GROUPS, TOTAL, AllocationConfig(scope="uniform", target_ratio=0.2),
+                 start=allocate(make_scores(), GROUPS, TOTAL, AllocationConfig(target_ratio=0.1)))
     odd = [*GROUPS, PrunableGroup("lm.layers.5.mlp", "lm_mlp", "channels", "language", 5, 100, 40)]
     scores = {**make_scores(), "lm.layers.5.mlp": torch.rand(100)}
     with pytest.raises(ValueError, match=r"^prune\.scope: uniform needs every lm_mlp group to have 200 units "
