@@ -175,3 +175,33 @@ def test_inspect_full_size_configs(name, capsys):
     assert p["total"] == sum(t.numel() for t in model.parameters()) == sum(p["by_modality"].values()) == total
     assert p["by_modality"]["bridge"] == bridge
     assert adapter_for(model).batch_layout().image_tokens == tokens
+
+
+def test_tiled_processor_batches_run_sliced_as_masked():
+    """Image splitting on (the hub processors' default): the processor cuts each image into tiles plus the global
+    image (here 2 x 2 tiles of 32 px for a 60 x 40 image, fewer for a 30 x 64 one, padded with
+    ``pixel_attention_mask``) and writes the tile markers; the pruned model reads such a batch exactly as the masked
+    dense model does (float64, ``TOL``), and the tiles matter (masked differs from dense by > 1e-3). ukmp's own
+    batches use the untiled global image (``BatchLayout``), a mode the same processor supports."""
+    import numpy as np
+    from PIL import Image
+
+    model, proc, _ = _build(11, "eager")
+    ip = proc.image_processor
+    ip.do_image_splitting, ip.size = True, {"longest_edge": 64}
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray((rng.random(s) * 255).astype("uint8")) for s in ((60, 40, 3), (30, 64, 3))]
+    b = proc(images=[[imgs[0]], [imgs[1]]], text=["<image>what is it?", "<image>and this?"], return_tensors="pt",
+             padding=True)
+    assert tuple(b["pixel_values"].shape) == (2, 5, 3, 32, 32) and "pixel_attention_mask" in b  # 4 tiles + global
+    b = {k: (v.double() if v.is_floating_point() else v) for k, v in b.items()}
+    adapter = adapter_for(model)
+    plan = random_plan(adapter.groups(), seed=11)
+    with torch.no_grad():
+        dense = model(**b).logits
+        with adapter.mask(model, plan):
+            masked = model(**b).logits
+        adapter.apply_(model, plan)
+        sliced = model(**b).logits
+    assert (sliced - masked).abs().max().item() <= TOL
+    assert (masked - dense).abs().max().item() > 1e-3  # not vacuous
