@@ -29,27 +29,27 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
     ``deci`` (any plan) or ``llama`` (uniformly pruned models only)."""
     from ukmp.export.source import check_output, check_source, load_source
 
-    check_source(source, fmt)
+    checked = check_source(source, fmt)  # read once: load_source takes it as it is
     out = check_output(out)
     if fmt == "hf":
         if dtype is not None and dtype not in HF_DTYPES:
             raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(HF_DTYPES)} for hf")
         from ukmp.export.hf import export_hf
 
-        return export_hf(load_source(source, fmt, HF_DTYPES.get(dtype or "")), out)
+        return export_hf(load_source(source, fmt, HF_DTYPES.get(dtype or ""), checked), out)
     if fmt == "gguf":
         from ukmp.export.gguf import check_dtype, export_gguf, require_gguf
 
         require_gguf()
         dtype = dtype or "f32"
         check_dtype(None, dtype)
-        return export_gguf(load_source(source, fmt), out, dtype=dtype, arch=gguf_arch)
+        return export_gguf(load_source(source, fmt, checked=checked), out, dtype=dtype, arch=gguf_arch)
     from ukmp.export.onnx import export_onnx, require_onnx
 
     if dtype not in (None, "f32"):  # the arguments first: a wrong one is named whatever is installed
         raise ValueError(f"--dtype: {dtype!r}; onnx is written in f32 only")
     require_onnx()
-    return export_onnx(load_source(source, fmt, "float32"), out)
+    return export_onnx(load_source(source, fmt, "float32", checked), out)
 
 
 def format_report(report: dict[str, Any]) -> str:

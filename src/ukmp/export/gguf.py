@@ -75,7 +75,7 @@ def _rope_theta(config) -> float:
 def _tensor_type(gguf, t: np.ndarray, dtype: str):
     """(array, GGML type) of one tensor: 1-D tensors (norms, biases) stay F32, as llama.cpp expects."""
     if t.ndim == 1 or dtype == "f32":
-        return t.astype(np.float32), gguf.GGMLQuantizationType.F32
+        return t.astype(np.float32, copy=False), gguf.GGMLQuantizationType.F32  # a float32 model's own memory
     if dtype == "f16":
         return t.astype(np.float16), gguf.GGMLQuantizationType.F16
     q = gguf.GGMLQuantizationType.Q8_0
@@ -148,7 +148,9 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
     theta = _rope_theta(cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
                                      part.n_layers)
-    sd = {lm_name(part, k): v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
+    # the model's own tensors; each is converted (float32, then the file's type) only when it is added, so no
+    # float32 copy of the whole model is made beside it
+    sd = {lm_name(part, k): v.detach() for k, v in src.model.state_dict().items()
           if lm_name(part, k) and not k.endswith("rotary_emb.inv_freq")}
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
@@ -182,7 +184,7 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
             raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
         if key in rotary:
             t = permute_rotary(t, rotary[key])
-        data, qtype = _tensor_type(gguf, t.numpy(), dtype)
+        data, qtype = _tensor_type(gguf, t.to("cpu", torch.float32).numpy(), dtype)
         w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
     w.write_header_to_file()
     w.write_kv_data_to_file()
