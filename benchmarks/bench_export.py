@@ -179,6 +179,38 @@ def export_all(dirs: dict[str, Path], work: Path, threads: int, onnx: bool) -> d
     return files
 
 
+def padded_source(base: Path, multiple: int):
+    """The pruned model at ``base`` (a ukmp export Source, float32) with every MLP zero-padded up to a multiple of
+    ``multiple`` channels: the same function (a zero gate/up row before a zero down column adds nothing), rows
+    that llama.cpp's kernels and block types take whole."""
+    from ukmp.export.hf import pad_
+    from ukmp.export.source import load_source
+
+    src = load_source(base, "gguf", "float32")
+    groups = [g for g in src.adapter.lm.groups() if g.unit_type != "heads"]
+    widths = {g.id: -(-src.counts[g.id] // multiple) * multiple for g in groups}
+    pad_(src.model, groups, src.counts, widths)
+    src.counts.update(widths)
+    return src
+
+
+def export_padded(base: Path, name: str, work: Path, multiple: int, threads: int) -> dict[str, Path]:
+    """GGUF f32 (``deci``) and llama.cpp's Q8_0 of :func:`padded_source` (reused when there)."""
+    from ukmp.export.gguf import layer_widths, write_gguf
+    from ukmp.export.source import staged_output
+
+    stem = name.replace("@", "_").replace("+", "_")
+    f = {"gguf_f32": work / f"{stem}.f32.gguf", "gguf_q8_0": work / f"{stem}.q8_0.gguf"}
+    if not f["gguf_f32"].exists():
+        log.info("export %s -> %s", name, f["gguf_f32"])
+        src = padded_source(base, multiple)
+        with staged_output(f["gguf_f32"], is_dir=False) as tmp:
+            write_gguf(src, tmp, "f32", "deci", layer_widths(src))
+    if not f["gguf_q8_0"].exists():
+        eng.quantize_q8_0(f["gguf_f32"], f["gguf_q8_0"], threads)
+    return f
+
+
 def size_of(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data")) if path.is_dir() \
         else path.stat().st_size
@@ -238,10 +270,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     windows = windows_of(ids, args.window, args.ppl_windows)
     prompt = ids[: args.pp]
     files = export_all(dirs, work, args.threads, not args.no_onnx)
-    names = list(dirs)
+    padded = {}  # name -> the pruned model it pads
+    if args.pad_multiple:
+        for name in [n for n in dirs if n != "dense"]:
+            padded[f"{name}+pad{args.pad_multiple}"] = name
+        for pname, base in padded.items():
+            files[pname] = export_padded(dirs[base], pname, work, args.pad_multiple, args.threads)
+    names = list(dirs) + list(padded)
     models: dict[str, dict[str, Any]] = {}
-    for name, src in dirs.items():  # PyTorch: parameters, FLOPs, perplexity
-        model = load_pruned(src, dtype="float32").eval()
+    for name in names:  # PyTorch: parameters, FLOPs, perplexity
+        model = (padded_source(dirs[padded[name]], args.pad_multiple).model if name in padded
+                 else load_pruned(dirs[name], dtype="float32")).eval()
         fm = eng.flop_model(model)
         models[name] = {
             "params": count_parameters(model), "flops": fm,
@@ -267,16 +306,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         llms = {n: eng.open_llama(files[n][f"gguf_{wt}"], args.pp + args.tg + 8, args.threads) for n in names}
         for n in names:  # warm-up: page the weights in
             eng.llama_speed_step(llms[n], prompt[:8], 2)
-        speed[f"llama_cpp_{wt}"] = summarise(alternate(names, args.reps, lambda n: eng.llama_speed_step(
+        speed[f"llama_cpp_{wt}"] = summarise(alternate(names, args.reps, lambda n, llms=llms: eng.llama_speed_step(
             llms[n], prompt, args.tg)), "dense")
         for llm in llms.values():
             llm.close()
         log.info("llama.cpp %s: %s", wt, {n: round(v["tg_tps"], 1) for n, v in speed[f"llama_cpp_{wt}"].items()})
     if not args.no_onnx:
-        sessions = {n: eng.open_ort(files[n]["onnx"], args.threads) for n in names}
-        for n in names:
+        with_onnx = [n for n in names if "onnx" in files[n]]
+        sessions = {n: eng.open_ort(files[n]["onnx"], args.threads) for n in with_onnx}
+        for n in with_onnx:
             eng.ort_speed_step(sessions[n], prompt[:8])
-        speed["onnx_runtime"] = summarise(alternate(names, args.reps, lambda n: eng.ort_speed_step(
+        speed["onnx_runtime"] = summarise(alternate(with_onnx, args.reps, lambda n: eng.ort_speed_step(
             sessions[n], prompt)), "dense")
     tok_check = None
     if not args.tiny:  # llama.cpp's own tokenizer on the first 4,000 characters of the held-out text
@@ -292,6 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     return {
         "models": models, "speed": speed, "names": names, "ratios": ratios, "target": list(TARGET),
+        "padded": padded, "pad_multiple": args.pad_multiple,
         "tokenizer_check": tok_check,
         "setup": {"tiny": args.tiny, "threads": args.threads, "reps": args.reps, "pp_tokens": args.pp,
                   "tg_tokens": args.tg, "ppl_windows": len(windows), "window": args.window,
@@ -307,7 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def machine(load0: list[float]) -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
     except (OSError, StopIteration):
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average_at_start": load0,
@@ -328,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", default=str(ROOT / "outputs" / "bench_export"), help="exported files (reused)")
     p.add_argument("--out", default=str(HERE / "results"), help="where bench_export.{json,md,png} are written")
     p.add_argument("--no-onnx", action="store_true")
+    p.add_argument("--pad-multiple", type=int, default=32,
+                   help="also run each pruned model with its MLP zero-padded to a multiple of N channels (the same "
+                        "function; rows llama.cpp's kernels and Q8_0 blocks take whole): rows '+padN'; 0: none")
     p.add_argument("--tiny", action="store_true", help="a tiny random-weight Llama (the script's test)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

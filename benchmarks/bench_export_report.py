@@ -74,6 +74,11 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {n} | {mo['params'] / 1e6:.1f} M | {_x(ideal['pp'])} | {_x(ideal['tg'])} | "
                      f"{_tps(f32, 'pp_tps')} | {_tps(f32, 'tg_tps')} | {_tps(q8, 'pp_tps')} | {_tps(q8, 'tg_tps')} | "
                      f"{_tps(ort, 'pp_tps')} | {_tps(ort, 'tg_tps_no_cache')} |")
+    if result.get("padded"):
+        lines += ["", f"`+pad{result['pad_multiple']}`: the pruned model above it with every MLP zero-padded up to a "
+                      f"multiple of {result['pad_multiple']} channels (the same function: its perplexity below; "
+                      "written with ukmp's GGUF writer, not an export option): rows llama.cpp's matrix kernels and "
+                      "Q8_0 blocks take whole, at the cost of the padded FLOPs (its ideal)."]
     lines += ["", "llama.cpp's own counters (time inside llama_decode, llama_perf_context) give the same picture: "
               + "; ".join(f"{n} f32 tg {_tps(speed['llama_cpp_f32'][n], 'tg_tps_engine')}" for n in names), "",
               f"## Perplexity of the same {s['ppl_tokens']:,} held-out tokens ({s['ppl_windows']} windows of "
@@ -109,7 +114,7 @@ def figure(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [n for n in result["names"] if n != "dense"]
+    names = [n for n in result["names"] if n != "dense" and "+" not in n]
     ratios = [float(n.split("@")[1]) for n in names]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
     ideal = result["models"]

@@ -64,6 +64,13 @@ def test_q8_0_fallback_is_exactly_the_unaligned_rows(result):
     assert m["q8_0_types"]["main"] == "Q8_0"
     assert m["q8_0_types"]["other"] == {"ffn_down.weight F16": unaligned}
     assert res["models"]["dense"]["q8_0_types"]["other"] == {}  # 352 = 11 x 32: every row quantised
+    # the same model with its MLPs zero-padded to multiples of 32: the same perplexity, every row quantised
+    padded = res["models"]["ukmp@0.5+pad32"]
+    assert padded["q8_0_types"]["other"] == {}
+    ref = m["ppl"]["torch_f32"]["perplexity"]
+    for key in ("torch_f32", "llama_cpp_f32"):
+        assert abs(padded["ppl"][key]["perplexity"] / ref - 1) <= REL_TOL, key
+    assert padded["params"] > m["params"]  # not vacuous: it was padded
 
 
 @pytest.mark.integration
