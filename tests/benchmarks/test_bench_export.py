@@ -91,7 +91,8 @@ def test_onnx_runtime_gives_pytorchs_perplexity(tmp_path):
     if not (_has("onnxscript") and _has("onnxruntime")):
         pytest.skip("needs onnxscript and onnxruntime of the export extra: pip install 'ukmp[export]'")
     res, _ = _run(tmp_path)
-    for name, m in res["models"].items():
+    for name in ("dense", "ukmp@0.5"):  # the padded row has no ONNX export
+        m = res["models"][name]
         ref = m["ppl"]["torch_f32"]["perplexity"]
         assert abs(m["ppl"]["onnx_runtime"]["perplexity"] / ref - 1) <= REL_TOL, name  # measured ~1e-8
     assert res["speed"]["onnx_runtime"]["ukmp@0.5"]["pp_tps"] > 0

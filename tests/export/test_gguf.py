@@ -105,6 +105,7 @@ def test_byte_level_bpe_tokenizer_travels_with_its_merges(bpe_pruned, tmp_path):
     export(path, "gguf", tmp_path / "b.gguf")
     f = _fields(gguf.GGUFReader(tmp_path / "b.gguf"), "deci")
     assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == 320
+    assert f["tokenizer.ggml.pre"] == "gpt-2"  # a lone ByteLevel pre-tokenizer: GPT-2's split, named for llama.cpp
     assert f["tokenizer.ggml.tokens"][:300] == tok.convert_ids_to_tokens(list(range(300)))
     merges = json.loads((path / "tokenizer.json").read_text())["model"]["merges"]
     assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges] and len(merges) > 10

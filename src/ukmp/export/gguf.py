@@ -95,6 +95,14 @@ def check_dtype(src: Source | None, dtype: str) -> None:
                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
 
 
+def gpt2_split(tok: dict) -> bool:
+    """Whether ``tok`` splits text exactly as GPT-2 does before its merges (a lone ``ByteLevel`` pre-tokenizer with
+    its regex, no normaliser): llama.cpp's ``gpt-2`` pre-tokenizer then gives the same ids."""
+    pre = tok.get("pre_tokenizer") or {}
+    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and not tok.get("normalizer"))
+
+
 def _is_byte_level(tok: dict) -> bool:
     pre = tok.get("pre_tokenizer") or {}
     return pre.get("type") == "ByteLevel" or any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
@@ -102,8 +110,8 @@ def _is_byte_level(tok: dict) -> bool:
 
 def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
     """The pruned directory's ``tokenizer.json`` as llama.cpp reads it: a Unigram model as its ``t5`` tokenizer, a
-    byte-level BPE as its ``gpt2`` one (merges included; no ``tokenizer.ggml.pre``, so llama.cpp splits text with its
-    default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
+    byte-level BPE as its ``gpt2`` one (merges included; ``tokenizer.ggml.pre`` ``gpt-2`` when the text is split as
+    GPT-2 splits it (:func:`gpt2_split`), else none, and llama.cpp splits text with its default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
     add-bos/eos from the config files (the ``gguf`` package's SpecialVocab)."""
     path = src.path / "tokenizer.json"
     if not path.is_file():
@@ -135,6 +143,8 @@ def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
         writer.add_add_bos_token(False)
     else:
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+        if gpt2_split(tok):
+            writer.add_tokenizer_pre("gpt-2")
     gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
 
 
