@@ -95,7 +95,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("tokenizer_check"):
         c = result["tokenizer_check"]
         lines += ["", f"Token ids: the HF tokenizer's for every engine. llama.cpp's own tokenizer (the exported "
-                      f"vocabulary and merges, its default pre-tokenizer) on the first {c['hf_tokens']} held-out "
+                      f"vocabulary, merges and pre-tokenizer name) on the first {c['hf_tokens']} held-out "
                       f"tokens' text: {'identical ids' if c['identical'] else 'different ids'} "
                       f"({c['llama_cpp_tokens']} vs {c['hf_tokens']} tokens)."]
     lines += ["", "## Files", "", "| model | GGUF f32 MiB | GGUF q8_0 MiB | ONNX MiB | q8_0: matrices llama.cpp kept "
