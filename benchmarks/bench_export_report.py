@@ -128,17 +128,23 @@ def figure(result: dict[str, Any], path: Path) -> None:
             if any(y is not None for y in ys):
                 ax.plot(ratios, ys, style, alpha=1.0 if metric == "tg_tps" else 0.5,
                         label=f"{key.replace('_', ' ')} {metric.split('_')[0]}")
+    pad = result.get("pad_multiple")
+    rows = result["speed"].get("llama_cpp_f32", {})
+    if result.get("padded") and all(f"{n}+pad{pad}" in rows for n in names):
+        ax.plot(ratios, [rows[f"{n}+pad{pad}"].get("pp_tps_speedup") for n in names], "o--", color="C5",
+                label=f"llama cpp f32 pp, MLP padded to {pad}")
     ax.axhline(result["target"][1], color="r", lw=0.8, ls=":")
     ax.set_xlabel("pruning ratio")
     ax.set_ylabel("speed-up vs dense (same engine)")
     ax.legend(fontsize=7)
     ax.set_title("tokens/s, pruned / dense")
-    xs = range(len(result["names"]))
+    base = ["dense", *names]
+    xs = range(len(base))
     for k, key in enumerate(("torch_f32", "llama_cpp_f32", "llama_cpp_q8_0", "onnx_runtime")):
-        ys = [ideal[n]["ppl"].get(key, {}).get("perplexity") for n in result["names"]]
+        ys = [ideal[n]["ppl"].get(key, {}).get("perplexity") for n in base]
         if all(y is not None for y in ys):
             bx.bar([x + 0.2 * k for x in xs], ys, width=0.2, label=key.replace("_", " "))
-    bx.set_xticks([x + 0.3 for x in xs], result["names"])
+    bx.set_xticks([x + 0.3 for x in xs], base)
     bx.set_yscale("log")
     bx.set_ylabel("held-out perplexity (log)")
     bx.legend(fontsize=7)
