@@ -181,31 +181,24 @@ def export_all(dirs: dict[str, Path], work: Path, threads: int, onnx: bool) -> d
 
 def padded_source(base: Path, multiple: int):
     """The pruned model at ``base`` (a ukmp export Source, float32) with every MLP zero-padded up to a multiple of
-    ``multiple`` channels: the same function (a zero gate/up row before a zero down column adds nothing), rows
-    that llama.cpp's kernels and block types take whole."""
-    from ukmp.export.hf import pad_
+    ``multiple`` channels, as ``ukmp export --pad-multiple`` writes it (the same function)."""
+    from ukmp.export.gguf import pad_mlp_
     from ukmp.export.source import load_source
 
     src = load_source(base, "gguf", "float32")
-    groups = [g for g in src.adapter.lm.groups() if g.unit_type != "heads"]
-    widths = {g.id: -(-src.counts[g.id] // multiple) * multiple for g in groups}
-    pad_(src.model, groups, src.counts, widths)
-    src.counts.update(widths)
+    pad_mlp_(src, multiple)
     return src
 
 
 def export_padded(base: Path, name: str, work: Path, multiple: int, threads: int) -> dict[str, Path]:
-    """GGUF f32 (``deci``) and llama.cpp's Q8_0 of :func:`padded_source` (reused when there)."""
-    from ukmp.export.gguf import layer_widths, write_gguf
-    from ukmp.export.source import staged_output
+    """``ukmp export --format gguf --pad-multiple N`` (f32) and llama.cpp's Q8_0 of it (reused when there)."""
+    from ukmp.export import export
 
     stem = name.replace("@", "_").replace("+", "_")
     f = {"gguf_f32": work / f"{stem}.f32.gguf", "gguf_q8_0": work / f"{stem}.q8_0.gguf"}
     if not f["gguf_f32"].exists():
         log.info("export %s -> %s", name, f["gguf_f32"])
-        src = padded_source(base, multiple)
-        with staged_output(f["gguf_f32"], is_dir=False) as tmp:
-            write_gguf(src, tmp, "f32", "deci", layer_widths(src))
+        export(base, "gguf", f["gguf_f32"], dtype="f32", pad_multiple=multiple)
     if not f["gguf_q8_0"].exists():
         eng.quantize_q8_0(f["gguf_f32"], f["gguf_q8_0"], threads)
     return f
@@ -245,7 +238,7 @@ def summarise(runs: dict[str, list[dict[str, float]]], dense: str) -> dict[str, 
             row[key] = statistics.median(vals)
             row[key + "_reps"] = [round(v, 2) for v in vals]
             if n != dense:
-                row[key + "_speedup"] = statistics.median(r[key] / d[key] for r, d in zip(rs, runs[dense])
+                row[key + "_speedup"] = statistics.median(r[key] / d[key] for r, d in zip(rs, runs[dense], strict=True)
                                                           if r[key] and d[key])
         out[n] = row
     return out
@@ -298,7 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             m["ppl"]["onnx_runtime"] = eng.ort_nll(files[name]["onnx"], windows, args.threads)
         log.info("%s: perplexity %s", name, {k: round(v["perplexity"], 4) for k, v in m["ppl"].items()})
     d = models["dense"]
-    for name, m in models.items():
+    for m in models.values():
         m["ideal_speedup"] = {"pp": d["flops_pp"] / m["flops_pp"], "tg": d["flops_tg"] / m["flops_tg"],
                               "params": d["params"] / m["params"]}
     speed: dict[str, Any] = {}

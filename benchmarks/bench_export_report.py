@@ -77,7 +77,8 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("padded"):
         lines += ["", f"`+pad{result['pad_multiple']}`: the pruned model above it with every MLP zero-padded up to a "
                       f"multiple of {result['pad_multiple']} channels (the same function: its perplexity below; "
-                      "written with ukmp's GGUF writer, not an export option): rows llama.cpp's matrix kernels and "
+                      f"`ukmp export --format gguf --pad-multiple {result['pad_multiple']}`): rows llama.cpp's "
+                      "matrix kernels and "
                       "Q8_0 blocks take whole, at the cost of the padded FLOPs (its ideal)."]
     lines += ["", "llama.cpp's own counters (time inside llama_decode, llama_perf_context) give the same picture: "
               + "; ".join(f"{n} f32 tg {_tps(speed['llama_cpp_f32'][n], 'tg_tps_engine')}" for n in names), "",

@@ -21,15 +21,20 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: str | None = None,
-           gguf_arch: str = "deci") -> dict[str, Any]:
+           gguf_arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
     """Export the pruned model directory ``source`` as ``fmt`` to ``out`` (which must not exist); returns a report
     (parameters and per-token FLOPs of the dense, pruned and exported models, and the share of the saving kept).
 
     ``dtype``: hf ``f32|f16|bf16`` (default: as stored), gguf ``f32|f16|q8_0`` (default f32). ``gguf_arch``:
-    ``deci`` (any plan) or ``llama`` (uniformly pruned models only)."""
+    ``deci`` (any plan) or ``llama`` (uniformly pruned models only). ``pad_multiple`` (gguf): zero-pad every MLP to
+    a multiple of that many channels (32: every matrix quantisable to q8_0, llama.cpp's faster kernels)."""
     from ukmp.export.source import check_output, check_source, load_source
 
     checked = check_source(source, fmt)  # read once: load_source takes it as it is
+    if pad_multiple and fmt != "gguf":
+        raise ValueError(f"--pad-multiple: gguf only (not {fmt})")
+    if pad_multiple < 0:
+        raise ValueError(f"--pad-multiple: {pad_multiple} must be >= 0")
     out = check_output(out)
     if fmt == "hf":
         if dtype is not None and dtype not in HF_DTYPES:
@@ -43,7 +48,8 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
         require_gguf()
         dtype = dtype or "f32"
         check_dtype(None, dtype)
-        return export_gguf(load_source(source, fmt, checked=checked), out, dtype=dtype, arch=gguf_arch)
+        return export_gguf(load_source(source, fmt, checked=checked), out, dtype=dtype, arch=gguf_arch,
+                           pad_multiple=pad_multiple)
     from ukmp.export.onnx import export_onnx, require_onnx
 
     if dtype not in (None, "f32"):  # the arguments first: a wrong one is named whatever is installed

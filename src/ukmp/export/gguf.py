@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ukmp.export.source import Source, build_report, staged_output
+from ukmp.export.source import Source, build_report, count, staged_output
 
 EXTRA_HINT = "pip install 'ukmp[export]'"
 ARCHES = ("deci", "llama")
@@ -202,11 +202,31 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
     w.close()
 
 
-def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
-    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+def pad_mlp_(src: Source, multiple: int) -> int:
+    """Zero-pad every MLP of ``src``'s language model up to a multiple of ``multiple`` channels, in place (the same
+    function: a zero gate/up row before a zero down column adds nothing); returns the parameters added. Rows that
+    are whole 32-value blocks let llama.cpp quantise every matrix and use its faster matrix kernels
+    (BENCHMARKS.md, "Export and serving")."""
+    from ukmp.export.hf import pad_
+
+    if multiple < 1:
+        raise ValueError(f"--pad-multiple: {multiple} must be >= 1")
+    before = sum(p.numel() for p in src.model.parameters())
+    groups = [g for g in src.adapter.lm.groups() if g.unit_type != "heads"]
+    widths = {g.id: -(-src.counts[g.id] // multiple) * multiple for g in groups}
+    pad_(src.model, groups, src.counts, widths)
+    src.counts.update(widths)
+    return sum(p.numel() for p in src.model.parameters()) - before
+
+
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
+    """Write ``src`` as one GGUF file at ``out`` (absent); ``pad_multiple`` > 0: its MLPs zero-padded first
+    (:func:`pad_mlp_`)."""
     require_gguf()
     if arch not in ARCHES:
         raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    pruned = count(src.model)
+    added = pad_mlp_(src, pad_multiple) if pad_multiple else 0
     check_dtype(src, dtype)
     cfg = src.adapter.lm.config
     _rope_theta(cfg)
@@ -229,4 +249,7 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
     if src.adapter.lm.prefix:
         notes.append("the language model only: the vision tower and projector are not written (no mmproj yet); "
                      "the counts above are of the whole model")
-    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths, notes=notes)
+    if pad_multiple:
+        notes.append(f"MLPs zero-padded to multiples of {pad_multiple} channels: {added:,} parameters added")
+    return build_report(src, "gguf", out, pruned, count(src.model), arch=arch, dtype=dtype, padded=bool(added),
+                        layers=widths, notes=notes)
