@@ -237,7 +237,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from ukmp.export import export, format_report
 
     try:
-        report = export(args.model, args.format, args.out, dtype=args.dtype, gguf_arch=args.gguf_arch)
+        report = export(args.model, args.format, args.out, dtype=args.dtype, gguf_arch=args.gguf_arch,
+                        pad_multiple=args.pad_multiple)
     except ImportError as e:  # an optional package of the export extra: one line, exit 2 like other bad input
         raise ValueError(str(e)) from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -395,6 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                            "f32 otherwise)")
     s.add_argument("--gguf-arch", default="deci", choices=["deci", "llama"],
                    help="GGUF architecture: deci (per-layer widths, any plan; default) or llama (uniform plans)")
+    s.add_argument("--pad-multiple", type=int, default=0, metavar="N",
+                   help="gguf: zero-pad every MLP to a multiple of N channels (the same function; 32 lets q8_0 "
+                        "quantise every matrix and llama.cpp use its faster kernels); default 0: no padding")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=_cmd_export)
     return p

@@ -88,7 +88,8 @@ def byte_level_bpe():
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["a photo of a cat sitting on a red couch", "a dog running on the green grass"] * 4,
+    tok.train_from_iterator(["a photo of a cat sitting on a red couch", "a dog running on the green grass",
+                             "order 12345 of 67890"] * 4,
                             trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 

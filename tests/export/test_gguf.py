@@ -105,6 +105,7 @@ def test_byte_level_bpe_tokenizer_travels_with_its_merges(bpe_pruned, tmp_path):
     export(path, "gguf", tmp_path / "b.gguf")
     f = _fields(gguf.GGUFReader(tmp_path / "b.gguf"), "deci")
     assert f["tokenizer.ggml.model"] == "gpt2" and len(f["tokenizer.ggml.tokens"]) == 320
+    assert f["tokenizer.ggml.pre"] == "gpt-2"  # a lone ByteLevel pre-tokenizer: GPT-2's split, named for llama.cpp
     assert f["tokenizer.ggml.tokens"][:300] == tok.convert_ids_to_tokens(list(range(300)))
     merges = json.loads((path / "tokenizer.json").read_text())["model"]["merges"]
     assert f["tokenizer.ggml.merges"] == [" ".join(m) for m in merges] and len(merges) > 10
@@ -168,3 +169,28 @@ def test_missing_gguf_package_names_the_extra(pruned_lms, tmp_path, capsys, monk
     err = _refused(["export", str(pruned_lms["llama"][2]), "--format", "gguf", "--out", str(tmp_path / "m.gguf")],
                    capsys)
     assert "ukmp[export]" in err and not any(tmp_path.iterdir())
+
+
+def test_pad_multiple_rounds_every_mlp_up_with_zeros(pruned_lms, tmp_path):
+    """``--pad-multiple 32``: every ``feed_forward_length`` a multiple of 32, the kept channels first and bit for bit,
+    zeros after; q8_0, refused for the unpadded widths, then quantises every matrix."""
+    model, _, path, _ = pruned_lms["llama"]
+    plan = read_plan(path)
+    kept = [len(plan.keep[f"lm.layers.{i}.mlp"]) for i in range(model.config.num_hidden_layers)]
+    assert any(k % 32 for k in kept)  # not vacuous: the plan's widths are unaligned
+    with pytest.raises(ValueError, match="multiples of 32"):
+        export(path, "gguf", tmp_path / "q.gguf", dtype="q8_0")
+    report = export(path, "gguf", tmp_path / "p.gguf", pad_multiple=32)
+    reader = gguf.GGUFReader(tmp_path / "p.gguf")
+    ffn = _fields(reader, "deci")["feed_forward_length"]
+    assert ffn == [-(-k // 32) * 32 for k in kept] and report["params"]["exported"] > report["params"]["pruned"]
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    for i, k in enumerate(kept):
+        down = tensors[f"blk.{i}.ffn_down.weight"]  # [hidden, ffn]
+        assert torch.equal(down[:, :k], model.model.layers[i].mlp.down_proj.weight.float())
+        assert not down[:, k:].any() and not tensors[f"blk.{i}.ffn_up.weight"][k:].any()
+    export(path, "gguf", tmp_path / "pq.gguf", dtype="q8_0", pad_multiple=32)
+    types = {t.tensor_type for t in gguf.GGUFReader(tmp_path / "pq.gguf").tensors if len(t.shape) > 1}
+    assert types == {gguf.GGMLQuantizationType.Q8_0}
+    with pytest.raises(ValueError, match="gguf only"):
+        export(path, "onnx", tmp_path / "o", pad_multiple=32)

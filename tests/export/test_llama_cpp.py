@@ -88,12 +88,13 @@ def test_the_same_file_labelled_llama_is_refused(pruned_lms, tmp_path):
 
 @pytest.mark.slow
 def test_llama_cpp_reads_the_byte_level_bpe_tokenizer(bpe_pruned, tmp_path):
-    """The same ids as the HF tokenizer for plain text (llama.cpp splits with its default pre-tokenizer: no
-    ``tokenizer.ggml.pre`` is written), and the model's logits within 1e-4."""
+    """The same ids as the HF tokenizer for text with digits (``tokenizer.ggml.pre`` is ``gpt-2``: llama.cpp splits
+    text as the lone ByteLevel pre-tokenizer does; without it, llama.cpp cut 12345 into 123 45 and failed this),
+    and the model's logits within 1e-4."""
     model, tok, path = bpe_pruned
     export(path, "gguf", tmp_path / "b.gguf")
     llm = llama_cpp.Llama(str(tmp_path / "b.gguf"), n_ctx=64, vocab_only=True, verbose=False)
-    text = "a photo of a cat sitting on the green grass"
+    text = "a photo of a cat sitting on the green grass; order 12345 of 67890"
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text)["input_ids"]
     got, ref, _ = _prompt_logits(tmp_path / "b.gguf", load_pruned(path, dtype="float32"))
     assert np.abs(got - ref).max() <= TOL

@@ -21,35 +21,41 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: str | None = None,
-           gguf_arch: str = "deci") -> dict[str, Any]:
+           gguf_arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
     """Export the pruned model directory ``source`` as ``fmt`` to ``out`` (which must not exist); returns a report
     (parameters and per-token FLOPs of the dense, pruned and exported models, and the share of the saving kept).
 
     ``dtype``: hf ``f32|f16|bf16`` (default: as stored), gguf ``f32|f16|q8_0`` (default f32). ``gguf_arch``:
-    ``deci`` (any plan) or ``llama`` (uniformly pruned models only)."""
+    ``deci`` (any plan) or ``llama`` (uniformly pruned models only). ``pad_multiple`` (gguf): zero-pad every MLP to
+    a multiple of that many channels (32: every matrix quantisable to q8_0, llama.cpp's faster kernels)."""
     from ukmp.export.source import check_output, check_source, load_source
 
-    check_source(source, fmt)
+    checked = check_source(source, fmt)  # read once: load_source takes it as it is
+    if pad_multiple and fmt != "gguf":
+        raise ValueError(f"--pad-multiple: gguf only (not {fmt})")
+    if pad_multiple < 0:
+        raise ValueError(f"--pad-multiple: {pad_multiple} must be >= 0")
     out = check_output(out)
     if fmt == "hf":
         if dtype is not None and dtype not in HF_DTYPES:
             raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(HF_DTYPES)} for hf")
         from ukmp.export.hf import export_hf
 
-        return export_hf(load_source(source, fmt, HF_DTYPES.get(dtype or "")), out)
+        return export_hf(load_source(source, fmt, HF_DTYPES.get(dtype or ""), checked), out)
     if fmt == "gguf":
         from ukmp.export.gguf import check_dtype, export_gguf, require_gguf
 
         require_gguf()
         dtype = dtype or "f32"
         check_dtype(None, dtype)
-        return export_gguf(load_source(source, fmt), out, dtype=dtype, arch=gguf_arch)
+        return export_gguf(load_source(source, fmt, checked=checked), out, dtype=dtype, arch=gguf_arch,
+                           pad_multiple=pad_multiple)
     from ukmp.export.onnx import export_onnx, require_onnx
 
     if dtype not in (None, "f32"):  # the arguments first: a wrong one is named whatever is installed
         raise ValueError(f"--dtype: {dtype!r}; onnx is written in f32 only")
     require_onnx()
-    return export_onnx(load_source(source, fmt, "float32"), out)
+    return export_onnx(load_source(source, fmt, "float32", checked), out)
 
 
 def format_report(report: dict[str, Any]) -> str:

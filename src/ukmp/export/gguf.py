@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ukmp.export.source import Source, build_report, staged_output
+from ukmp.export.source import Source, build_report, count, staged_output
 
 EXTRA_HINT = "pip install 'ukmp[export]'"
 ARCHES = ("deci", "llama")
@@ -75,7 +75,7 @@ def _rope_theta(config) -> float:
 def _tensor_type(gguf, t: np.ndarray, dtype: str):
     """(array, GGML type) of one tensor: 1-D tensors (norms, biases) stay F32, as llama.cpp expects."""
     if t.ndim == 1 or dtype == "f32":
-        return t.astype(np.float32), gguf.GGMLQuantizationType.F32
+        return t.astype(np.float32, copy=False), gguf.GGMLQuantizationType.F32  # a float32 model's own memory
     if dtype == "f16":
         return t.astype(np.float16), gguf.GGMLQuantizationType.F16
     q = gguf.GGMLQuantizationType.Q8_0
@@ -95,6 +95,14 @@ def check_dtype(src: Source | None, dtype: str) -> None:
                              + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
 
 
+def gpt2_split(tok: dict) -> bool:
+    """Whether ``tok`` splits text exactly as GPT-2 does before its merges (a lone ``ByteLevel`` pre-tokenizer with
+    its regex, no normaliser): llama.cpp's ``gpt-2`` pre-tokenizer then gives the same ids."""
+    pre = tok.get("pre_tokenizer") or {}
+    return (pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space")
+            and not tok.get("normalizer"))
+
+
 def _is_byte_level(tok: dict) -> bool:
     pre = tok.get("pre_tokenizer") or {}
     return pre.get("type") == "ByteLevel" or any(p.get("type") == "ByteLevel" for p in pre.get("pretokenizers", []))
@@ -102,8 +110,8 @@ def _is_byte_level(tok: dict) -> bool:
 
 def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
     """The pruned directory's ``tokenizer.json`` as llama.cpp reads it: a Unigram model as its ``t5`` tokenizer, a
-    byte-level BPE as its ``gpt2`` one (merges included; no ``tokenizer.ggml.pre``, so llama.cpp splits text with its
-    default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
+    byte-level BPE as its ``gpt2`` one (merges included; ``tokenizer.ggml.pre`` ``gpt-2`` when the text is split as
+    GPT-2 splits it (:func:`gpt2_split`), else none, and llama.cpp splits text with its default pre-tokenizer); added tokens at their ids, padded to ``n_vocab`` with unused tokens; special ids and
     add-bos/eos from the config files (the ``gguf`` package's SpecialVocab)."""
     path = src.path / "tokenizer.json"
     if not path.is_file():
@@ -135,6 +143,8 @@ def add_tokenizer(gguf, writer, src: Source, n_vocab: int) -> None:
         writer.add_add_bos_token(False)
     else:
         writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+        if gpt2_split(tok):
+            writer.add_tokenizer_pre("gpt-2")
     gguf.SpecialVocab(src.path, load_merges=False, n_vocab=n_vocab).add_to_gguf(writer, quiet=True)
 
 
@@ -148,7 +158,9 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
     theta = _rope_theta(cfg)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI if arch == "deci" else gguf.MODEL_ARCH.LLAMA,
                                      part.n_layers)
-    sd = {lm_name(part, k): v.detach().to("cpu", torch.float32) for k, v in src.model.state_dict().items()
+    # the model's own tensors; each is converted (float32, then the file's type) only when it is added, so no
+    # float32 copy of the whole model is made beside it
+    sd = {lm_name(part, k): v.detach() for k, v in src.model.state_dict().items()
           if lm_name(part, k) and not k.endswith("rotary_emb.inv_freq")}
     if getattr(cfg, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)  # llama.cpp falls back to token_embd
@@ -182,7 +194,7 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
             raise ValueError(f"{src.path}: tensor {key!r} has no GGUF name for {arch}")
         if key in rotary:
             t = permute_rotary(t, rotary[key])
-        data, qtype = _tensor_type(gguf, t.numpy(), dtype)
+        data, qtype = _tensor_type(gguf, t.to("cpu", torch.float32).numpy(), dtype)
         w.add_tensor(name, data, raw_dtype=qtype)  # q8_0: the logical shape follows from the byte shape
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -190,11 +202,31 @@ def write_gguf(src: Source, path, dtype: str, arch: str, widths: list[dict[str, 
     w.close()
 
 
-def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dict[str, Any]:
-    """Write ``src`` as one GGUF file at ``out`` (absent)."""
+def pad_mlp_(src: Source, multiple: int) -> int:
+    """Zero-pad every MLP of ``src``'s language model up to a multiple of ``multiple`` channels, in place (the same
+    function: a zero gate/up row before a zero down column adds nothing); returns the parameters added. Rows that
+    are whole 32-value blocks let llama.cpp quantise every matrix and use its faster matrix kernels
+    (BENCHMARKS.md, "Export and serving")."""
+    from ukmp.export.hf import pad_
+
+    if multiple < 1:
+        raise ValueError(f"--pad-multiple: {multiple} must be >= 1")
+    before = sum(p.numel() for p in src.model.parameters())
+    groups = [g for g in src.adapter.lm.groups() if g.unit_type != "heads"]
+    widths = {g.id: -(-src.counts[g.id] // multiple) * multiple for g in groups}
+    pad_(src.model, groups, src.counts, widths)
+    src.counts.update(widths)
+    return sum(p.numel() for p in src.model.parameters()) - before
+
+
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
+    """Write ``src`` as one GGUF file at ``out`` (absent); ``pad_multiple`` > 0: its MLPs zero-padded first
+    (:func:`pad_mlp_`)."""
     require_gguf()
     if arch not in ARCHES:
         raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
+    pruned = count(src.model)
+    added = pad_mlp_(src, pad_multiple) if pad_multiple else 0
     check_dtype(src, dtype)
     cfg = src.adapter.lm.config
     _rope_theta(cfg)
@@ -217,4 +249,7 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci") -> dic
     if src.adapter.lm.prefix:
         notes.append("the language model only: the vision tower and projector are not written (no mmproj yet); "
                      "the counts above are of the whole model")
-    return build_report(src, "gguf", out, arch=arch, dtype=dtype, padded=False, layers=widths, notes=notes)
+    if pad_multiple:
+        notes.append(f"MLPs zero-padded to multiples of {pad_multiple} channels: {added:,} parameters added")
+    return build_report(src, "gguf", out, pruned, count(src.model), arch=arch, dtype=dtype, padded=bool(added),
+                        layers=widths, notes=notes)

@@ -53,7 +53,8 @@ def export_onnx(src: Source, out) -> dict[str, Any]:
         level = quiet.level
         quiet.setLevel(logging.ERROR)
         try:
-            torch.onnx.export(LogitsGraph(model), (ids, torch.ones_like(ids)), str(tmp / "model.onnx"), dynamo=True,
+            graph = LogitsGraph(model).eval()  # the wrapper too: torch.onnx warns of a module in training mode
+            torch.onnx.export(graph, (ids, torch.ones_like(ids)), str(tmp / "model.onnx"), dynamo=True,
                               input_names=["input_ids", "attention_mask"], output_names=["logits"],
                               dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                               external_data=True, verbose=False)

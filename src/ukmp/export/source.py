@@ -51,11 +51,14 @@ def check_source(path: str | os.PathLike, fmt: str) -> tuple[Path, str]:
     return p, model_type
 
 
-def load_source(path: str | os.PathLike, fmt: str, dtype: str | None = None) -> Source:
+def load_source(path: str | os.PathLike, fmt: str, dtype: str | None = None,
+                checked: tuple[Path, str] | None = None) -> Source:
+    """The pruned model at ``path`` in ``dtype`` (default: as stored); ``checked``: what :func:`check_source`
+    already returned for it (not read again)."""
     from ukmp.io import load_pruned
     from ukmp.models import adapter_for
 
-    p, model_type = check_source(path, fmt)
+    p, model_type = checked or check_source(path, fmt)
     keys = check_format(model_type, fmt, str(p))
     model = load_pruned(p, dtype=dtype)
     adapter = adapter_for(model.config)
