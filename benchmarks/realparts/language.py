@@ -13,7 +13,7 @@ The ratio is a fraction of ALL the model's parameters (134,515,008: the tied inp
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
 
 Scores are computed once and re-allocated at the other ratios (``prune.scores_from``) where that reproduces the
-method exactly: those ``ukmp.prune.traits`` marks ``ratio_free`` (their scores never read the ratio, and the
+method exactly: those ``ukmp.method_traits`` marks ``ratio_free`` (their scores never read the ratio, and the
 allocation the method imposes comes back with its cached scores). Methods that make their own plan (FLAP, ECoFLaP,
 Wanda-sp, UPop) or whose scores depend on the ratio (Wanda-sp's sequential pruning, UPop's search schedule) are
 re-scored at each ratio; magnitude and random are data-free and cost nothing to re-score.
@@ -51,9 +51,9 @@ import assets  # noqa: E402
 
 from ablations import ablation_table  # noqa: E402
 from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, method_config  # noqa: E402
-from ukmp.prune.traits import TRAITS, method_traits  # noqa: E402
 from ukmp.config import RunConfig, load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ukmp.method_traits import TRAITS, method_traits  # noqa: E402
 
 log = logging.getLogger("realparts.language")
 TASK, METRIC = "perplexity", "perplexity"

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ablations import UKMP_LABEL, WITHOUT_THRESHOLD, ablation_table  # noqa: E402
 from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, compare  # noqa: E402
-from ukmp.prune.traits import method_traits  # noqa: E402
 from ukmp.config import load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ukmp.method_traits import method_traits  # noqa: E402
 from ukmp.pipeline import run  # noqa: E402
 
 log = logging.getLogger("quality.realparts")
@@ -392,7 +392,7 @@ def markdown(result: dict[str, Any]) -> str:
 def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: list[float],
                methods: tuple[str, ...], where: dict[str, Path]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(dense metrics, {ratio: {method: row}}) after pruning, each method a cached ``compare`` run under
-    ``<prefix>_compare_<ratio>/<method>``. The ratio-free methods of ``ukmp.prune.traits`` (and llm_pruner_local,
+    ``<prefix>_compare_<ratio>/<method>``. The ratio-free methods of ``ukmp.method_traits`` (and llm_pruner_local,
     which re-allocates LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the
     others."""
     by_ratio: dict[str, dict[str, Any]] = {}

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ukmp.layer_ranges import check_layers
-from ukmp.prune.traits import method_traits
+from ukmp.method_traits import method_traits
 
 
 class ConfigError(ValueError):
@@ -299,7 +299,7 @@ def _check_iterations(p: PruneConfig) -> None:
         return
     wanda = p.options.get("wanda") or {}
     # a method with its own plan bypasses the shared allocator the rounds re-allocate with (wanda_sp: unless scored
-    # at once and floor-rounded); a plugin unknown to ukmp.prune.traits is refused by the stage after round 1
+    # at once and floor-rounded); a plugin unknown to ukmp.method_traits is refused by the stage after round 1
     own = method_traits(p.method).plan == "own" or (p.method == "wanda_sp" and (
         wanda.get("sequential", True) or wanda.get("local_rounding") == "carry"))
     for bad, why in ((own, f"{p.method} makes its own plan; rounds re-allocate with the shared allocator"),

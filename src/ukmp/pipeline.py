@@ -144,9 +144,9 @@ def preflight(cfg: RunConfig, reach) -> None:
     """Everything a run will reach (a :class:`ukmp.preflight.Reach`), checked before its first stage: the tasks,
     datasets and Java (:func:`ukmp.preflight.check_reach`), the method name, a ratio above the model's structural
     ceiling (from its config, built on the meta device) and an empty last recovery sub-stage."""
+    from ukmp.method_traits import method_traits
     from ukmp.preflight import check_reach
     from ukmp.prune.scoring import get_method
-    from ukmp.prune.traits import method_traits
 
     p = cfg.prune
     if reach.prune and not p.plan_from:

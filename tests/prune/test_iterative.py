@@ -190,8 +190,8 @@ def test_options_that_cannot_apply_fail_at_load_in_one_line(extra, message):
 def test_a_method_with_its_own_plan_is_refused_by_the_stage(tmp_path, sample_data):
     """Past the config check: a plugin (here FLAP, allowed through as if unknown to it) that returns a plan."""
     import ukmp.config as config_module
+    from ukmp.method_traits import MethodTraits
     from ukmp.prune.stage import run_prune_stage
-    from ukmp.prune.traits import MethodTraits
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(config_module, "method_traits", lambda name: MethodTraits())

@@ -1,4 +1,4 @@
-"""The method traits table (:mod:`ukmp.prune.traits`) is the one place a method's data-free / own-plan / ratio-free
+"""The method traits table (:mod:`ukmp.method_traits`) is the one place a method's data-free / own-plan / ratio-free
 facts are declared: it covers every registered method and nothing else, the registry reads it, the config check
 reads it without torch, and a registration that contradicts it is refused before anything is registered."""
 
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ukmp.prune.traits import TRAITS, MethodTraits, method_traits
+from ukmp.method_traits import TRAITS, MethodTraits, method_traits
 
 
 def test_every_registered_method_has_declared_traits_and_every_declaration_a_method():
@@ -34,9 +34,8 @@ def test_the_declared_facts():
 
 
 def test_registration_takes_or_adds_traits_and_refuses_a_contradiction(monkeypatch):
+    import ukmp.method_traits as traits_module
     from ukmp.prune import methods
-
-    import ukmp.prune.traits as traits_module
 
     monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
     monkeypatch.setattr(traits_module, "TRAITS", dict(TRAITS))
@@ -49,7 +48,7 @@ def test_registration_takes_or_adds_traits_and_refuses_a_contradiction(monkeypat
     assert traits_module.method_traits("plugin_a") == MethodTraits(data_free=True)
     assert traits_module.method_traits("plugin_b") == MethodTraits(plan="own", ratio_free=True)
     methods.METHODS.pop("flap", None)
-    with pytest.raises(ValueError, match=r"^prune\.method: 'flap' declares .* but ukmp\.prune\.traits has"):
+    with pytest.raises(ValueError, match=r"^prune\.method: 'flap' declares .* but ukmp\.method_traits has"):
         methods.register_method("flap", fn, traits=MethodTraits())
     assert "flap" not in methods.METHODS and traits_module.TRAITS["flap"].plan == "own"  # nothing half-written
     with pytest.raises(ValueError, match=r"^prune\.method: 'plugin_c' registered with data_free=True but traits"):
@@ -58,6 +57,6 @@ def test_registration_takes_or_adds_traits_and_refuses_a_contradiction(monkeypat
 
 
 def test_the_table_and_the_config_check_load_without_torch():
-    code = ("import sys; import ukmp.prune.traits, ukmp.config; "
+    code = ("import sys; import ukmp.method_traits, ukmp.config; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,7 +32,7 @@ def register_all() -> None:
     table = [("llm_pruner_global", score_llm_pruner_global), ("llm_pruner_local", score_llm_pruner_local),
              ("ecoflap_sp", score_ecoflap_sp), ("flap", score_flap), ("upop", score_upop),
              ("magnitude_sp", score_magnitude_sp), ("wanda_sp", score_wanda_sp)]
-    for name, fn in table:  # their traits (data-free, own plan, ratio-free) are declared in ukmp.prune.traits
+    for name, fn in table:  # their traits (data-free, own plan, ratio-free) are declared in ukmp.method_traits
         if name not in METHODS:
             register_method(name, fn)
 

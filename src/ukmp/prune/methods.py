@@ -8,7 +8,7 @@ point names a callable that registers its methods with :func:`register_method`; 
 time a name is looked up that is not registered yet. A third-party package adds methods the same way.
 
 What a method is beyond its function (data-free, who makes its plan, whether its scores read the ratio) is declared
-once, in the torch-free table :mod:`ukmp.prune.traits`: a built-in method's traits come from there, a plugin passes
+once, in the torch-free table :mod:`ukmp.method_traits`: a built-in method's traits come from there, a plugin passes
 its own (``traits=``, or the older ``data_free=`` alone) and they are added to it.
 """
 
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 import torch
 from torch import nn
 
-from ukmp.prune.traits import MethodTraits, declare_traits, method_traits
+from ukmp.method_traits import MethodTraits, declare_traits, method_traits
 
 if TYPE_CHECKING:
     from ukmp.plan import PruningPlan
@@ -46,7 +46,7 @@ _plugins_loaded = False
 
 def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool | None = None,
                     traits: MethodTraits | None = None) -> None:
-    """Register ``fn`` under ``name``. Its traits: ``traits`` if given, else those :mod:`ukmp.prune.traits` declares
+    """Register ``fn`` under ``name``. Its traits: ``traits`` if given, else those :mod:`ukmp.method_traits` declares
     for a built-in, else the defaults; ``data_free`` (kept for plugins written before the table) overrides that one
     flag. A declaration that contradicts the table is refused before anything is registered."""
     if not name or name in METHODS:

@@ -15,11 +15,11 @@ from safetensors import SafetensorError, safe_open
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
 from ukmp.io import atomic_save_tensors
+from ukmp.method_traits import method_traits
 from ukmp.models import adapter_for
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.methods import ScoreResult
-from ukmp.prune.traits import method_traits
 
 SCORES_FORMAT = "ukmp.scores"
 

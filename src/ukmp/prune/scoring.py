@@ -255,7 +255,7 @@ def score_magnitude(model, groups, batches: Batches, pc: PruneConfig, n_batches:
 
 def register_builtin() -> None:
     """Register UKMP, random and magnitude (idempotent; also the ``ukmp.methods`` entry point ``ukmp``; their traits
-    are declared in :mod:`ukmp.prune.traits`)."""
+    are declared in :mod:`ukmp.method_traits`)."""
     for name, fn in (("ukmp", score_ukmp), ("random", score_random), ("magnitude", score_magnitude)):
         if name not in METHODS:
             register_method(name, fn)

@@ -20,6 +20,7 @@ from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_write_json, dense_model_identity, save_pruned
 from ukmp.layer_ranges import describe_layers, select_layers
+from ukmp.method_traits import method_traits
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
@@ -27,7 +28,6 @@ from ukmp.prune.budget import overshoot_problem, ratio_check
 from ukmp.prune.iterative import prune_in_rounds
 from ukmp.prune.reuse import cached_scores, in_layers, plan_ratio, planned, save_scores
 from ukmp.prune.scoring import get_method, is_data_free
-from ukmp.prune.traits import method_traits
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
 
 log = logging.getLogger(__name__)

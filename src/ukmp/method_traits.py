@@ -60,5 +60,5 @@ def declare_traits(name: str, traits: MethodTraits) -> None:
     """Record a newly registered method's traits; a built-in's are fixed here and must not be contradicted."""
     known = TRAITS.get(name)
     if known is not None and known != traits:
-        raise ValueError(f"prune.method: {name!r} declares {traits} but ukmp.prune.traits has {known}")
+        raise ValueError(f"prune.method: {name!r} declares {traits} but ukmp.method_traits has {known}")
     TRAITS[name] = traits
