@@ -13,10 +13,10 @@ The ratio is a fraction of ALL the model's parameters (134,515,008: the tied inp
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
 
 Scores are computed once and re-allocated at the other ratios (``prune.scores_from``) where that reproduces the
-method exactly: those ``ukmp.method_traits`` marks ``ratio_free`` (their scores never read the ratio, and the
-allocation the method imposes comes back with its cached scores). Methods that make their own plan (FLAP, ECoFLaP,
-Wanda-sp, UPop) or whose scores depend on the ratio (Wanda-sp's sequential pruning, UPop's search schedule) are
-re-scored at each ratio; magnitude and random are data-free and cost nothing to re-score.
+method exactly: the ``ratio_free`` methods (their scores never read the ratio, and the allocation the method
+imposes comes back with its cached scores). Methods that make their own plan (FLAP, ECoFLaP, Wanda-sp, UPop)
+or whose scores depend on the ratio (Wanda-sp's sequential pruning, UPop's search schedule) are re-scored at each
+ratio; magnitude and random are data-free and cost nothing to re-score.
 
 Everything runs under ``outputs/realparts_lm_quality/`` (each stage cached: a second invocation reuses finished
 stages); quality_lm.{json,md,png} are written there and copied to benchmarks/results/realparts_lm.{json,md,png}.
