@@ -401,7 +401,7 @@ def train(model, rows: Rows, feats: torch.Tensor, cut: int, side, vit, cfg: dict
 
 # --------------------------------------------------------------------------------------------------- main
 def pixels_of(dataset, indices: list[int]) -> torch.Tensor:
-    from ukmp.data.batches import ImageTransform
+    from ukmp.data.images import ImageTransform
 
     transform = ImageTransform(IMAGE_SIZE, train=False)
     return torch.stack([transform(dataset.open_image(i)) for i in indices])

@@ -13,7 +13,7 @@ The ratio is a fraction of ALL the model's parameters (134,515,008: the tied inp
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
 
 Scores are computed once and re-allocated at the other ratios (``prune.scores_from``) where that reproduces the
-method exactly: ``ukmp.compare.RATIO_FREE`` (their scores never read the ratio, and the allocation the method
+method exactly: the ``ratio_free`` methods (their scores never read the ratio, and the allocation the method
 imposes comes back with its cached scores). Methods that make their own plan (FLAP, ECoFLaP, Wanda-sp, UPop)
 or whose scores depend on the ratio (Wanda-sp's sequential pruning, UPop's search schedule) are re-scored at each
 ratio; magnitude and random are data-free and cost nothing to re-score.
@@ -50,9 +50,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import assets  # noqa: E402
 
 from ablations import ablation_table  # noqa: E402
-from ukmp.compare import DEFAULT_METHODS, RATIO_FREE, SCORE_SHARING, method_config  # noqa: E402
+from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, method_config  # noqa: E402
 from ukmp.config import RunConfig, load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ukmp.method_traits import TRAITS, method_traits  # noqa: E402
 
 log = logging.getLogger("realparts.language")
 TASK, METRIC = "perplexity", "perplexity"
@@ -126,7 +127,7 @@ def score_reuse(m: str, methods: tuple[str, ...], ratio: float, first: float, ro
     if m in SCORE_SHARING and SCORE_SHARING[m][0] in methods:  # llm_pruner_local re-allocates the global scores
         src, alloc = SCORE_SHARING[m]
         return [f"prune.scores_from={ratio_dir(root, ratio) / src / 'prune' / 'scores.safetensors'}", *alloc]
-    if m in RATIO_FREE and ratio != first:  # the method's own allocation comes back with its cached scores
+    if method_traits(m).ratio_free and ratio != first:  # the method's own allocation comes back with its cached scores
         return [f"prune.scores_from={ratio_dir(root, first) / m / 'prune' / 'scores.safetensors'}"]
     return []
 
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval_window": eval_window, "eval_tokens": args.eval_windows * eval_window,
             "heldout_tokens": assets.HELDOUT_TOKENS if real else None,
             "score_reuse": ", ".join(f"{m} (computed at ratio {ratios[0]}, re-allocated at the others)"
-                                     for m in RATIO_FREE if m in methods)
+                                     for m, t in TRAITS.items() if t.ratio_free and m in methods)
                            + "; llm_pruner_local re-allocates llm_pruner_global's scores at each ratio; the others "
                              "score afresh at every ratio (their own plan, or ratio-dependent scores)"
                            if not iterative else f"none: prune.iterations={base.prune.iterations} re-scores the "

@@ -31,9 +31,10 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ablations import UKMP_LABEL, WITHOUT_THRESHOLD, ablation_table  # noqa: E402
-from ukmp.compare import DEFAULT_METHODS, RATIO_FREE, SCORE_SHARING, compare  # noqa: E402
+from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, compare  # noqa: E402
 from ukmp.config import load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
+from ukmp.method_traits import method_traits  # noqa: E402
 from ukmp.pipeline import run  # noqa: E402
 
 log = logging.getLogger("quality.realparts")
@@ -391,8 +392,9 @@ def markdown(result: dict[str, Any]) -> str:
 def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: list[float],
                methods: tuple[str, ...], where: dict[str, Path]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(dense metrics, {ratio: {method: row}}) after pruning, each method a cached ``compare`` run under
-    ``<prefix>_compare_<ratio>/<method>``. The RATIO_FREE methods (and llm_pruner_local, which re-allocates
-    LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the others."""
+    ``<prefix>_compare_<ratio>/<method>``. The ratio-free methods of ``ukmp.method_traits`` (and llm_pruner_local,
+    which re-allocates LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the
+    others."""
     by_ratio: dict[str, dict[str, Any]] = {}
     dense: dict[str, Any] = {}
     scored: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # method -> (scores, overrides, first facts)
@@ -424,9 +426,10 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
         by_ratio[str(r)] = rows
         if not scored:
             for m in methods:
-                if m in RATIO_FREE:
+                if method_traits(m).ratio_free:
                     scored[m] = (croot / m / "prune" / "scores.safetensors", [], rows[m])
-                elif m in SCORE_SHARING and SCORE_SHARING[m][0] in RATIO_FREE and SCORE_SHARING[m][0] in methods:
+                elif (m in SCORE_SHARING and method_traits(SCORE_SHARING[m][0]).ratio_free
+                      and SCORE_SHARING[m][0] in methods):
                     src, alloc = SCORE_SHARING[m]
                     scored[m] = (croot / src / "prune" / "scores.safetensors", list(alloc), rows[src])
     return dense, by_ratio

@@ -39,7 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from ukmp.data.batches import ImageTransform, prefix_split, sample_rng  # noqa: E402
+from ukmp.data.batches import prefix_split, sample_rng  # noqa: E402
+from ukmp.data.images import ImageTransform  # noqa: E402
 from ukmp.data.loaders import load_dataset  # noqa: E402
 from ukmp.eval.text import VQA_PROMPT, blip_caption, blip_question  # noqa: E402
 from ukmp.io import AtomicDir, atomic_write_json  # noqa: E402

@@ -25,10 +25,6 @@ DEFAULT_METHODS = ("ukmp", "llm_pruner_global", "llm_pruner_local", "ecoflap_sp"
 PRIMARY_METRIC = {"vqa": "accuracy", "gqa": "accuracy", "caption": "cider", "retrieval": "r_mean",
                   "perplexity": "perplexity"}
 SCORE_SHARING = {"llm_pruner_local": ("llm_pruner_global", ["prune.scope=local", "prune.normalization=none"])}
-# Methods whose scores never read the ratio (it enters only the allocation, which comes back with cached scores:
-# ``prune.reuse.cached_scores``): scored once and re-allocated at every other ratio (``prune.scores_from``). The
-# plan-producing methods (FLAP, ECoFLaP, UPop) and Wanda-sp's sequential scores use the ratio while scoring.
-RATIO_FREE = ("ukmp", "llm_pruner_global")
 
 
 def method_config(configs: list[str], overrides: list[str], method: str, ratio: float, root: Path,

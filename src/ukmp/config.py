@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from ukmp.layer_ranges import check_layers
+from ukmp.method_traits import method_traits
 
 
 class ConfigError(ValueError):
@@ -210,9 +211,6 @@ EVAL_TASK_KINDS = {"okvqa": "vqa", "vqav2": "vqa", "gqa": "gqa", "nocaps": "capt
                    "flickr30k": "retrieval", "perplexity": "perplexity"}
 EVAL_TASKS = tuple(EVAL_TASK_KINDS)
 OPTION_NAMESPACES = ("ecoflap", "flap", "llmp", "mag", "upop", "wanda")
-# Methods that make their own plan whatever their options (ukmp.prune.reuse.SELF_ALLOCATING, less wanda_sp, whose
-# plan depends on prune.options.wanda): iterative rounds re-allocate with the shared allocator, which they bypass.
-OWN_PLAN_METHODS = ("flap", "upop", "ecoflap_sp")
 _DEVICE = re.compile(r"(auto|cpu|cuda|cuda:\d+|mps)")
 
 
@@ -300,8 +298,10 @@ def _check_iterations(p: PruneConfig) -> None:
     if p.iterations == 1:
         return
     wanda = p.options.get("wanda") or {}
-    own = p.method in OWN_PLAN_METHODS or (p.method == "wanda_sp" and (wanda.get("sequential", True)
-                                                                       or wanda.get("local_rounding") == "carry"))
+    # a method with its own plan bypasses the shared allocator the rounds re-allocate with (wanda_sp: unless scored
+    # at once and floor-rounded); a plugin unknown to ukmp.method_traits is refused by the stage after round 1
+    own = method_traits(p.method).plan == "own" or (p.method == "wanda_sp" and (
+        wanda.get("sequential", True) or wanda.get("local_rounding") == "carry"))
     for bad, why in ((own, f"{p.method} makes its own plan; rounds re-allocate with the shared allocator"),
                      (bool(p.scores_from), "prune.scores_from holds scores of one model; each round re-scores"),
                      (bool(p.plan_from), "prune.plan_from applies a plan as is"),

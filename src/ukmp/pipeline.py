@@ -144,13 +144,14 @@ def preflight(cfg: RunConfig, reach) -> None:
     """Everything a run will reach (a :class:`ukmp.preflight.Reach`), checked before its first stage: the tasks,
     datasets and Java (:func:`ukmp.preflight.check_reach`), the method name, a ratio above the model's structural
     ceiling (from its config, built on the meta device) and an empty last recovery sub-stage."""
+    from ukmp.method_traits import method_traits
     from ukmp.preflight import check_reach
-    from ukmp.prune.scoring import DATA_FREE, get_method
+    from ukmp.prune.scoring import get_method
 
     p = cfg.prune
     if reach.prune and not p.plan_from:
         get_method(p.method)
-    check_reach(cfg, reach, data_free=p.method in DATA_FREE)
+    check_reach(cfg, reach, data_free=method_traits(p.method).data_free)
     if reach.prune and not (p.plan_from or p.allow_shortfall):
         check_ceiling(cfg)
     if reach.finetune:

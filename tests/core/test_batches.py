@@ -5,7 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ukmp.data.batches import ImageTransform, PrefixLMCollator, prefix_split
+from ukmp.data.batches import PrefixLMCollator, prefix_split
+from ukmp.data.images import ImageTransform
 
 
 def test_prefix_split_range_and_determinism():

@@ -178,7 +178,7 @@ def test_smolvlm_collator_equals_the_stock_processor(size):
     """Pixels (longest edge, then square, Lanczos, mean/std 0.5) and ids (the image wrapped in
     ``<fake_token_around_image><global-img>`` ... ``<fake_token_around_image>``) of the SmolVLM collator equal the
     stock Idefics3 processor's for the same image and text, in both prompt styles."""
-    from ukmp.data.batches import CLIP_MEAN, CLIP_STD, ImageTransform
+    from ukmp.data.images import CLIP_MEAN, CLIP_STD, ImageTransform
 
     _, proc, layout = _tiny("tiny-smolvlm")
     img = _image(*size, seed=size[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ukmp.data.batches import ImageTransform
+from ukmp.data.images import ImageTransform
 from ukmp.data.loaders import load_dataset
 from ukmp.data.sample import write_sample_data
 from ukmp.eval.evaluators import encoder_inputs, evaluate_caption, evaluate_vqa, image_batch, strip_prompt

@@ -190,10 +190,11 @@ def test_options_that_cannot_apply_fail_at_load_in_one_line(extra, message):
 def test_a_method_with_its_own_plan_is_refused_by_the_stage(tmp_path, sample_data):
     """Past the config check: a plugin (here FLAP, allowed through as if unknown to it) that returns a plan."""
     import ukmp.config as config_module
+    from ukmp.method_traits import MethodTraits
     from ukmp.prune.stage import run_prune_stage
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(config_module, "OWN_PLAN_METHODS", ())
+        mp.setattr(config_module, "method_traits", lambda name: MethodTraits())
         cfg = config(tmp_path, sample_data, "prune.method=flap", "prune.iterations=2")
     (tmp_path / "f").mkdir()
     with pytest.raises(ValueError, match=r"^prune\.iterations: flap made its own plan; rounds re-allocate"):
@@ -269,14 +270,6 @@ def test_new_fields_keep_the_stage_hashes_of_existing_runs():
     d = hashed_section("prune", PruneConfig())
     assert "iterations" not in d and "rank_by" not in d
     assert hashed_section("prune", PruneConfig(iterations=2))["iterations"] == 2
-
-
-def test_the_refused_methods_are_methods_that_allocate_themselves():
-    """config.OWN_PLAN_METHODS repeats names the reuse layer owns (so the config check needs no torch)."""
-    from ukmp.config import OWN_PLAN_METHODS
-    from ukmp.prune.reuse import SELF_ALLOCATING
-
-    assert set(OWN_PLAN_METHODS) | {"wanda_sp"} == set(SELF_ALLOCATING)
 
 
 def test_compare_shares_no_scores_between_iterative_runs(tmp_path):

@@ -29,16 +29,12 @@ def register_all() -> None:
     from ukmp.baselines.wanda import score_wanda_sp
     from ukmp.prune.methods import METHODS, register_method
 
-    table = [("llm_pruner_global", score_llm_pruner_global, False),
-             ("llm_pruner_local", score_llm_pruner_local, False),
-             ("ecoflap_sp", score_ecoflap_sp, False),
-             ("flap", score_flap, False),
-             ("upop", score_upop, False),
-             ("magnitude_sp", score_magnitude_sp, True),
-             ("wanda_sp", score_wanda_sp, False)]
-    for name, fn, data_free in table:
+    table = [("llm_pruner_global", score_llm_pruner_global), ("llm_pruner_local", score_llm_pruner_local),
+             ("ecoflap_sp", score_ecoflap_sp), ("flap", score_flap), ("upop", score_upop),
+             ("magnitude_sp", score_magnitude_sp), ("wanda_sp", score_wanda_sp)]
+    for name, fn in table:  # their traits (data-free, own plan, ratio-free) are declared in ukmp.method_traits
         if name not in METHODS:
-            register_method(name, fn, data_free=data_free)
+            register_method(name, fn)
 
 
 register_all()

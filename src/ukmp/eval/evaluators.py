@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ukmp.data.batches import ImageTransform
+from ukmp.data.images import ImageTransform
 from ukmp.data.records import CaptionEvalDataset, RecordDataset, VQADataset
 from ukmp.eval import metrics
 from ukmp.eval.text import CAPTION_PROMPT, VQA_PROMPT, blip_question

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, BertTokenizer
 
-from ukmp.data.batches import ImageTransform
+from ukmp.data.images import ImageTransform
 from ukmp.data.records import RetrievalDataset
 from ukmp.eval import metrics
 from ukmp.eval.evaluators import check_count, eval_mode, image_batch, model_device, sample_count

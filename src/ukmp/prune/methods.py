@@ -6,16 +6,22 @@ imported (same layer), and every other provider through the ``ukmp.methods`` ent
 distributions (ukmp's own baselines declare their registering function there, in ``pyproject.toml``). Each entry
 point names a callable that registers its methods with :func:`register_method`; the group is loaded once, the first
 time a name is looked up that is not registered yet. A third-party package adds methods the same way.
+
+What a method is beyond its function (data-free, who makes its plan, whether its scores read the ratio) is declared
+once, in the torch-free table :mod:`ukmp.method_traits`: a built-in method's traits come from there, a plugin passes
+its own (``traits=``, or the older ``data_free=`` alone) and they are added to it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 from torch import nn
+
+from ukmp.method_traits import MethodTraits, declare_traits, method_traits
 
 if TYPE_CHECKING:
     from ukmp.plan import PruningPlan
@@ -35,16 +41,23 @@ class ScoreResult:
 
 
 METHODS: dict[str, Callable[..., ScoreResult]] = {}
-DATA_FREE: set[str] = set()
 _plugins_loaded = False
 
 
-def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool = False) -> None:
+def register_method(name: str, fn: Callable[..., ScoreResult], data_free: bool | None = None,
+                    traits: MethodTraits | None = None) -> None:
+    """Register ``fn`` under ``name``. Its traits: ``traits`` if given, else those :mod:`ukmp.method_traits` declares
+    for a built-in, else the defaults; ``data_free`` (kept for plugins written before the table) overrides that one
+    flag. A declaration that contradicts the table is refused before anything is registered."""
     if not name or name in METHODS:
         raise ValueError(f"prune.method: {name!r} is empty or already registered")
+    declared = traits if traits is not None else method_traits(name)
+    if data_free is not None and data_free != declared.data_free:
+        if traits is not None:
+            raise ValueError(f"prune.method: {name!r} registered with data_free={data_free} but traits {traits}")
+        declared = replace(declared, data_free=data_free)
+    declare_traits(name, declared)
     METHODS[name] = fn
-    if data_free:
-        DATA_FREE.add(name)
 
 
 def load_plugins() -> None:
@@ -78,4 +91,4 @@ def get_method(name: str) -> Callable[..., ScoreResult]:
 def is_data_free(name: str) -> bool:
     """Whether ``name`` scores without calibration data (looks the method up first, so plugins are loaded)."""
     get_method(name)
-    return name in DATA_FREE
+    return method_traits(name).data_free

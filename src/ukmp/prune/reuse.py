@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
 from ukmp.io import atomic_save_tensors
+from ukmp.method_traits import method_traits
 from ukmp.models import adapter_for
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
@@ -71,17 +72,15 @@ def load_scores(path: str | Path):
     return scores, parts, groups, total, alloc, meta
 
 
-# methods whose plan is their own allocation, not UKMP's allocator on their scores (for scores files written before
-# ``own_plan`` was recorded; wanda_sp's floor-rounded variant returns allocation overrides instead of a plan)
-SELF_ALLOCATING = ("flap", "upop", "ecoflap_sp", "wanda_sp")
-
-
 def allocates_itself(meta: dict[str, str]) -> bool:
     """Whether the scores' method made its plan itself (FLAP's AL-AM with bias compensation, UPop's search,
     ECoFLaP's block sparsities, Wanda-sp's per-module P1): re-allocating its scores would be another method."""
     if "own_plan" in meta:
         return meta["own_plan"] == "true"
-    return meta.get("method") in SELF_ALLOCATING and not json.loads(meta.get("method_allocation", "{}"))
+    # a scores file written before ``own_plan`` was recorded: the method's declared plan (wanda_sp's floor-rounded
+    # variant, whose plan is the allocator's, recorded allocation overrides instead)
+    return (method_traits(meta.get("method", "")).plan != "shared"
+            and not json.loads(meta.get("method_allocation", "{}")))
 
 
 def in_layers(scores: dict[str, torch.Tensor], chosen: list[PrunableGroup], pc: PruneConfig):

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ukmp.config import PruneConfig
 from ukmp.groups import PrunableGroup
 from ukmp.models import forward_batch
-from ukmp.prune.methods import DATA_FREE, METHODS, Batches, ScoreResult, get_method, is_data_free, register_method
+from ukmp.prune.methods import METHODS, Batches, ScoreResult, get_method, is_data_free, register_method
 
 log = logging.getLogger(__name__)
 
@@ -254,14 +254,14 @@ def score_magnitude(model, groups, batches: Batches, pc: PruneConfig, n_batches:
 
 
 def register_builtin() -> None:
-    """Register UKMP, random and magnitude (idempotent; also the ``ukmp.methods`` entry point ``ukmp``)."""
-    for name, fn, data_free in (("ukmp", score_ukmp, False), ("random", score_random, True),
-                                ("magnitude", score_magnitude, True)):
+    """Register UKMP, random and magnitude (idempotent; also the ``ukmp.methods`` entry point ``ukmp``; their traits
+    are declared in :mod:`ukmp.method_traits`)."""
+    for name, fn in (("ukmp", score_ukmp), ("random", score_random), ("magnitude", score_magnitude)):
         if name not in METHODS:
-            register_method(name, fn, data_free=data_free)
+            register_method(name, fn)
 
 
 register_builtin()
 
-__all__ = ["DATA_FREE", "METHODS", "Batches", "ScoreResult", "entropy_pass", "fused_pass", "get_method",
+__all__ = ["METHODS", "Batches", "ScoreResult", "entropy_pass", "fused_pass", "get_method",
            "is_data_free", "register_builtin", "register_method", "taylor_pass"]

@@ -20,12 +20,13 @@ from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_write_json, dense_model_identity, save_pruned
 from ukmp.layer_ranges import describe_layers, select_layers
+from ukmp.method_traits import method_traits
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
 from ukmp.prune.allocate import AllocationConfig, allocate
 from ukmp.prune.budget import overshoot_problem, ratio_check
 from ukmp.prune.iterative import prune_in_rounds
-from ukmp.prune.reuse import SELF_ALLOCATING, cached_scores, in_layers, plan_ratio, planned, save_scores
+from ukmp.prune.reuse import cached_scores, in_layers, plan_ratio, planned, save_scores
 from ukmp.prune.scoring import get_method, is_data_free
 from ukmp.runtime import load_dense, resolve_dataset, resolve_device
 
@@ -220,7 +221,7 @@ class _Clock:
 def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
     clock = _Clock()
     get_method(cfg.prune.method)  # an unknown method or unreadable calibration data fails before the model loads
-    check_width_options(cfg.prune, cfg.prune.method in SELF_ALLOCATING and cfg.prune.method != "wanda_sp")
+    check_width_options(cfg.prune, method_traits(cfg.prune.method).plan == "own")
     calib = text = None
     if not (cfg.prune.scores_from or cfg.prune.plan_from) and not is_data_free(cfg.prune.method):
         from ukmp.data.loaders import load_dataset

@@ -18,7 +18,7 @@ Both wishes are the same move: instead of single units, the allocator ranks *blo
 A block's score is the mean of its units' scores (within a group the block means rise with the block index, since
 the units are sorted), its cost the sum of its units' parameters (or its unit count with ``budget="units"``); the
 per-modality normalisation is affine, so it ranks blocks as it ranks units. Global scope (and uniform) then run the
-unchanged global loop of :mod:`ukmp.prune.allocate` over the blocks (steps, floors, ``exact_stop``, normalisation all
+unchanged global loop of :mod:`ukmp.prune.global_loop` over the blocks (steps, floors, ``exact_stop``, normalisation all
 count blocks): the ratio lands within one block of the target, in the direction ``exact_stop`` says. Local scope
 removes, in every group, the whole blocks that come closest below ``r * n`` channels (``carry`` passes what was
 left over to the next group of the kind, as unit-level ``carry`` does; ``floor`` and ``llm_pruner`` round down).
@@ -62,7 +62,8 @@ def block_sizes(g: PrunableGroup, multiple: int) -> list[int]:
 
 
 def make_blocks(flat: Any, multiple: int, uniform: bool) -> Blocks:
-    """Blocks of ``flat`` (an ``allocate._Flat``): per group (or, ``uniform``, per kind across its groups)."""
+    """Blocks of ``flat`` (a :class:`ukmp.prune.global_loop.Flat`): per group (or, ``uniform``, per kind across its
+    groups)."""
     starts, s = [], 0
     for g in flat.order:
         starts.append(s)
@@ -106,7 +107,8 @@ def allocate_widths(flat: Any, total: int, prunable: int, cfg: Any,
                     global_loop: Callable[[Any, int, Any, torch.Tensor], tuple[torch.Tensor, dict[str, Any]]]
                     ) -> tuple[torch.Tensor, dict[str, Any]]:
     """``(alive units, meta)`` of a ``width_multiple`` / ``uniform`` allocation of ``flat`` (see the module doc);
-    ``global_loop``: the allocator's global loop (``allocate._allocate_global``), run on the blocks."""
+    ``global_loop``: the allocator's global loop (:func:`ukmp.prune.global_loop.allocate_global`), run on the
+    blocks."""
     uniform = cfg.scope == "uniform"
     b = make_blocks(flat, int(cfg.width_multiple), uniform)
     if cfg.scope == "local":
