@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="dataset YAML of the selection's validation text ('auto': the calibration text's tail)")
     g.add_argument("--select-ratio", type=float, default=0.5, help="ratio of UKMP's T x entropy selection")
     g.add_argument("--no-select", action="store_true", help="no selection (no ukmp_sel row)")
+    g.add_argument("--recover-until", default="", help="HH:MM UTC: no recovery starts later (finished ones are read)")
     g.add_argument("--keep-recovered-weights", action="store_true",
                    help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,15 +30,15 @@ def lora_label(m: str) -> str:
 
 
 def recover_order(rows: dict[str, dict[str, Any]], top: int) -> list[tuple[str, str]]:
-    """``(method, recipe)`` in the order they run: UKMP, ``ukmp_sel``, the ``top`` best other methods after pruning
-    (finite perplexity, lowest first), then LLM-Pruner's own recipe for the LLM-Pruner rows among them."""
+    """``(method, recipe)`` in the order they run: UKMP, ``ukmp_sel``, then the ``top`` best other methods after
+    pruning (finite perplexity, lowest first), an LLM-Pruner row followed by its own recipe (plain LoRA)."""
     def ok(m: str) -> bool:
         v = (rows.get(m) or {}).get("pruned")
         return v is not None and math.isfinite(v)
 
     others = sorted((m for m in rows if m not in ("ukmp", SEL) and ok(m)), key=lambda m: rows[m]["pruned"])[:top]
     chosen = [m for m in ("ukmp", SEL) if ok(m)] + others
-    return [(m, "lpd") for m in chosen] + [(m, "lora") for m in chosen if m in LORA_METHODS]
+    return [(m, r) for m in chosen for r in (("lpd", "lora") if m in LORA_METHODS else ("lpd",))]
 
 
 def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: list[float],
@@ -85,6 +86,11 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
         out = rec["rows"].setdefault(str(r), {})
         for m, recipe in recover_order(rows, args.recover_top):
             label = m if recipe == "lpd" else lora_label(m)
+            if args.recover_until and time.strftime("%H:%M", time.gmtime()) >= args.recover_until \
+                    and not (root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora") / "finetune"
+                             / "stage.json").is_file():
+                rec.setdefault("not_started", []).append(f"{label}@{r}")  # past --recover-until: not begun
+                continue
             run_dir = Path(rows[m]["run_dir"])
             budget = lr.budget_overrides(recipe, args.recover_windows, args.recover_batch, args.recover_lr)
             log.info("language track: recovering %s at ratio %s (%s)", m, r, recipe)
@@ -153,6 +159,8 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {r} | {lab} | " + " | ".join(cells) + f" | {row.get('steps')} | "
                          f"{row['recover_seconds'] / 60:.1f} | {(row.get('score_seconds') or 0) / 60:.1f} |")
     sel = rec.get("selection")
+    if rec.get("not_started"):
+        lines += ["", f"Not started (past --recover-until): {', '.join(rec['not_started'])}"]
     if sel:
         c = sel["chosen"]
         lines += ["", f"## UKMP setting selection (ratio {sel['ratio']}, validation = {sel['text']}; no recovery)", "",

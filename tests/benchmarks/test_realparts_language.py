@@ -129,6 +129,7 @@ def test_command_on_tiny_llama(language, tmp_path):
     assert {m: same(v) for m, v in again.items()} == {m: same(v) for m, v in res["by_ratio"]["0.3"].items()}
 
 
+@pytest.mark.slow  # ~35 s on an idle core (8 grid prunes, 3-4 recoveries, all evaluations twice)
 @pytest.mark.integration
 def test_recovery_track_on_tiny_llama(language, tmp_path):
     """--recover-ratios on the tiny random causal LM: the selection grid (8 points), the ukmp_sel row, recovery of
