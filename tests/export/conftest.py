@@ -46,6 +46,14 @@ def _plan(adapter, model, case: str) -> PruningPlan:
     return plan
 
 
+def _llava_deep():
+    """A tiny LLaVA with 3 CLIP layers: reading hidden state -2, it keeps 2, pruned to different widths."""
+    model, processor = build_tiny(name="tiny-llava", seed=6)
+    cfg = copy.deepcopy(model.config)
+    cfg.vision_config.num_hidden_layers = 3
+    return build_model(cfg, seed=9), processor
+
+
 CASES = {  # name -> (builder, plan case)
     "llama": (lambda: build_tiny(name="tiny-llama", seed=1), "random"),
     "qwen2": (lambda: build_tiny(name="tiny-qwen2", seed=2), "random"),
@@ -53,6 +61,7 @@ CASES = {  # name -> (builder, plan case)
     "mistral": (lambda: _mha("mistral"), "five_heads"),
     "llama_uniform": (lambda: build_tiny(name="tiny-llama", seed=4), "uniform"),
     "llava": (lambda: build_tiny(name="tiny-llava", seed=6), "llava"),  # CLIP heads and MLP + a GQA Llama
+    "llava_deep": (_llava_deep, "llava"),  # two CLIP layers read: widths differ per layer (mmproj padding)
 }
 
 
