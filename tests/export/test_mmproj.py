@@ -18,7 +18,7 @@ from ukmp.io import read_plan
 
 gguf = pytest.importorskip("gguf", reason="needs the gguf package of the export extra: pip install 'ukmp[export]'")
 
-CASES = ("llava", "llava_deep")  # 1 and 2 CLIP layers read (of 2 and 3)
+CASES = ("llava", "llava_deep", "llava_64")  # 1, 2 and 2 CLIP layers read (of 2, 3 and 3)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_keys_are_those_llama_cpp_clip_loader_reads(files, case):
     assert f["clip.vision.embedding_length"] == vc.hidden_size
     assert f["clip.vision.attention.head_count"] == 4  # the dense count: head size = 64 / 4 as in the model
     mm = report["mmproj"]
-    assert f["clip.vision.feed_forward_length"] == mm["ffn_padded"] == max(mm["ffn"])
+    assert f["clip.vision.feed_forward_length"] == max(mm["ffn_written"])
+    assert mm["ffn_written"] == [c + (c == vc.hidden_size) for c in mm["ffn"]]  # one zero channel at 64 only
     assert f["clip.vision.image_size"] == vc.image_size and f["clip.vision.patch_size"] == vc.patch_size
     assert f["clip.vision.projection_dim"] == model.config.text_config.hidden_size
     np.testing.assert_allclose(f["clip.vision.image_mean"], [0.48145466, 0.4578275, 0.40821073], rtol=1e-6)
@@ -68,12 +69,12 @@ def test_padded_weights_equal_the_pruned_ones_and_zero_elsewhere(files, case):
     model, _, report, reader = files[case]
     T, sd = _tensors(reader), {k: v.numpy() for k, v in model.state_dict().items()}
     mm = report["mmproj"]
-    n, E, ffn = mm["layers"], model.config.vision_config.hidden_size, mm["ffn_padded"]
+    n, E = mm["layers"], model.config.vision_config.hidden_size
     assert not any(k.startswith(("v.post_ln", f"v.blk.{n}.")) for k in T)  # nothing LLaVA does not read
     v = "model.vision_tower"
     for i in range(n):
         L, b = f"{v}.encoder.layers.{i}", f"v.blk.{i}"
-        kept, ch = mm["heads"][i] * 16, mm["ffn"][i]
+        kept, ch, ffn = mm["heads"][i] * 16, mm["ffn"][i], mm["ffn_written"][i]
         for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
             w, bias = T[f"{b}.{ours}.weight"], T[f"{b}.{ours}.bias"]
             assert w.shape == (E, E) and bias.shape == (E,)
@@ -87,7 +88,9 @@ def test_padded_weights_equal_the_pruned_ones_and_zero_elsewhere(files, case):
         assert np.array_equal(up_b[:ch], sd[f"{L}.mlp.fc1.bias"]) and not up_b[ch:].any()
         assert np.array_equal(down[:, :ch], sd[f"{L}.mlp.fc2.weight"]) and not down[:, ch:].any()
         assert np.array_equal(T[f"{b}.ln2.bias"], sd[f"{L}.layer_norm2.bias"])
-    if case == "llava_deep":  # really padded: heads and MLP widths differ between the layers read
+    if case == "llava_64":  # 64 = hidden_size channels kept: written with one zero channel more
+        assert mm["ffn"][0] == 64 and mm["ffn_written"][0] == 65
+    if case == "llava_deep":  # really non-uniform: heads and MLP widths differ between the layers read
         assert min(mm["heads"]) < 4 and len(set(mm["ffn"])) > 1
     # the projector and the embeddings bit for bit
     for ours, theirs in (("mm.0.weight", "model.multi_modal_projector.linear_1.weight"),
@@ -122,17 +125,9 @@ def _file_forward(T: dict[str, np.ndarray], f: dict, pixels: torch.Tensor) -> to
     return F.linear(x, t["mm.2.weight"], t["mm.2.bias"])[0]
 
 
-def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
-    """The projector's output for one image (``get_image_features`` of the LLaVA model), one row per patch."""
-    with torch.no_grad():
-        out = model.get_image_features(pixel_values=pixels)
-    out = getattr(out, "pooler_output", out)
-    out = out[0] if isinstance(out, (list, tuple)) else out
-    return out.reshape(-1, out.shape[-1])
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_the_padded_file_computes_the_pruned_models_image_features(files, make_pruned, tmp_path, case):
+def test_the_padded_file_computes_the_pruned_models_image_features(files, make_pruned, image_features, tmp_path,
+                                                                    case):
     model, _, _, reader = files[case]
     pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

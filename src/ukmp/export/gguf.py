@@ -270,9 +270,9 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_mu
                      "writes them); the counts above are of the whole model")
     if mm is not None:
         notes.append(f"mmproj {mm['out']} ({mm['dtype']}): {mm['layers']} vision layers (those the language model "
-                     f"reads), attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}), MLP to "
-                     f"{mm['ffn_padded']} channels (kept {mm['ffn']}): llama.cpp's CLIP graph takes one width per "
-                     f"kind; vision + projector parameters dense {mm['params']['dense']:,}, pruned "
+                     f"reads), attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}: llama.cpp's "
+                     f"CLIP graph takes one head count), MLP channels as kept ({mm['ffn_written']}); vision + "
+                     f"projector parameters dense {mm['params']['dense']:,}, pruned "
                      f"{mm['params']['pruned']:,}, in the file {mm['params']['exported']:,} (keeps "
                      f"{100 * mm['saving_kept']:.1f} % of the saving)")
     if pad_multiple:

@@ -12,13 +12,14 @@ What the file holds (architecture ``clip``, projector type ``mlp``):
   ``mm.2`` (linear_2); the image mean/std of the processor; ``clip.use_gelu`` for a tower with exact GELU (absent:
   llama.cpp's quick GELU, OpenAI CLIP's activation).
 
-llama.cpp's CLIP graph takes one head count for every layer and derives the head size as ``embedding_length /
-head_count``, so every layer's attention is zero-padded back to the dense head count (zero q/k/v rows and biases:
-a zero head attends uniformly to zero values; its out_proj columns are zero too: the function is unchanged). The
-MLPs are zero-padded to the widest kept width (a zero fc1 row with a zero bias gives GELU(0) = quick-GELU(0) = 0
-before a zero fc2 column): one ``feed_forward_length`` for every layer. So the file keeps the saving of the dropped
-layers and of the MLP channels pruned below the widest layer, not that of the attention heads; the report says how
-much (``saving_kept``).
+llama.cpp's CLIP graph takes one head count for every layer and derives the head size as
+``embedding_length / head_count``, so every layer's attention is zero-padded back to the dense head count (zero
+q/k/v rows and biases: a zero head attends uniformly to zero values; its out_proj columns are zero too: the
+function is unchanged). Its MLPs need no padding: the graph sizes each from its own tensors (checked with the
+vendored llama.cpp: MLPs of 122 and 70 channels in one file), except that a layer keeping exactly
+``embedding_length`` channels gets one zero channel (:func:`vision_widths`; a zero fc1 row with a zero bias gives
+quick-GELU(0) = GELU(0) = 0 before a zero fc2 column). So the file keeps the saving of the dropped layers and of the
+MLP channels, not that of the attention heads; the report says how much (``saving_kept``).
 """
 
 from __future__ import annotations
@@ -75,14 +76,15 @@ def check_mmproj_source(src: Source) -> int:
 
 
 def vision_widths(src: Source, n_layers: int) -> dict[str, Any]:
-    """Kept heads and MLP channels per written layer, and the uniform widths the file pads them to."""
+    """Kept heads and MLP channels per written layer, and the widths the file holds: every layer's heads padded to
+    the dense count; its MLP as kept, but for a layer of exactly ``embedding_length`` channels, which gets one zero
+    channel more (llama.cpp's loader takes an ``ffn_down`` whose rows are ``embedding_length`` wide for a legacy
+    file with ``ffn_up`` and ``ffn_down`` swapped, and swaps them back)."""
     part = src.adapter.vision
     heads = [src.counts[f"{part.gid}.layers.{i}.attn"] for i in range(n_layers)]
     ffn = [src.counts[f"{part.gid}.layers.{i}.mlp"] for i in range(n_layers)]
-    ffn_pad = max(ffn)
-    if ffn_pad == part.width:  # a ffn_down of embedding-length rows reads to some llama.cpp builds as a legacy
-        ffn_pad += 1           # file with ffn_up / ffn_down swapped: one more zero channel avoids the ambiguity
-    return {"heads": heads, "ffn": ffn, "heads_padded": part.width // part.head_dim, "ffn_padded": ffn_pad}
+    written = [c + 1 if c == part.width else c for c in ffn]
+    return {"heads": heads, "ffn": ffn, "heads_padded": part.width // part.head_dim, "ffn_written": written}
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -97,7 +99,7 @@ def mmproj_tensors(src: Source, n_layers: int, widths: dict[str, Any]) -> dict[s
     part = src.adapter.vision
     sd = src.model.state_dict()
     v = part.prefix
-    full, ffn = part.width, widths["ffn_padded"]
+    full = part.width
     out = {
         "v.class_embd": sd[f"{v}.embeddings.class_embedding"],
         "v.patch_embd.weight": sd[f"{v}.embeddings.patch_embedding.weight"],
@@ -108,7 +110,7 @@ def mmproj_tensors(src: Source, n_layers: int, widths: dict[str, Any]) -> dict[s
     if f"{v}.embeddings.patch_embedding.bias" in sd:
         out["v.patch_embd.bias"] = sd[f"{v}.embeddings.patch_embedding.bias"]
     for i in range(n_layers):
-        L, b = f"{part.layers_path}.{i}", f"v.blk.{i}"
+        L, b, ffn = f"{part.layers_path}.{i}", f"v.blk.{i}", widths["ffn_written"][i]
         for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
             out[f"{b}.{ours}.weight"] = _pad(sd[f"{L}.self_attn.{theirs}.weight"], 0, full)
             out[f"{b}.{ours}.bias"] = _pad(sd[f"{L}.self_attn.{theirs}.bias"], 0, full)
@@ -149,7 +151,8 @@ def write_mmproj(src: Source, path, dtype: str, n_layers: int, widths: dict[str,
     w.add_uint32("clip.vision.image_size", int(vc.image_size))
     w.add_uint32("clip.vision.patch_size", int(vc.patch_size))
     w.add_uint32("clip.vision.embedding_length", src.adapter.vision.width)
-    w.add_uint32("clip.vision.feed_forward_length", widths["ffn_padded"])
+    w.add_uint32("clip.vision.feed_forward_length", max(widths["ffn_written"]))  # informative: the graph
+    # sizes each MLP from its own tensors
     w.add_uint32("clip.vision.projection_dim", int(tensors["mm.2.weight"].shape[0]))
     w.add_uint32("clip.vision.attention.head_count", widths["heads_padded"])
     w.add_float32("clip.vision.attention.layer_norm_epsilon", float(vc.layer_norm_eps))
