@@ -269,9 +269,9 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_mu
         notes.append("the language model only: the vision tower and projector are not written (--mmproj PATH "
                      "writes them); the counts above are of the whole model")
     if mm is not None:
-        notes.append(f"mmproj {mm['out']} ({mm['dtype']}): {mm['layers']} vision layers (those the language model "
-                     f"reads), attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}: llama.cpp's "
-                     f"CLIP graph takes one head count), MLP channels as kept ({mm['ffn_written']}); vision + "
+        notes.append(f"mmproj {mm['out']} ({mm['dtype']}): the {mm['layers']} vision layer(s) the language model "
+                     f"reads, attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}: llama.cpp's "
+                     f"CLIP graph takes one head count), MLP widths written {mm['ffn_written']} (kept {mm['ffn']}); vision + "
                      f"projector parameters dense {mm['params']['dense']:,}, pruned "
                      f"{mm['params']['pruned']:,}, in the file {mm['params']['exported']:,} (keeps "
                      f"{100 * mm['saving_kept']:.1f} % of the saving)")
