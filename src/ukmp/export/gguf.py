@@ -271,8 +271,8 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_mu
     if mm is not None:
         notes.append(f"mmproj {mm['out']} ({mm['dtype']}): the {mm['layers']} vision layer(s) the language model "
                      f"reads, attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}: llama.cpp's "
-                     f"CLIP graph takes one head count), MLP widths written {mm['ffn_written']} (kept {mm['ffn']}); vision + "
-                     f"projector parameters dense {mm['params']['dense']:,}, pruned "
+                     f"CLIP graph takes one head count), MLP widths written {mm['ffn_written']} (kept "
+                     f"{mm['ffn']}); vision + projector parameters dense {mm['params']['dense']:,}, pruned "
                      f"{mm['params']['pruned']:,}, in the file {mm['params']['exported']:,} (keeps "
                      f"{100 * mm['saving_kept']:.1f} % of the saving)")
     if pad_multiple:
