@@ -238,7 +238,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     try:
         report = export(args.model, args.format, args.out, dtype=args.dtype, gguf_arch=args.gguf_arch,
-                        pad_multiple=args.pad_multiple)
+                        pad_multiple=args.pad_multiple, mmproj=args.mmproj)
     except ImportError as e:  # an optional package of the export extra: one line, exit 2 like other bad input
         raise ValueError(str(e)) from None
     print(json.dumps(report, indent=1) if args.json else format_report(report))
@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pad-multiple", type=int, default=0, metavar="N",
                    help="gguf: zero-pad every MLP to a multiple of N channels (the same function; 32 lets q8_0 "
                         "quantise every matrix and llama.cpp use its faster kernels); default 0: no padding")
+    s.add_argument("--mmproj", metavar="PATH",
+                   help="gguf, LLaVA: also write the vision tower + projector as llama.cpp's mmproj file at PATH "
+                        "(the file llama-mtmd-cli --mmproj reads; must not exist)")
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=_cmd_export)
     return p

@@ -35,15 +35,25 @@ def _plan(adapter, model, case: str) -> PruningPlan:
             keep[g.id] = list(range(g.layer % 2, g.n_units, 2))[:n]
         return PruningPlan(keep=keep, units={g.id: g.n_units for g in groups})
     plan = random_plan(groups, seed=3)
-    if case == "llava":  # LLaVA's last vision layer never reaches the output: dropped outright
+    if case in ("llava", "llava_64"):  # LLaVA's last vision layer never reaches the output: dropped outright
         plan.drop_layers = adapter.drop_unused(model)
         keep = plan.drop_layers["vision"]["keep"]
         plan.keep = {k: v for k, v in plan.keep.items() if not any(k.startswith(f"vision.layers.{i}.")
                                                                    for i in range(keep, adapter.vision.n_layers))}
+    if case == "llava_64":  # a CLIP MLP of exactly hidden_size channels (llama.cpp's legacy swap check)
+        plan.keep["vision.layers.0.mlp"] = list(range(0, 128, 2))
     if case == "five_heads":  # the widest attention keeps 5 of 6 heads
         plan.keep["lm.layers.0.attn"] = [0, 1, 2, 4, 5]
         plan.keep["lm.layers.1.attn"] = [3]
     return plan
+
+
+def _llava_deep():
+    """A tiny LLaVA with 3 CLIP layers: reading hidden state -2, it keeps 2, pruned to different widths."""
+    model, processor = build_tiny(name="tiny-llava", seed=6)
+    cfg = copy.deepcopy(model.config)
+    cfg.vision_config.num_hidden_layers = 3
+    return build_model(cfg, seed=9), processor
 
 
 CASES = {  # name -> (builder, plan case)
@@ -53,6 +63,8 @@ CASES = {  # name -> (builder, plan case)
     "mistral": (lambda: _mha("mistral"), "five_heads"),
     "llama_uniform": (lambda: build_tiny(name="tiny-llama", seed=4), "uniform"),
     "llava": (lambda: build_tiny(name="tiny-llava", seed=6), "llava"),  # CLIP heads and MLP + a GQA Llama
+    "llava_deep": (_llava_deep, "llava"),  # two CLIP layers read: widths differ per layer (mmproj padding)
+    "llava_64": (_llava_deep, "llava_64"),  # the same, its first CLIP MLP keeping 64 = hidden_size channels
 }
 
 
@@ -113,3 +125,17 @@ def bpe_pruned(tmp_path_factory):
 def make_pruned():
     """``make_pruned(root, case, dtype)``: one case built on demand (another dtype)."""
     return _make_pruned
+
+
+@pytest.fixture(scope="session")
+def image_features():
+    """``image_features(llava, pixels)``: the projector's output for one image (transformers' own
+    ``get_image_features``), one row per image token."""
+    def features(model, pixels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=pixels)
+        out = getattr(out, "pooler_output", out)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return out.reshape(-1, out.shape[-1])
+
+    return features

@@ -21,13 +21,16 @@ HF_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: str | None = None,
-           gguf_arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
+           gguf_arch: str = "deci", pad_multiple: int = 0,
+           mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
     """Export the pruned model directory ``source`` as ``fmt`` to ``out`` (which must not exist); returns a report
     (parameters and per-token FLOPs of the dense, pruned and exported models, and the share of the saving kept).
 
     ``dtype``: hf ``f32|f16|bf16`` (default: as stored), gguf ``f32|f16|q8_0`` (default f32). ``gguf_arch``:
     ``deci`` (any plan) or ``llama`` (uniformly pruned models only). ``pad_multiple`` (gguf): zero-pad every MLP to
-    a multiple of that many channels (32: every matrix quantisable to q8_0, llama.cpp's faster kernels)."""
+    a multiple of that many channels (32: every matrix quantisable to q8_0, llama.cpp's faster kernels).
+    ``mmproj`` (gguf, LLaVA): also write the vision tower and projector as llama.cpp's mmproj file at that path
+    (which must not exist either; :mod:`ukmp.export.mmproj`)."""
     from ukmp.export.source import check_output, check_source, load_source
 
     checked = check_source(source, fmt)  # read once: load_source takes it as it is
@@ -36,6 +39,15 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
     if pad_multiple < 0:
         raise ValueError(f"--pad-multiple: {pad_multiple} must be >= 0")
     out = check_output(out)
+    if mmproj is not None:
+        if fmt != "gguf":
+            raise ValueError(f"--mmproj: gguf only (not {fmt})")
+        if checked[1] != "llava":
+            raise ValueError(f"--mmproj: {checked[0]} is a {checked[1]} model; an mmproj file needs a LLaVA "
+                             f"(vision tower + projector)")
+        mmproj = check_output(mmproj)
+        if mmproj.resolve() == out.resolve():
+            raise ValueError(f"--mmproj: {mmproj} is the --out path too")
     if fmt == "hf":
         if dtype is not None and dtype not in HF_DTYPES:
             raise ValueError(f"--dtype: {dtype!r} is not one of {', '.join(HF_DTYPES)} for hf")
@@ -49,7 +61,7 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike, dtype: s
         dtype = dtype or "f32"
         check_dtype(None, dtype)
         return export_gguf(load_source(source, fmt, checked=checked), out, dtype=dtype, arch=gguf_arch,
-                           pad_multiple=pad_multiple)
+                           pad_multiple=pad_multiple, mmproj=mmproj)
     from ukmp.export.onnx import export_onnx, require_onnx
 
     if dtype not in (None, "f32"):  # the arguments first: a wrong one is named whatever is installed

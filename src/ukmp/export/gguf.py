@@ -219,10 +219,19 @@ def pad_mlp_(src: Source, multiple: int) -> int:
     return sum(p.numel() for p in src.model.parameters()) - before
 
 
-def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_multiple: int = 0) -> dict[str, Any]:
+def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_multiple: int = 0,
+                mmproj=None) -> dict[str, Any]:
     """Write ``src`` as one GGUF file at ``out`` (absent); ``pad_multiple`` > 0: its MLPs zero-padded first
-    (:func:`pad_mlp_`)."""
+    (:func:`pad_mlp_`); ``mmproj`` (a LLaVA): its vision tower and projector as llama.cpp's mmproj file there too
+    (:mod:`ukmp.export.mmproj`; both files are renamed into place only when both are complete)."""
     require_gguf()
+    if mmproj is not None:
+        from pathlib import Path
+
+        from ukmp.export.mmproj import check_mmproj_source
+
+        mmproj = Path(mmproj)
+        check_mmproj_source(src)  # before anything is written
     if arch not in ARCHES:
         raise ValueError(f"--gguf-arch: {arch!r} is not one of {', '.join(ARCHES)}")
     pruned = count(src.model)
@@ -239,17 +248,35 @@ def export_gguf(src: Source, out, dtype: str = "f32", arch: str = "deci", pad_mu
     writer_log = logging.getLogger("gguf.gguf_writer")  # its INFO lines name the temporary file
     level = writer_log.level
     writer_log.setLevel(logging.WARNING)
+    mm = None
     try:
         with staged_output(out, is_dir=False) as tmp:
             write_gguf(src, tmp, dtype, arch, widths)
+            if mmproj is not None:
+                from ukmp.export.mmproj import export_mmproj
+
+                with staged_output(mmproj, is_dir=False) as tmp_mm:
+                    mm = export_mmproj(src, tmp_mm, mmproj, dtype)
+    except BaseException:
+        if mm is not None:  # the mmproj file was renamed into place but the language model's was not
+            mmproj.unlink(missing_ok=True)
+        raise
     finally:
         writer_log.setLevel(level)
     window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
     notes = [f"sliding window {window} not in GGUF: the same outputs up to {window} tokens"] if window else []
-    if src.adapter.lm.prefix:
-        notes.append("the language model only: the vision tower and projector are not written (no mmproj yet); "
-                     "the counts above are of the whole model")
+    if src.adapter.lm.prefix and mm is None:
+        notes.append("the language model only: the vision tower and projector are not written (--mmproj PATH "
+                     "writes them); the counts above are of the whole model")
+    if mm is not None:
+        notes.append(f"mmproj {mm['out']} ({mm['dtype']}): the {mm['layers']} vision layer(s) the language model "
+                     f"reads, attention zero-padded to {mm['heads_padded']} heads (kept {mm['heads']}: llama.cpp's "
+                     f"CLIP graph takes one head count), MLP widths written {mm['ffn_written']} (kept "
+                     f"{mm['ffn']}); vision + projector parameters dense {mm['params']['dense']:,}, pruned "
+                     f"{mm['params']['pruned']:,}, in the file {mm['params']['exported']:,} (keeps "
+                     f"{100 * mm['saving_kept']:.1f} % of the saving)")
     if pad_multiple:
         notes.append(f"MLPs zero-padded to multiples of {pad_multiple} channels: {added:,} parameters added")
+    extra = {"mmproj": mm} if mm is not None else {}
     return build_report(src, "gguf", out, pruned, count(src.model), arch=arch, dtype=dtype, padded=bool(added),
-                        layers=widths, notes=notes)
+                        layers=widths, notes=notes, **extra)
