@@ -20,19 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ukmp.export.source import Source, build_report, count, staged_output
+from ukmp.export.source import Source, build_report, count, require_gguf, staged_output  # require_gguf: re-exported
 
-EXTRA_HINT = "pip install 'ukmp[export]'"
 ARCHES = ("deci", "llama")
 QUANT_BLOCK = 32  # q8_0 rows are blocks of 32 values
-
-
-def require_gguf():
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(f"--format gguf needs the gguf package: {EXTRA_HINT}") from None
-    return gguf
 
 
 def permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ukmp.export.source import Source
+from ukmp.export.source import Source, require_gguf
 
 ACTS = {"quick_gelu": False, "gelu": True}  # CLIP hidden_act -> clip.use_gelu
 
@@ -134,8 +134,6 @@ def mmproj_tensors(src: Source, n_layers: int, widths: dict[str, Any]) -> dict[s
 def write_mmproj(src: Source, path, dtype: str, n_layers: int, widths: dict[str, Any]) -> int:
     """Write the mmproj file at ``path``; returns the parameters it holds. ``dtype``: f32 or f16 (matrices;
     1-D tensors stay F32)."""
-    from ukmp.export.gguf import require_gguf
-
     gguf = require_gguf()
     cfg = src.model.config
     vc = cfg.vision_config

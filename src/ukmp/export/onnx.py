@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ukmp.export.source import Source, build_report, staged_output
+from ukmp.export.source import EXTRA_HINT, Source, build_report, staged_output
 
-EXTRA_HINT = "pip install 'ukmp[export]'"
 EXAMPLE_SHAPE = (2, 8)  # batch and sequence of the tracing example (> 1: torch.export would specialise a 1)
 
 

@@ -35,6 +35,18 @@ class Source:
         return sorted(p for p in self.path.iterdir() if p.is_file() and p.name not in OWN_FILES)
 
 
+EXTRA_HINT = "pip install 'ukmp[export]'"  # what every format's missing package is refused with
+
+
+def require_gguf():
+    """The ``gguf`` package (the GGUF writer of the LM and of LLaVA's mmproj), or one line naming the extra."""
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError(f"--format gguf needs the gguf package: {EXTRA_HINT}") from None
+    return gguf
+
+
 def check_source(path: str | os.PathLike, fmt: str) -> tuple[Path, str]:
     """The directory and its model type, refused in one line before anything heavy is read: no ukmp pruned model
     there, or a family ``fmt`` cannot hold."""
