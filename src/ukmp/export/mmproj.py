@@ -111,11 +111,12 @@ def mmproj_tensors(src: Source, n_layers: int, widths: dict[str, Any]) -> dict[s
         out["v.patch_embd.bias"] = sd[f"{v}.embeddings.patch_embedding.bias"]
     for i in range(n_layers):
         L, b, ffn = f"{part.layers_path}.{i}", f"v.blk.{i}", widths["ffn_written"][i]
-        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
-            out[f"{b}.{ours}.weight"] = _pad(sd[f"{L}.self_attn.{theirs}.weight"], 0, full)
-            out[f"{b}.{ours}.bias"] = _pad(sd[f"{L}.self_attn.{theirs}.bias"], 0, full)
-        out[f"{b}.attn_out.weight"] = _pad(sd[f"{L}.self_attn.out_proj.weight"], 1, full)
-        out[f"{b}.attn_out.bias"] = sd[f"{L}.self_attn.out_proj.bias"]
+        attn = part.ATTENTION  # role -> the layer's module (the adapter's names)
+        for role in ("q", "k", "v"):
+            out[f"{b}.attn_{role}.weight"] = _pad(sd[f"{L}.{attn[role]}.weight"], 0, full)
+            out[f"{b}.attn_{role}.bias"] = _pad(sd[f"{L}.{attn[role]}.bias"], 0, full)
+        out[f"{b}.attn_out.weight"] = _pad(sd[f"{L}.{attn['out']}.weight"], 1, full)
+        out[f"{b}.attn_out.bias"] = sd[f"{L}.{attn['out']}.bias"]
         for ours, theirs in (("ln1", "layer_norm1"), ("ln2", "layer_norm2")):
             out[f"{b}.{ours}.weight"] = sd[f"{L}.{theirs}.weight"]
             out[f"{b}.{ours}.bias"] = sd[f"{L}.{theirs}.bias"]

@@ -18,6 +18,9 @@ from ukmp.models.base import FeatureBlock, Part
 
 class ClipVisionPart(Part):
     modality = "vision"
+    # one layer's attention Linears by role, relative to the layer (for writers that rename them: the mmproj GGUF)
+    ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                 "out": "self_attn.out_proj"}
 
     def __init__(self, config, prefix: str, gid: str = "vision"):
         super().__init__(config, prefix)
