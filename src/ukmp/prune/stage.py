@@ -330,7 +330,7 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "allocation": acfg.to_dict(),
         "ratio_check": plan.meta.get("ratio_check"),
         "layers": describe_layers(groups, [g for g in groups if g.id in result.scores] if result.scores else chosen),
-        "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config",)},
+        "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config", "ratio_check")},  # above
         "prune_config": {f.name: getattr(cfg.prune, f.name) for f in fields(cfg.prune)},
         "seconds": clock.laps,
     }
