@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--select-ratio", type=float, default=0.5, help="ratio of UKMP's T x entropy selection")
     g.add_argument("--no-select", action="store_true", help="no selection (no ukmp_sel row)")
     g.add_argument("--recover-until", default="", help="HH:MM UTC: no recovery starts later (finished ones are read)")
-    g.add_argument("--recover-variants", default="", help="named variant rows, also recovered: 'LABEL:key=value ...;"
-                   " ...' (the label's first word is the method; {ratio} in a value is the row's ratio)")
+    g.add_argument("--recover-variants", default="",
+                   help="named variant rows, also recovered: 'LABEL:key=value ...; ...' (the label's first word "
+                        "is the method; {ratio} in a value is the row's ratio)")
     g.add_argument("--keep-recovered-weights", action="store_true",
                    help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)
@@ -386,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in methods:  # every method's config is checked before anything runs
         method_config(configs, over, m, ratios[0], root, ROOT / "configs" / "methods")
     for v in args.variants:
-        method_config(configs, [*over, *v.at(ratios[0])], v.method, ratios[0], root, ROOT / "configs" / "methods")
+        method_config(configs, [*over, *v.at(ratios[0])], v.method, ratios[0], root,
+                      ROOT / "configs" / "methods")
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
     dense = eval_dense(dense_cfg, root / "dense" / "eval_dense")
     dense_full = None

@@ -10,7 +10,8 @@ pruning runs they start from.
 
 Named variants (``--recover-variants``, :func:`parse_variants`): after those rows, each variant is pruned at the
 ratio (``ratio_<r>/variants/<slug>/``) and recovered with LPD like the others
-(``recovered/ratio_<r>/variants/<slug>/``), e.g. ``"ukmp k=4:prune.iterations=4; ukmp exact:prune.exact_stop=true"``.
+(``recovered/ratio_<r>/variants/<slug>/``), e.g.
+``"ukmp k=4:prune.iterations=4; ukmp exact:prune.exact_stop=true"``.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ SEL = "ukmp_sel"
 
 # options that act on the allocation alone: a ratio-free method's variant that changes only these re-allocates the
 # cached scores of its main-table run instead of scoring again (prune.iterations, T, entropy, ... change the scores)
-ALLOCATION_ONLY = frozenset({"prune.exact_stop", "prune.rank_by", "prune.scope", "prune.budget", "prune.normalization",
-                             "prune.max_group_prune_ratio", "prune.local_rounding", "prune.max_overshoot"})
+ALLOCATION_ONLY = frozenset({"prune.exact_stop", "prune.rank_by", "prune.scope", "prune.budget",
+                             "prune.normalization", "prune.max_group_prune_ratio", "prune.local_rounding",
+                             "prune.max_overshoot"})
 
 
 @dataclass(frozen=True)
 class Variant:
-    """A named row of the recovered table: ``method`` with ``overrides`` (``{ratio}`` in one is the row's ratio)."""
+    """A named row of the recovered table: ``method`` with ``overrides`` ({ratio} in one: the row's ratio)."""
 
     label: str
     method: str
@@ -47,7 +49,7 @@ class Variant:
 
     @property
     def slug(self) -> str:
-        """The run's directory name: the label's letters and digits joined by ``_`` (``ukmp k=4`` -> ``ukmp_k_4``)."""
+        """The run's directory: the label's letters and digits joined by _ (``ukmp k=4`` -> ``ukmp_k_4``)."""
         return re.sub(r"[^a-z0-9]+", "_", self.label.lower()).strip("_")
 
     def at(self, ratio: float) -> list[str]:
@@ -65,7 +67,8 @@ def parse_variants(spec: str, methods: Iterable[str]) -> list[Variant]:
         label, sep, rest = item.partition(":")
         label, ovs = " ".join(label.split()), tuple(rest.split())
         if not sep or not label or not ovs or any("=" not in o or o.startswith("=") for o in ovs):
-            raise SystemExit(f"language.py: --recover-variants: {item!r}: expected 'LABEL:key=value [key=value ...]'")
+            raise SystemExit(f"language.py: --recover-variants: {item!r}: expected "
+                             "'LABEL:key=value [key=value ...]'")
         m = label.split()[0]
         if m not in known:
             raise SystemExit(f"language.py: --recover-variants: {item!r}: the label's first word must be a method "
@@ -85,7 +88,8 @@ def variant_extra(v: Variant, ratio_free: bool, scores: Path) -> list[str]:
     """``prune.scores_from=scores`` where ``v`` only re-allocates (a ratio-free method, allocation options only,
     no scores or plan of its own, and ``scores`` exists); else nothing: the variant scores afresh."""
     keys = {o.split("=", 1)[0] for o in v.overrides}
-    return [f"prune.scores_from={scores}"] if ratio_free and keys <= ALLOCATION_ONLY and scores.is_file() else []
+    reuse = ratio_free and keys <= ALLOCATION_ONLY and scores.is_file()
+    return [f"prune.scores_from={scores}"] if reuse else []
 
 
 def lora_label(m: str) -> str:
@@ -191,12 +195,14 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
                 prow = L.run_method(configs, [*over, *v.at(r)], v.method, r, L.ratio_dir(root, r) / "variants",
                                     extra, name=v.slug)
                 row = recover_row(v.label, v.method, "lpd", r, Path(prow["run_dir"]), prow, v.at(r), out_root)
-                row.update(variant=v.label, scores_from=prow.get("scores_from"), plan_source_seconds=plan_seconds(v.at(r)),
+                row.update(variant=v.label, scores_from=prow.get("scores_from"),
+                           plan_source_seconds=plan_seconds(v.at(r)),
                            prune_seconds=lr._stage_seconds(Path(prow["run_dir"]) / "prune"))
                 out[v.label] = row
             except Exception as e:
                 log.exception("language track: variant %s at ratio %s failed", v.label, r)
-                errors[f"{v.label}@{r} (variant)"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                errors[f"{v.label}@{r} (variant)"] = \
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             write()
 
 
@@ -254,8 +260,9 @@ def markdown(result: dict[str, Any]) -> str:
         for lab, row in sorted(rows.items(), key=lambda kv: kv[1][f"recovered_{t[0]}"]):
             cells = [f"{_f(row.get(f'pruned_{n}'))} → **{_f(row.get(f'recovered_{n}'))}**" for n in t]
             score = (row.get("plan_source_seconds") or row.get("score_seconds") or 0) / 60
+            star = "*" if row.get("plan_source_seconds") else ""
             lines.append(f"| {r} | {lab} | " + " | ".join(cells) + f" | {row.get('steps')} | "
-                         f"{row['recover_seconds'] / 60:.1f} | {score:.1f}{'*' if row.get('plan_source_seconds') else ''} |")
+                         f"{row['recover_seconds'] / 60:.1f} | {score:.1f}{star} |")
     if rec.get("variants"):
         lines += ["", "Variant rows (`--recover-variants`, recovered with LPD): " + "; ".join(
             f"{lab} = `{v['method']}` with `{' '.join(v['overrides'])}`" for lab, v in rec["variants"].items())
