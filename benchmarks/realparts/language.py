@@ -261,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> dict[str, Any]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     shown = {"yscale": ax.get_yscale(), "lines": [ln.get_label() for ln in ax.get_lines() if ln.get_label()[0] != "_"]}
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # two runs at once: one tmp each
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)

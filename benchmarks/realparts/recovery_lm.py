@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable
@@ -306,7 +307,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title("SmolLM2-135M: after recovery (solid) and after pruning (dotted)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # two runs at once: one tmp each
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
