@@ -261,7 +261,7 @@ def plot(result: dict[str, Any], path: Path) -> dict[str, Any]:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     shown = {"yscale": ax.get_yscale(), "lines": [ln.get_label() for ln in ax.get_lines() if ln.get_label()[0] != "_"]}
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # two runs at once: one tmp each
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
@@ -357,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--select-ratio", type=float, default=0.5, help="ratio of UKMP's T x entropy selection")
     g.add_argument("--no-select", action="store_true", help="no selection (no ukmp_sel row)")
     g.add_argument("--recover-until", default="", help="HH:MM UTC: no recovery starts later (finished ones are read)")
+    g.add_argument("--recover-variants", default="",
+                   help="named variant rows, also recovered: 'LABEL:key=value ...; ...' (the label's first word "
+                        "is the method; {ratio} in a value is the row's ratio)")
     g.add_argument("--keep-recovered-weights", action="store_true",
                    help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)
@@ -380,8 +383,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [r for r in args.recover_ratios.split(",") if r.strip() and float(r) not in ratios]
     if missing:
         raise SystemExit(f"language.py: --recover-ratios: {','.join(missing)} not among --ratios {args.ratios}")
+    args.variants = recovery_lm.parse_variants(args.recover_variants, TRAITS)
     for m in methods:  # every method's config is checked before anything runs
         method_config(configs, over, m, ratios[0], root, ROOT / "configs" / "methods")
+    for v in args.variants:
+        method_config(configs, [*over, *v.at(ratios[0])], v.method, ratios[0], root,
+                      ROOT / "configs" / "methods")
     dense_cfg = load_config(configs, [*over, f"output_dir={root}", "name=dense"])
     dense = eval_dense(dense_cfg, root / "dense" / "eval_dense")
     dense_full = None

