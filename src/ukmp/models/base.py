@@ -131,6 +131,19 @@ class Part(ABC):
         return {}
 
 
+class LayeredPart(Part):
+    """A stack of ``n_layers`` identical layers: its groups are :meth:`layer_groups` of each layer, in order."""
+
+    n_layers: int
+
+    @abstractmethod
+    def layer_groups(self, i: int) -> list[PrunableGroup]:
+        """The prunable groups of layer ``i``."""
+
+    def groups(self) -> list[PrunableGroup]:
+        return [g for i in range(self.n_layers) for g in self.layer_groups(i)]
+
+
 class ModelAdapter(ABC):
     """Architecture of one whole model, composed of :class:`Part` s.
 

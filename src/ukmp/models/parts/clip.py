@@ -13,10 +13,10 @@ from __future__ import annotations
 from torch import nn
 
 from ukmp.groups import ParamSlice, PrunableGroup
-from ukmp.models.base import FeatureBlock, Part
+from ukmp.models.base import FeatureBlock, LayeredPart
 
 
-class ClipVisionPart(Part):
+class ClipVisionPart(LayeredPart):
     modality = "vision"
     # one layer's attention Linears by role, relative to the layer (for writers that rename them: the mmproj GGUF)
     ATTENTION = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
@@ -44,12 +44,6 @@ class ClipVisionPart(Part):
             PrunableGroup(f"{self.gid}.layers.{i}.mlp", "vit_mlp", "channels", "vision", i, self.inter, 2 * E + 1,
                           mlp),
         ]
-
-    def groups(self) -> list[PrunableGroup]:
-        out: list[PrunableGroup] = []
-        for i in range(self.n_layers):
-            out += self.layer_groups(i)
-        return out
 
     def layer_params(self, model: nn.Module, first: int) -> int:
         """Parameters of layers ``first ...`` of the stack (what :meth:`truncate_` to ``first`` layers removes)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ukmp.groups import ParamSlice, PrunableGroup
-from ukmp.models.base import FeatureBlock, Part
+from ukmp.models.base import FeatureBlock, LayeredPart
 from ukmp.models.parts.t5 import odd_blocks
 
 
@@ -46,7 +46,7 @@ OPT = DecoderTable("model.decoder.layers", "self_attn", "q_proj", "k_proj", "v_p
                    ("fc1",), "fc2", heads_attr="num_heads")
 
 
-class DecoderPart(Part):
+class DecoderPart(LayeredPart):
     """A decoder-only language model at ``prefix`` ("" for a plain causal LM, "language_model" inside a VLM)."""
 
     modality = "language"
@@ -100,12 +100,6 @@ class DecoderPart(Part):
             PrunableGroup(f"{self.gid}.layers.{i}.mlp", "lm_mlp", "channels", "language", i, self.inter,
                           per_channel, tuple(mlp)),
         ]
-
-    def groups(self) -> list[PrunableGroup]:
-        out: list[PrunableGroup] = []
-        for i in range(self.n_layers):
-            out += self.layer_groups(i)
-        return out
 
     def streams(self) -> dict[str, str]:
         return {m: "lm" for g in self.groups() for m in g.linear_modules()}

@@ -25,13 +25,13 @@ from __future__ import annotations
 from torch import nn
 
 from ukmp.groups import ParamSlice, PrunableGroup
-from ukmp.models.base import FeatureBlock, Part
+from ukmp.models.base import FeatureBlock, LayeredPart
 
 GATED_MLP = (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")  # Qwen2.5-VL
 PLAIN_MLP = (("mlp.linear_fc1",), "mlp.linear_fc2")  # Qwen3-VL
 
 
-class QwenVisionPart(Part):
+class QwenVisionPart(LayeredPart):
     modality = "vision"
 
     def __init__(self, config, prefix: str, mlp: tuple[tuple[str, ...], str] = GATED_MLP, gid: str = "vision"):
@@ -61,12 +61,6 @@ class QwenVisionPart(Part):
             PrunableGroup(f"{self.gid}.layers.{i}.mlp", "vit_mlp", "channels", "vision", i, self.inter,
                           (n_in + 1) * E + n_in, tuple(mlp)),
         ]
-
-    def groups(self) -> list[PrunableGroup]:
-        out: list[PrunableGroup] = []
-        for i in range(self.n_layers):
-            out += self.layer_groups(i)
-        return out
 
     def update_attention_(self, model: nn.Module, group: PrunableGroup, kept: list[int]) -> None:
         """The attention reshapes with ``self.num_heads``: set it to the kept count (``head_dim`` and the scale stay;

@@ -10,10 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from ukmp.groups import ParamSlice, PrunableGroup
-from ukmp.models.base import FeatureBlock, Part
+from ukmp.models.base import FeatureBlock, LayeredPart
 
 
-class Blip2VisionPart(Part):
+class Blip2VisionPart(LayeredPart):
     modality = "vision"
 
     def __init__(self, config, prefix: str = "vision_model", gid: str = "vision"):
@@ -45,12 +45,6 @@ class Blip2VisionPart(Part):
             PrunableGroup(f"{self.gid}.layers.{i}.mlp", "vit_mlp", "channels", "vision", i, self.inter,
                           2 * E + 1, mlp_slices),
         ]
-
-    def groups(self) -> list[PrunableGroup]:
-        out: list[PrunableGroup] = []
-        for i in range(self.n_layers):
-            out += self.layer_groups(i)
-        return out
 
     def update_attention_(self, model: nn.Module, group: PrunableGroup, kept: list[int]) -> None:
         from ukmp.models.attention import HEAD_PRUNED_VIT_ATTENTION
