@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, config_from_dict, shipped_config_path
 from ukmp.plan import PruningPlan
-from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan
+from ukmp.testing import (check_keep_all_bit_identical, check_save_load_identical, float64_tiny,
+                          random_plan)
 
 TOL = 1e-8  # float64: sliced and masked differ only in summation order (seen 0.0 in both)
 N_NEW = 5
@@ -132,21 +132,10 @@ def test_save_load_round_trip(tmp_path):
     adapter = adapter_for(model)
     plan = random_plan(adapter.groups(), seed=5)
     adapter.apply_(model, plan)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_gen = model.generate(**_batch(proc, 5, "left"), **GEN)
     proc.chat_template = CHATML  # a chat template travels with the processor (no video processor needed)
-    path = save_pruned(model, plan, tmp_path / "p", processor=proc)
-    again = load_pruned(path)
-    assert type(again) is type(model) and count_parameters(again) == count_parameters(model)
+    path, again = check_save_load_identical(model, plan, proc, tmp_path / "p", [inputs], _batch(proc, 5, "left"),
+                                            GEN)
     assert again.lm_head.weight is again.model.language_model.embed_tokens.weight  # still tied (Qwen2-0.5B is)
-    sd, sd2 = model.state_dict(), again.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    with torch.no_grad():
-        out = again(**inputs).logits
-        gen = again.generate(**_batch(proc, 5, "left"), **GEN)
-    assert (out - ref).abs().max().item() <= 1e-12  # up to BLAS kernel choice on the loaded buffer's alignment
-    assert torch.equal(gen.sequences, ref_gen.sequences)
     loaded = load_processor(path)  # the adapter's loader: AutoProcessor wants a video processor (torchvision)
     assert type(loaded) is OnevisionImageTextProcessor
     b2 = _batch(loaded, 5)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, load_config
 from ukmp.models.qwen2_5_vl import pack_images
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan, unpadded
+from ukmp.testing import (check_keep_all_bit_identical, check_save_load_identical, float64_tiny, random_plan,
+                          unpadded)
 
 TOL = 1e-8  # float64; seen 0.0
 N_NEW = 5
@@ -137,20 +137,8 @@ def test_save_load_round_trip(tmp_path):
     plan = random_plan(adapter.groups(), seed=5)
     adapter.apply_(model, plan)
     native = _native_batch(proc, 5)
-    with torch.no_grad():
-        ref, ref_nat = model(**inputs).logits, model(**native).logits
-        ref_gen = model.generate(**unpadded(inputs), **GEN)
-    path = save_pruned(model, plan, tmp_path / "p", processor=proc)
-    again = load_pruned(path)
-    assert type(again) is type(model) and count_parameters(again) == count_parameters(model)
-    sd, sd2 = model.state_dict(), again.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    with torch.no_grad():
-        out, out_nat = again(**inputs).logits, again(**native).logits
-        gen = again.generate(**unpadded(inputs), **GEN)
-    # up to BLAS kernel choice on the loaded buffers' alignment
-    assert (out - ref).abs().max().item() <= 1e-12 and (out_nat - ref_nat).abs().max().item() <= 1e-12
-    assert torch.equal(gen.sequences, ref_gen.sequences)
+    path, _ = check_save_load_identical(model, plan, proc, tmp_path / "p", [inputs, native], unpadded(inputs),
+                                        GEN)
     from transformers import AutoProcessor
 
     loaded = AutoProcessor.from_pretrained(path)

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 
-from ukmp.io import load_pruned, save_pruned
 from ukmp.models import adapter_for, count_parameters
 from ukmp.models.build import build_model, config_from_dict, shipped_config_path
 from ukmp.plan import PlanError, PruningPlan
-from ukmp.testing import check_keep_all_bit_identical, float64_tiny, random_plan, unpadded
+from ukmp.testing import (check_keep_all_bit_identical, check_save_load_identical, float64_tiny, random_plan,
+                          unpadded)
 
 TOL = 1e-8  # float64, seen 0.0; vision "heads" of half the width (straddling two real heads) give 1.3e-4
 N_NEW = 5
@@ -67,19 +67,7 @@ def test_save_load_round_trip(tmp_path):
     adapter = adapter_for(model)
     plan = random_plan(adapter.groups(), seed=5)
     adapter.apply_(model, plan)
-    with torch.no_grad():
-        ref = model(**inputs).logits
-        ref_gen = model.generate(**unpadded(inputs), **GEN)
-    path = save_pruned(model, plan, tmp_path / "p", processor=proc)
-    again = load_pruned(path)
-    assert type(again) is type(model) and count_parameters(again) == count_parameters(model)
-    sd, sd2 = model.state_dict(), again.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
-    with torch.no_grad():
-        out = again(**inputs).logits
-        gen = again.generate(**unpadded(inputs), **GEN)
-    assert (out - ref).abs().max().item() <= 1e-12  # up to BLAS kernel choice on the loaded buffer's alignment
-    assert torch.equal(gen.sequences, ref_gen.sequences)
+    path, _ = check_save_load_identical(model, plan, proc, tmp_path / "p", [inputs], unpadded(inputs), GEN)
     from transformers import AutoProcessor
 
     loaded = AutoProcessor.from_pretrained(path)
