@@ -159,9 +159,11 @@ def preflight(cfg: RunConfig, reach) -> None:
 
 
 def check_ceiling(cfg: RunConfig) -> None:
-    """Refuse ``prune.ratio`` above what removing every unit but one per group (and the unused layers) can reach,
-    when the model's config can be read offline; no weights are read."""
-    from ukmp.models import adapter_for, count_parameters
+    """Refuse ``prune.ratio`` above what the allocation could ever reach, when the model's config can be read
+    offline; no weights are read. The ceiling is an upper bound, so a reachable ratio is never refused: the unused
+    layers, plus every unit but one of each group inside ``prune.layers`` (local scope: at most
+    ``max_group_prune_ratio`` of each group; the global loop may step past that floor, so it is not applied there),
+    counted in parameters or, with ``prune.budget=units``, in units of the scored groups."""
     from ukmp.models.build import build_model, config_from_dict
     from ukmp.models.families import family, source_config
 
@@ -176,14 +178,48 @@ def check_ceiling(cfg: RunConfig) -> None:
     if config is None or family(config) is None or cfg.prune.ratio == 0.0:  # the model load says what is wrong
         return
     model = build_model(config_from_dict(dict(config), cfg.model.source), device="meta", seed=None)
+    ceiling, what = structural_ceiling(cfg, model)
+    if cfg.prune.ratio > ceiling:
+        raise ValueError(f"prune.ratio: {cfg.prune.ratio} cannot be reached on {cfg.model.source}: removing every "
+                         f"unit the allocation may take ({what}) removes {ceiling:.4f} of its "
+                         f"{'units' if cfg.prune.budget == 'units' else 'parameters'} (pass "
+                         f"prune.allow_shortfall=true to accept the shortfall)")
+
+
+def structural_ceiling(cfg: RunConfig, model) -> tuple[float, str]:
+    """``(ceiling, note)``: the largest ``prune.ratio`` the allocation could reach on ``model`` (a meta model will
+    do), as :func:`check_ceiling` describes, and a note of the limits that applied for its message."""
+    import math
+
+    from ukmp.layer_ranges import select_layers
+    from ukmp.models import adapter_for, count_parameters
+    from ukmp.plan import PruningPlan
+
+    pc = cfg.prune
     adapter = adapter_for(model)
     total = count_parameters(model)
-    dropped = sum(d["params"] for d in adapter.drop_unused(model).values()) if cfg.prune.drop_unused_layers else 0
-    removable = dropped + sum((g.n_units - 1) * g.params_per_unit for g in adapter.groups())
-    if cfg.prune.ratio > removable / total:
-        raise ValueError(f"prune.ratio: {cfg.prune.ratio} cannot be reached on {cfg.model.source}: removing every "
-                         f"prunable unit but one per group removes {removable / total:.4f} of its parameters (pass "
-                         f"prune.allow_shortfall=true to accept the shortfall)")
+    dropped = 0
+    if pc.drop_unused_layers:
+        drop = adapter.drop_unused(model)
+        dropped = sum(d["params"] for d in drop.values())
+        if drop:  # the stage drops them before scoring: their groups are not ranked
+            adapter.apply_(model, PruningPlan(keep={}, drop_layers=drop))
+            adapter = adapter_for(model)
+    groups = select_layers(adapter.groups(), pc.layers)
+
+    def cap(n: int) -> int:
+        c = n - 1
+        return min(c, math.floor(pc.max_group_prune_ratio * n + 1e-9)) if pc.scope == "local" else c
+
+    what = ", ".join(["all but one of each group" if pc.scope != "local" else
+                      f"at most {pc.max_group_prune_ratio} of each group, leaving one", *(
+                          ["only inside prune.layers"] if pc.layers else [])])
+    if pc.budget == "units":  # the stage counts the dropped layers' parameters first, then units of the rest
+        units = sum(g.n_units for g in groups)
+        unit_cap = sum(cap(g.n_units) for g in groups) / units if units else 0.0
+        # prune.ratio r becomes (r * total - dropped) / (total - dropped) of the units once the layers are dropped
+        return (unit_cap * (total - dropped) + dropped) / total, what
+    return (dropped + sum(cap(g.n_units) * g.params_per_unit for g in groups)) / total, what
 
 
 def check_final_stage(cfg: RunConfig) -> None:

@@ -166,6 +166,38 @@ def test_a_ratio_above_the_structural_ceiling_is_refused_before_scoring(tmp_path
     assert not (tmp_path / "demo").exists()
 
 
+def test_the_ceiling_follows_layers_scope_and_the_unit_budget():
+    """The preflight's ceiling is the allocation's own limit: groups outside prune.layers are never pruned (their
+    ceiling is far lower), local scope stops at max_group_prune_ratio, and prune.budget=units counts units, where a
+    0.9 that the parameter count would refuse is reachable."""
+    from ukmp.pipeline import check_ceiling, structural_ceiling
+
+    def ceiling(*ov):
+        cfg = load_config([DEMO], list(ov))
+        check = structural_ceiling(cfg, _meta(cfg))[0]
+        return cfg, check
+
+    _, whole = ceiling()
+    _, layers = ceiling("prune.layers={text_dec: '0:1'}")
+    _, local = ceiling("prune.scope=local", "prune.max_group_prune_ratio=0.5")
+    _, units = ceiling("prune.budget=units")
+    assert 0.6 < whole < 0.7 and layers < whole / 2 and local < whole and units > 0.95, (whole, layers, local, units)
+    with pytest.raises(ValueError, match=r"prune.ratio: 0.2 cannot .*only inside prune.layers\) removes 0.149"):
+        check_ceiling(load_config([DEMO], ["prune.ratio=0.2", "prune.layers={text_dec: '0:1'}"]))
+    check_ceiling(load_config([DEMO], ["prune.ratio=0.9", "prune.budget=units"]))  # reachable: no error
+    with pytest.raises(ValueError, match=r"at most 0.5 of each group, leaving one\) removes 0.5000 of its units"):
+        check_ceiling(load_config([DEMO], ["prune.ratio=0.6", "prune.budget=units", "prune.scope=local",
+                                           "prune.max_group_prune_ratio=0.5"]))
+
+
+def _meta(cfg):
+    from ukmp.models.build import build_model, config_from_dict
+    from ukmp.models.families import source_config
+
+    return build_model(config_from_dict(dict(source_config(cfg.model.source)), cfg.model.source), device="meta",
+                       seed=None)
+
+
 def test_an_empty_last_recovery_sub_stage_is_found_before_training(tmp_path, capsys):
     """The demo's 8 images against sub-stages 1-6 taking 128 samples: sub-stage 7 would get none."""
     refused(capsys, ["run", DEMO, f"output_dir={tmp_path}", "finetune.final_stage_samples=0"],
