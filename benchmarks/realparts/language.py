@@ -360,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--recover-variants", default="",
                    help="named variant rows, also recovered: 'LABEL:key=value ...; ...' (the label's first word "
                         "is the method; {ratio} in a value is the row's ratio)")
+    g.add_argument("--recover-only", default="",
+                   help="recover only these row labels (comma-separated, e.g. 'ukmp k=4 T=0.6'; '' = every row); the "
+                        "others are listed as not requested, their finished stages still read")
     g.add_argument("--keep-recovered-weights", action="store_true",
                    help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)
@@ -384,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         raise SystemExit(f"language.py: --recover-ratios: {','.join(missing)} not among --ratios {args.ratios}")
     args.variants = recovery_lm.parse_variants(args.recover_variants, TRAITS)
+    args.recover_deadline = recovery_lm.until(args.recover_until) if args.recover_until else None
     for m in methods:  # every method's config is checked before anything runs
         method_config(configs, over, m, ratios[0], root, ROOT / "configs" / "methods")
     for v in args.variants:

@@ -153,9 +153,20 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
     if variants:
         rec["variants"] = {v.label: {"method": v.method, "overrides": list(v.overrides)} for v in variants}
 
-    def late(out_root: Path) -> bool:  # past --recover-until and not begun
-        return bool(args.recover_until) and time.strftime("%H:%M", time.gmtime()) >= args.recover_until \
-            and not (out_root / "finetune" / "stage.json").is_file()
+    only = {x.strip() for x in getattr(args, "recover_only", "").split(",") if x.strip()}
+    deadline = getattr(args, "recover_deadline", None)  # fixed when the command started (language.main)
+    if deadline is None and args.recover_until:
+        deadline = until(args.recover_until)
+
+    def late(out_root: Path, label: str) -> bool:  # past --recover-until (or not in --recover-only) and not begun
+        begun = (out_root / "finetune" / "stage.json").is_file()
+        if only and label not in only and not begun:
+            rec.setdefault("not_requested", []).append(f"{label}@{r}")
+            return True
+        if deadline is not None and time.time() >= deadline and not begun:
+            rec.setdefault("not_started", []).append(f"{label}@{r}")
+            return True
+        return False
 
     def recover_row(label: str, m: str, recipe: str, r: float, run_dir: Path, prow: dict[str, Any], ov: list[str],
                     out_root: Path) -> dict[str, Any]:
@@ -175,8 +186,7 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
         for m, recipe in recover_order(rows, args.recover_top):
             label = m if recipe == "lpd" else lora_label(m)
             out_root = root / "recovered" / f"ratio_{r}" / (m if recipe == "lpd" else f"{m}_lora")
-            if late(out_root):
-                rec.setdefault("not_started", []).append(f"{label}@{r}")
+            if late(out_root, label):
                 continue
             try:
                 out[label] = recover_row(label, m, recipe, r, Path(rows[m]["run_dir"]), rows[m], [], out_root)
@@ -186,8 +196,7 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
             write()
         for v in variants:  # pruned here (cached scores where that reproduces the variant), then recovered by LPD
             out_root = root / "recovered" / f"ratio_{r}" / "variants" / v.slug
-            if late(out_root):
-                rec.setdefault("not_started", []).append(f"{v.label}@{r}")
+            if late(out_root, v.label):
                 continue
             try:
                 extra = variant_extra(v, L.method_traits(v.method).ratio_free,
@@ -205,6 +214,18 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
                 errors[f"{v.label}@{r} (variant)"] = \
                     f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             write()
+
+
+def until(hhmm: str, now: float | None = None) -> float:
+    """``--recover-until HH:MM`` (UTC) as a time stamp: its next occurrence after ``now`` (a run started at 23:00
+    with 00:50 stops starting recoveries the next day at 00:50, not at once). A one-line error for a bad value."""
+    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", hhmm.strip())
+    if not m:
+        raise SystemExit(f"language.py: --recover-until: {hhmm!r} is not HH:MM (UTC, 00:00-23:59)")
+    now = time.time() if now is None else now
+    day = now - now % 86400
+    t = day + int(m.group(1)) * 3600 + int(m.group(2)) * 60
+    return t if t > now else t + 86400
 
 
 def plan_seconds(overrides: list[str]) -> float | None:
@@ -270,6 +291,8 @@ def markdown(result: dict[str, Any]) -> str:
             + ". A ratio-free method's variant that changes only the allocation re-allocates the main run's cached "
               "scores; * = the pruning re-applies a given plan, scoring min = the prune stage that wrote it."]
     sel = rec.get("selection")
+    if rec.get("not_requested"):
+        lines += ["", f"Not requested in this invocation (--recover-only): {', '.join(rec['not_requested'])}"]
     if rec.get("not_started"):
         lines += ["", f"Not started (past --recover-until): {', '.join(rec['not_started'])}"]
     if sel:

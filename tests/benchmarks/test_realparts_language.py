@@ -82,6 +82,19 @@ def test_score_reuse_rule(language, tmp_path):
 
 
 @pytest.mark.unit
+def test_recover_until_is_the_next_occurrence(language):
+    """--recover-until HH:MM (UTC): the next such time after the start, so a run begun at 23:00 with 00:50 has
+    1 h 50 min (a plain string comparison stopped it at once); exact to the second."""
+    until = language.recovery_lm.until
+    start = 1_796_684_400.0  # 2026-12-07 23:00:00 UTC
+    assert until("00:50", start) - start == 110 * 60
+    assert until("23:30", start) - start == 30 * 60 and until("23:00", start) - start == 86400
+    for bad in ("25:00", "7", "12:5", "ab:cd"):
+        with pytest.raises(SystemExit, match="--recover-until"):
+            until(bad, start)
+
+
+@pytest.mark.unit
 def test_recover_variants_parsing_and_naming(language, tmp_path):
     """--recover-variants: labels, methods, directories, {ratio}, the one-line errors, and which variants re-allocate
     cached scores (allocation options only) rather than score afresh."""
@@ -243,3 +256,11 @@ def test_recovery_track_on_tiny_llama(language, tmp_path):
     assert language.main(argv) == 0  # resumable: nothing runs again
     assert {f: f.stat().st_mtime_ns for f in root.rglob("stage.json")} == stamps
     assert json.loads((root / "quality_lm.json").read_text())["recovery"]["rows"] == rec["rows"]
+    # --recover-only: a new variant not asked for is neither pruned nor recovered, and is listed as not requested;
+    # the finished rows are still read (no stage runs)
+    only = [*argv[:-1], "ukmp exact:prune.exact_stop=true; ukmp k=2:prune.iterations=2", "--recover-only", "ukmp"]
+    assert language.main(only) == 0
+    assert {f: f.stat().st_mtime_ns for f in root.rglob("stage.json")} == stamps
+    again = json.loads((root / "quality_lm.json").read_text())["recovery"]
+    assert again["rows"]["0.3"] == rec["rows"]["0.3"] and again["not_requested"] == ["ukmp k=2@0.3"]
+    assert not (root / "ratio_0.3" / "variants" / "ukmp_k_2").exists()
