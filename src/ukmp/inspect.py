@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,7 @@ def gguf_config(path: Path):
     except ImportError as e:
         raise ValueError(f"{path}: reading a GGUF file needs the gguf package (make realparts-install): "
                          f"{str(e).splitlines()[0]}") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, struct.error) as e:  # struct.error: a file cut short inside its header
         raise ValueError(f"{path}: not a readable GGUF file ({str(e).splitlines()[0]})") from None
     return config_from_dict(config.to_dict(), str(path))
 

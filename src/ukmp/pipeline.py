@@ -169,11 +169,11 @@ def check_ceiling(cfg: RunConfig) -> None:
 
     config = source_config(cfg.model.source)
     if config is None and cfg.model.gguf_file:  # a GGUF file: its header holds the config (no tensors are read)
-        from transformers import AutoConfig
+        from ukmp.inspect import gguf_config
 
         try:
-            config = AutoConfig.from_pretrained(cfg.model.source, gguf_file=cfg.model.gguf_file).to_dict()
-        except (OSError, ValueError):
+            config = gguf_config(Path(cfg.model.source) / cfg.model.gguf_file).to_dict()
+        except ValueError:
             return  # the model load says what is wrong
     if config is None or family(config) is None or cfg.prune.ratio == 0.0:  # the model load says what is wrong
         return

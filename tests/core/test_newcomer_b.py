@@ -226,6 +226,25 @@ def test_inspect_reads_a_gguf_file(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "m.gguf")]) == 0
 
 
+def test_the_ceiling_check_reads_a_gguf_header(tmp_path):
+    """check_ceiling reads a GGUF model's structure as inspect does (header only): 2 layers x (2 KV groups + 64
+    channels) leave 1 of each, so 0.99 is refused and 0.1 passes; an unreadable file is left to the model load."""
+    from ukmp.config import load_config
+    from ukmp.pipeline import check_ceiling
+
+    _write_tiny_gguf(tmp_path / "m.gguf")
+    over = [f"model.source={tmp_path}", "model.gguf_file=m.gguf"]
+    with pytest.raises(ValueError, match=r"prune.ratio: 0.99 cannot be reached .* removes 0\.[0-9]+ of its param"):
+        check_ceiling(load_config([DEMO], [*over, "prune.ratio=0.99"]))
+    check_ceiling(load_config([DEMO], [*over, "prune.ratio=0.1"]))
+    (tmp_path / "bad.gguf").write_bytes(b"GGUF")  # cut short inside the header
+    check_ceiling(load_config([DEMO], [f"model.source={tmp_path}", "model.gguf_file=bad.gguf", "prune.ratio=0.99"]))
+    with pytest.raises(ValueError, match=r"bad.gguf: not a readable GGUF file"):  # inspect: one line, no traceback
+        from ukmp.inspect import gguf_config
+
+        gguf_config(tmp_path / "bad.gguf")
+
+
 # ------------------------------------------------------------------------------------- results.md, plots, demo
 @pytest.mark.parametrize("tasks, says_scorer", [(("perplexity",), False), (("perplexity", "okvqa"), True)])
 def test_results_md_names_the_vqa_scorer_only_with_vqa_and_no_token_counts(tmp_path, tasks, says_scorer):
