@@ -65,11 +65,8 @@ def allocation_label(summary: dict[str, Any]) -> str:
     k = summary.get("prune_config", {}).get("iterations", 1)
     if k > 1:
         label += f", {k} rounds"
-    ranges = []
-    for tower, text in summary.get("layers", {}).items():  # "4..27 (24 of 30 layers)"
-        n, _, of = text[text.index("(") + 1:].split(" ")[:3]
-        if n != of:
-            ranges.append(f"{tower} {text.split(' ')[0]}")
+    ranges = [f"{tower} {s['first']}..{s['last']}" if s["count"] else f"{tower} none"
+              for tower, s in summary.get("layer_spans", {}).items() if s["count"] != s["of"]]
     return ", ".join([label, *ranges])
 
 

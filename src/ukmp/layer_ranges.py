@@ -85,12 +85,19 @@ def select_layers(groups: list["PrunableGroup"], layers: Mapping[str, str],
     return [g for g in groups if g.layer in chosen.get(tower_of(g.id), ())]
 
 
-def describe_layers(groups: list["PrunableGroup"], chosen: list["PrunableGroup"]) -> dict[str, str]:
-    """``{tower: "first..last (n of N layers)"}``: the layers of ``chosen`` (e.g. the scored groups) per tower of
-    ``groups``, for logs and summaries (``"none (0 of N layers)"`` for a tower left whole)."""
+def layer_spans(groups: list["PrunableGroup"], chosen: list["PrunableGroup"]) -> dict[str, dict[str, int | None]]:
+    """``{tower: {"first", "last", "count", "of"}}``: the layers of ``chosen`` (e.g. the scored groups) per tower of
+    ``groups`` (``first`` / ``last`` None for a tower left whole); what summaries and ``ukmp compare`` read."""
     out = {}
     for tower, n in tower_depths(groups).items():
         picked = sorted({g.layer for g in chosen if tower_of(g.id) == tower})
-        out[tower] = (f"{picked[0]}..{picked[-1]} ({len(picked)} of {n} layers)" if picked
-                      else f"none (0 of {n} layers)")
+        out[tower] = {"first": picked[0] if picked else None, "last": picked[-1] if picked else None,
+                      "count": len(picked), "of": n}
     return out
+
+
+def describe_layers(groups: list["PrunableGroup"], chosen: list["PrunableGroup"]) -> dict[str, str]:
+    """``{tower: "first..last (n of N layers)"}`` (``"none (0 of N layers)"`` for a tower left whole): the text of
+    :func:`layer_spans` for logs and summaries."""
+    return {t: (f"{s['first']}..{s['last']} ({s['count']} of {s['of']} layers)" if s["count"]
+                else f"none (0 of {s['of']} layers)") for t, s in layer_spans(groups, chosen).items()}

@@ -116,6 +116,7 @@ def test_the_stage_prunes_only_inside_the_layer_range(method, tmp_path, sample_d
                    for gid, k in plan["keep"].items())
     assert any(gid.startswith("lm.layers.1.") or gid.startswith("lm.layers.2.") for gid in plan["keep"])
     assert summary["layers"] == {"lm": "1..2 (2 of 3 layers)"}
+    assert summary["layer_spans"] == {"lm": {"first": 1, "last": 2, "count": 2, "of": 3}}  # what compare reads
     check = summary["ratio_check"]
     assert check["budget"] == "params" and check["target"] == 0.3 and check["max_overshoot"] == 0.005
     assert abs(check["achieved"] - summary["achieved_ratio"]) < 1e-12

@@ -19,7 +19,7 @@ from typing import Any
 from ukmp.config import PruneConfig, RunConfig
 from ukmp.groups import PrunableGroup, group_kinds
 from ukmp.io import atomic_write_json, dense_model_identity, save_pruned
-from ukmp.layer_ranges import describe_layers, select_layers
+from ukmp.layer_ranges import describe_layers, layer_spans, select_layers
 from ukmp.method_traits import method_traits
 from ukmp.models import adapter_for, count_parameters
 from ukmp.plan import PruningPlan
@@ -329,7 +329,9 @@ def run_prune_stage(cfg: RunConfig, out: Path) -> dict[str, Any]:
         "calibration_sample_ids": ids,
         "allocation": acfg.to_dict(),
         "ratio_check": plan.meta.get("ratio_check"),
-        "layers": describe_layers(groups, [g for g in groups if g.id in result.scores] if result.scores else chosen),
+        "layers": describe_layers(groups, scored := [g for g in groups if g.id in result.scores] if result.scores
+                                  else chosen),
+        "layer_spans": layer_spans(groups, scored),
         "allocation_meta": {k: v for k, v in plan.meta.items() if k not in ("config", "ratio_check")},  # above
         "prune_config": {f.name: getattr(cfg.prune, f.name) for f in fields(cfg.prune)},
         "seconds": clock.laps,
