@@ -62,9 +62,13 @@ def _load_cfg(args: argparse.Namespace, reach=None):
         raise ValueError(NO_CONFIG.format(command=args.command))
     cfg = load_config(configs, overrides)
     if reach is not None:
+        from ukmp.method_traits import TRAITS
         from ukmp.preflight import check_reach
 
-        check_reach(cfg, reach(cfg), data_free=None)  # calibration: by pipeline.preflight, which knows the method
+        # a built-in method's traits are known without torch; a plugin's only once the registry loads (then
+        # pipeline.preflight checks the calibration data)
+        method = cfg.prune.method
+        check_reach(cfg, reach(cfg), data_free=TRAITS[method].data_free if method in TRAITS else None)
     return cfg
 
 

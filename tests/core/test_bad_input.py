@@ -124,6 +124,26 @@ def test_validation_happens_before_torch_is_imported(tmp_path):
     assert proc.stderr.strip().startswith("ukmp prune: error: prune.max_group_prune_ratio")
 
 
+def test_missing_calibration_data_is_found_before_torch_for_a_built_in_method(tmp_path):
+    """A built-in method's need for calibration data comes from the torch-free traits table: UKMP's missing
+    calibration file is one line before torch loads (it waited for the model before); a data-free method's
+    command does not ask for it."""
+    missing = tmp_path / "nothing.yaml"
+    code = ("import sys; from ukmp.cli import main; "
+            f"rc = main(['prune', {DEMO!r}, 'output_dir={tmp_path / 'o'}', 'data.calibration={missing}']); "
+            "print('TORCH', 'torch' in sys.modules, 'RC', rc)")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "TORCH False RC 2" in proc.stdout, (proc.stdout, proc.stderr)
+    assert proc.stderr.strip().startswith("ukmp prune: error: data.calibration") and "nothing.yaml" in proc.stderr
+    from ukmp.cli import _load_cfg, build_parser
+    from ukmp.preflight import Reach
+
+    args = build_parser().parse_args(["prune", DEMO, f"output_dir={tmp_path / 'o'}", "prune.method=magnitude_sp",
+                                      f"data.calibration={missing}"])
+    assert _load_cfg(args, lambda c: Reach(prune=True)).prune.method == "magnitude_sp"  # not asked for: no error
+
+
 def test_config_lists_mirror_their_sources():
     """config.EVAL_TASKS and OPTION_NAMESPACES repeat names other modules own (so validation needs no torch)."""
     import ukmp.baselines
