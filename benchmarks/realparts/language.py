@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="named variant rows, also recovered: 'LABEL:key=value ...; ...' (the label's first word "
                         "is the method; {ratio} in a value is the row's ratio)")
     g.add_argument("--recover-only", default="",
-                   help="recover only these row labels (comma-separated, e.g. 'ukmp k=4 T=0.6'; '' = every row); the "
-                        "others are listed as not requested, their finished stages still read")
+                   help="recover only these rows: labels or label@ratio, comma-separated (e.g. 'ukmp k=4,flap@0.3'; "
+                        "'' = every row); the others are listed as not requested, their finished stages still read")
     g.add_argument("--keep-recovered-weights", action="store_true",
                    help="keep the recovered models (default: deleted after their evaluations, to save disk)")
     args = p.parse_args(argv)

@@ -160,7 +160,7 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
 
     def late(out_root: Path, label: str) -> bool:  # past --recover-until (or not in --recover-only) and not begun
         begun = (out_root / "finetune" / "stage.json").is_file()
-        if only and label not in only and not begun:
+        if only and label not in only and f"{label}@{r}" not in only and not begun:
             rec.setdefault("not_requested", []).append(f"{label}@{r}")
             return True
         if deadline is not None and time.time() >= deadline and not begun:

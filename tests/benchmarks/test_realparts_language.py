@@ -258,7 +258,8 @@ def test_recovery_track_on_tiny_llama(language, tmp_path):
     assert json.loads((root / "quality_lm.json").read_text())["recovery"]["rows"] == rec["rows"]
     # --recover-only: a new variant not asked for is neither pruned nor recovered, and is listed as not requested;
     # the finished rows are still read (no stage runs)
-    only = [*argv[:-1], "ukmp exact:prune.exact_stop=true; ukmp k=2:prune.iterations=2", "--recover-only", "ukmp"]
+    only = [*argv[:-1], "ukmp exact:prune.exact_stop=true; ukmp k=2:prune.iterations=2", "--recover-only",
+            "ukmp,ukmp k=2@0.5"]  # label@ratio: k=2 at another ratio only
     assert language.main(only) == 0
     assert {f: f.stat().st_mtime_ns for f in root.rglob("stage.json")} == stamps
     again = json.loads((root / "quality_lm.json").read_text())["recovery"]
