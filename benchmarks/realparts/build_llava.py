@@ -42,7 +42,7 @@ log = logging.getLogger("realparts.llava")
 IMAGE_SIZE = build.IMAGE_SIZE
 FEATURE_LAYER = 9  # hidden state after 9 of 12 blocks: earlier than the top, which DINOv2 trained colour-invariant
 STAGE1 = {"steps": 40, "images": 8, "questions": 6, "lr": 1e-3, "warmup": 5, "weight_decay": 0.0}
-STAGE2 = {"steps": 250, "images": 8, "questions": 6, "lr": 5e-4, "warmup": 10, "weight_decay": 0.0}
+STAGE2 = {"steps": 220, "images": 8, "questions": 6, "lr": 5e-4, "warmup": 10, "weight_decay": 0.0}
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 CURVE_QUESTIONS = 100
@@ -78,6 +78,23 @@ def add_lora(model, seed: int):
     return get_peft_model(model, LoraConfig(target_modules=LORA_TARGETS, bias="none", **LORA))
 
 
+def probe(model, transform, out: Path, n: int, report: dict[str, Any]) -> int:
+    """The layer probe of ``--probe`` (the evidence behind :data:`FEATURE_LAYER`)."""
+    import json
+
+    from PIL import Image
+
+    from ukmp.io import atomic_write_json
+
+    meta = [m for m in json.loads((out / "cc595k" / "metadata.json").read_text()) if m["colour"] and m["shape"]][:n]
+    pixels = torch.stack([transform(Image.open(out / "images" / m["image"])) for m in meta])
+    labels = {"colour": [m["colour"] for m in meta], "shape": [m["shape"] for m in meta]}
+    report["probe"] = llava_parts.layer_probe(model, pixels, labels, fit=2 * n // 3)
+    atomic_write_json(out / "realparts_llava_probe.json", report)
+    print(json.dumps(report["probe"]))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0)
@@ -94,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap on both stages (truncates)")
     ap.add_argument("--model-dir", default="llava_model", help="under --out (default llava_model; must not exist)")
     ap.add_argument("--timing", type=int, default=0, help="run N stage-2 steps, print their time, write nothing")
+    ap.add_argument("--probe", type=int, default=0,
+                    help="only the layer probe (llava_parts.layer_probe) on the first N train images with a known colour "
+                         "and shape (two thirds fit, a third scored); writes DIR/realparts_llava_probe.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
     torch.set_num_threads(args.threads)
@@ -102,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     out = (args.out or assets.default_cache_dir()).expanduser().resolve()
     model_dir = out / args.model_dir
-    if model_dir.exists() and not args.timing:
+    if model_dir.exists() and not (args.timing or args.probe):
         raise SystemExit(f"error: {model_dir}: exists; remove it or pass another --model-dir")
     report: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "argv": sys.argv[1:] if argv is None else argv,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     del lm
     layout = adapter_for(model).batch_layout()
     transform = ImageTransform.for_layout(layout)
+    if args.probe:
+        return probe(model, transform, out, args.probe, report)
     train_ds, bench_ds = load_dataset(configs["vqa_train"]), load_dataset(configs["vqa_test500"])
     rows, bench = llava_train.Rows(train_ds, processor, layout), llava_train.Rows(bench_ds, processor, layout)
     n_img = min(args.train_images or len(rows.images), len(rows.images))

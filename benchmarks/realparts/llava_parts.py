@@ -161,3 +161,30 @@ def features(model, pixels: torch.Tensor, layer: int, batch: int = 64) -> torch.
                 h = h[0] if isinstance(h, tuple) else h
             out.append(h)
     return torch.cat(out)
+
+
+def layer_probe(model, pixels: torch.Tensor, labels: dict[str, list[str]], fit: int, ridge: float = 10.0) -> dict:
+    """Which of the tower's hidden states keep colour and shape: per hidden state (0: embeddings ... the last
+    block), a ridge-regression classifier on the mean, max and min over the patch tokens (standardised on the first
+    ``fit`` images), fitted on the first ``fit`` images of ``pixels``, its accuracy (%) on the rest, per label in
+    ``labels`` (name -> one class per image)."""
+    pooled: list[list[torch.Tensor]] = []
+    with torch.no_grad():
+        for s in range(0, len(pixels), 100):
+            states = model.model.vision_tower(pixel_values=pixels[s: s + 100], output_hidden_states=True).hidden_states
+            pooled.append([torch.cat([h.mean(1), h.amax(1), h.amin(1)], 1).double() for h in states])
+    out: dict[str, dict[str, float]] = {}
+    for i in range(len(pooled[0])):
+        x = torch.cat([p[i] for p in pooled])
+        x = (x - x[:fit].mean(0)) / (x[:fit].std(0) + 1e-6)
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        row = {}
+        for name, ys in labels.items():
+            classes = sorted(set(ys))
+            y = torch.tensor([classes.index(c) for c in ys])
+            target = torch.nn.functional.one_hot(y, len(classes)).double()
+            a = x[:fit]
+            w = torch.linalg.solve(a.T @ a + ridge * torch.eye(a.shape[1], dtype=a.dtype), a.T @ target[:fit])
+            row[name] = round(100 * float(((x[fit:] @ w).argmax(1) == y[fit:]).double().mean()), 1)
+        out[str(i)] = row
+    return out

@@ -1,6 +1,7 @@
 """LLaVA (``LlavaForConditionalGeneration``): a CLIP vision tower (or SigLIP's: CLIP's module names, no class
-token), a two-layer MLP projector and a Llama-family language model (transformers 5 nests ``model.vision_tower``, ``model.multi_modal_projector`` and
-``model.language_model``, a base model, under ``model``; ``lm_head`` sits at the top).
+token), a two-layer MLP projector and a Llama-family language model (transformers 5 nests ``model.vision_tower``,
+``model.multi_modal_projector`` and ``model.language_model``, a base model, under ``model``; ``lm_head`` sits at the
+top).
 
 Group ids::
 
