@@ -78,6 +78,24 @@ def add_lora(model, seed: int):
     return get_peft_model(model, LoraConfig(target_modules=LORA_TARGETS, bias="none", **LORA))
 
 
+def whitening(feats: torch.Tensor, ridge: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, P): ``(x - mean) @ P`` has about the identity covariance over every token of ``feats``; P is
+    symmetric, its eigenvalues ``(lambda + ridge * mean lambda) ** -1/2`` (the ridge keeps noise directions small)."""
+    x = feats.reshape(-1, feats.shape[-1]).double()
+    mu = x.mean(0)
+    lam, vec = torch.linalg.eigh(torch.cov((x - mu).T))
+    p = vec @ torch.diag((lam.clamp_min(0) + ridge * lam.mean()) ** -0.5) @ vec.T
+    return mu.float(), p.float()
+
+
+def fold_whitening(linear: torch.nn.Linear, mu: torch.Tensor, white: torch.Tensor) -> None:
+    """``linear`` on whitened input made ``linear`` on raw input: W (x - mu) @ P + b = (W P) x + (b - W P mu)
+    (``P`` symmetric)."""
+    with torch.no_grad():
+        linear.bias.copy_(linear.bias - linear.weight @ (white @ mu))
+        linear.weight.copy_(linear.weight @ white)
+
+
 def probe(model, transform, out: Path, n: int, report: dict[str, Any]) -> int:
     """The layer probe of ``--probe`` (the evidence behind :data:`FEATURE_LAYER`)."""
     import json
@@ -110,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=60.0, help="wall-clock cap on both stages (truncates)")
     ap.add_argument("--model-dir", default="llava_model", help="under --out (default llava_model; must not exist)")
+    ap.add_argument("--whiten", action="store_true",
+                    help="option: the projector learns on whitened features (the train features' mean and covariance, "
+                         "ridge 1 %% of the mean eigenvalue), folded exactly into its first Linear at the end")
     ap.add_argument("--timing", type=int, default=0, help="run N stage-2 steps, print their time, write nothing")
     ap.add_argument("--probe", type=int, default=0,
                     help="only the layer probe (llava_parts.layer_probe) on the first N train images with a known colour "
@@ -127,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"seed": args.seed, "threads": args.threads, "argv": sys.argv[1:] if argv is None else argv,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}",
-                              "load_at_start": os.getloadavg()[0], "feature_layer": args.feature_layer}
+                              "load_at_start": os.getloadavg()[0], "feature_layer": args.feature_layer,
+                              "whiten": args.whiten}
     from ukmp.data.images import ImageTransform
     from ukmp.data.loaders import load_dataset
     from ukmp.io import AtomicDir, atomic_write_json
@@ -159,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("shared-prefix forward vs the stock forward: max abs diff %.2e", report["forward_check_max_abs_diff"])
     if report["forward_check_max_abs_diff"] > 1e-3:
         raise SystemExit("error: the training forward differs from the model's own (see the log)")
+    raw_bench = bench_feats
+    if args.whiten:
+        mu, white = whitening(feats)
+        feats, bench_feats = (feats - mu) @ white, (bench_feats - mu) @ white
     all_bench = [(k, q) for k in range(len(bench.images)) for q in range(len(bench.by_image[k]))]
     curve_picks = all_bench[:CURVE_QUESTIONS]
 
@@ -190,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         print({k: report[k]["train_minutes"] for k in ("stage1", "stage2")}, report["forward_check_max_abs_diff"])
         return 0
     model = peft_model.merge_and_unload()
+    if args.whiten:
+        fold_whitening(model.model.multi_modal_projector.linear_1, mu, white)
+        bench_feats = raw_bench
     report["train_minutes"] = round(report["stage1"]["train_minutes"] + report["stage2"]["train_minutes"], 2)
     report["bench_accuracy_teacher_forced"] = llava_train.accuracy(model, bench, bench_feats, all_bench)
     log.info("accuracy on the %d benchmark questions: %s", len(all_bench), report["bench_accuracy_teacher_forced"])

@@ -122,3 +122,25 @@ def test_training_rows_are_the_evaluators_prompts_and_the_shared_prefix_forward_
     feats = llava_parts.features(model, pixels, 1)
     picks = [(k, q) for k in range(len(rows.images)) for q in range(len(rows.by_image[k]))][:5]
     assert llava_train.check_forward(model, rows, feats, pixels, picks) <= 1e-4
+
+
+@pytest.mark.unit
+def test_whitening_whitens_and_folds_exactly_into_the_projector():
+    """Without the ridge the whitened features have the identity covariance (1e-3, float32); with it no direction
+    grows past unit variance (1e-4). The projector's first Linear with the whitening folded in gives on raw features
+    what it gave on whitened ones (1e-4). Not vacuous: the raw covariance is far from the identity (> 1)."""
+    build_llava = importlib.import_module("build_llava")
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(64, 9, 16, generator=g) @ torch.randn(16, 16, generator=g) + 3.0
+    mu, white = build_llava.whitening(feats, ridge=0.0)
+    x = ((feats - mu) @ white).reshape(-1, 16)
+    assert (torch.cov(x.T) - torch.eye(16)).abs().max() < 1e-3
+    mu, white = build_llava.whitening(feats)
+    x = ((feats - mu) @ white).reshape(-1, 16)
+    assert torch.linalg.eigvalsh(torch.cov(x.T)).max() <= 1 + 1e-4
+    assert (torch.cov(feats.reshape(-1, 16).T) - torch.eye(16)).abs().max() > 1.0
+    lin = torch.nn.Linear(16, 8)
+    with torch.no_grad():
+        before = lin((feats - mu) @ white)
+        build_llava.fold_whitening(lin, mu, white)
+        assert (lin(feats) - before).abs().max() <= 1e-4
