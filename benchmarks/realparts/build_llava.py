@@ -9,7 +9,8 @@
    (calibration / recovery), the fixed 500 test questions; the text YAMLs are reused when present.
 3. Stage 1: the projector alone (language model frozen). Stage 2: projector + LoRA on every language-model
    Linear, merged at the end. The tower's hidden state ``--feature-layer`` is computed once per image.
-4. The model (+ processor with its chat template) to DIR/llava_model, the report to DIR/realparts_llava.json.
+4. The model (+ processor with its chat template) to DIR/llava_model, the report to DIR/realparts_llava.json
+   (another ``--model-dir`` NAME: DIR/NAME and DIR/realparts_NAME.json).
 Deterministic given seed and threads (``--minutes`` only truncates, and says so).
 """
 
@@ -233,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         processor.save_pretrained(tmp)
     report.update(configs=configs, model_dir=str(model_dir), total_minutes=round((time.monotonic() - t_start) / 60, 2),
                   load_at_end=os.getloadavg()[0])
-    atomic_write_json(out / "realparts_llava.json", report)
-    log.info("wrote %s (%.1f min)", out / "realparts_llava.json", report["total_minutes"])
+    path = out / ("realparts_llava.json" if args.model_dir == "llava_model" else f"realparts_{args.model_dir}.json")
+    atomic_write_json(path, report)
+    log.info("wrote %s (%.1f min)", path, report["total_minutes"])
     return 0
 
 
