@@ -56,6 +56,11 @@ VARIANTS = {
 def late(until: str) -> bool:
     """Whether the UTC clock is at or past ``until`` (HH:MM; '' never)."""
     return bool(until) and time.strftime("%H:%M", time.gmtime()) >= until
+
+
+def finished(run_dir: Path, stage: str) -> bool:
+    """Whether ``run_dir``'s ``stage`` completed (its ``stage.json``): read from the cache even past ``--until``."""
+    return (run_dir / stage / "stage.json").is_file()
 # What a 2-core CPU affords on this 161M model (any key=value given wins over these): one calibration budget for
 # every method (64 captions; ECoFLaP's delta asks 128); UPop's search trains every weight for upop.steps steps
 # (configs/methods/upop.yaml's 200 would cost hours per ratio here): 20 steps, 4 gate updates; ECoFLaP's zeroth-order
@@ -429,13 +434,13 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
             res = compare(configs, overrides, r, fresh, recover=False, **where)
             found.update(res["methods"])
         for i in range(len(fresh) if until else 0):  # one more method a call: the earlier ones are cached
-            if late(until):
+            if late(until) and not finished(croot / fresh[i], "eval_pruned"):
                 skipped += [f"{m}@{r}" for m in fresh[i:]]
                 break
             res = compare(configs, overrides, r, fresh[: i + 1], recover=False, **where)
             found.update(res["methods"])
         for m in (m for m in methods if m in scored):
-            if late(until):
+            if late(until) and not finished(croot / m, "eval_pruned"):
                 skipped.append(f"{m}@{r}")
                 continue
             src, extra, _ = scored[m]
@@ -539,7 +544,7 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
         rows = by_ratio.get(str(r), {})
         chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
         for m in chosen:  # one method a call, with the overrides its pruned row had: the same cached prune stage
-            if late(args.until):
+            if late(args.until) and not finished(root / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
                 skipped.append(f"recovery {m}@{r}")
                 continue
             v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
