@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py --testbed realparts     # real weights: DINOv2-S + SmolLM2-135M BLIP-2 (see
                                                          #   benchmarks/realparts/quality_vlm.py; build.py first)
+    python benchmarks/quality.py --testbed realparts-llava  # the same on the LLaVA of realparts/build_llava.py
     python benchmarks/quality.py --testbed smollm2       # real weights, language only: SmolLM2-135M as a causal LM
                                                          #   (benchmarks/realparts/language.py)
     python benchmarks/testbed/build.py --seed 0          # the from-scratch testbed ("calibration = training data")
@@ -160,7 +161,7 @@ def targets(result: dict[str, Any]) -> list[str]:
     return out
 
 
-TESTBEDS = {"easyvqa": None, "realparts": "quality_vlm", "smollm2": "language"}
+TESTBEDS = {"easyvqa": None, "realparts": "quality_vlm", "realparts-llava": "quality_vlm", "smollm2": "language"}
 
 
 def pop_testbed(argv: list[str]) -> tuple[str, list[str]]:
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         sys.path.insert(0, str(ROOT / "benchmarks" / "realparts"))
-        return importlib.import_module(TESTBEDS[testbed]).main(argv)
+        module = importlib.import_module(TESTBEDS[testbed])
+        return module.main(argv, testbed=testbed) if testbed in getattr(module, "VARIANTS", {}) else module.main(argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--testbed", default="easyvqa", choices=list(TESTBEDS), help="which testbed (see above)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides")

@@ -1,4 +1,6 @@
-"""Quality on the real-weights testbed (``python benchmarks/quality.py --testbed realparts``).
+"""Quality on the real-weights testbed (``python benchmarks/quality.py --testbed realparts``; ``--testbed
+realparts-llava``: the same tables on the LLaVA of ``build_llava.py``, config ``realparts_llava.yaml``, results
+``benchmarks/results/realparts_llava_vlm*``).
 
 The BLIP-2 of ``build.py`` (DINOv2 ViT-S/14 + SmolLM2-135M-Instruct, Q-Former trained on easy-VQA): dense, then
 every method at each ratio of ALL the model's parameters, each reporting easy-VQA accuracy on the fixed 500 test
@@ -8,8 +10,10 @@ best baselines of each ratio. The appendix's ablations at ``--ablation-ratio``. 
 rows of its own: ``--text-methods`` (UKMP and LLM-Pruner by default) calibrated on the captions plus windows of the
 disjoint calibration part of the pydoc_data text (``data.calibration_text``), which reach the language model alone.
 
-Everything lands under ``outputs/realparts_quality/`` (each run a cached, resumable pipeline stage) and is copied to
-``benchmarks/results/realparts_vlm*.{json,md,png}``.
+Everything lands under ``outputs/<config name>_quality/`` (each run a cached, resumable pipeline stage) and is copied
+to ``benchmarks/results/realparts_vlm*.{json,md,png}``. ``--until HH:MM`` (UTC) starts no method, variant,
+recovery or ablation after that time: what finished is reported, the rest listed as not started, and a later
+invocation resumes from the cached stages.
 """
 
 from __future__ import annotations
@@ -39,6 +43,24 @@ from ukmp.pipeline import run  # noqa: E402
 
 log = logging.getLogger("quality.realparts")
 VQA, PPL = "okvqa", "perplexity"
+# the testbeds this module serves: config, results prefix, the model in words, the script that builds it
+VARIANTS = {
+    "realparts": {"config": HERE / "realparts.yaml", "results": "realparts_vlm", "build": "build.py",
+                  "title": "BLIP-2 = DINOv2 ViT-S/14 + Q-Former + SmolLM2-135M-Instruct"},
+    "realparts-llava": {"config": HERE / "realparts_llava.yaml", "results": "realparts_llava_vlm",
+                        "build": "build_llava.py",
+                        "title": "LLaVA = DINOv2 ViT-S/14 (SigLIP shell) + MLP projector + SmolLM2-135M-Instruct"},
+}
+
+
+def late(until: str) -> bool:
+    """Whether the UTC clock is at or past ``until`` (HH:MM; '' never)."""
+    return bool(until) and time.strftime("%H:%M", time.gmtime()) >= until
+
+
+def finished(run_dir: Path, stage: str) -> bool:
+    """Whether ``run_dir``'s ``stage`` completed (its ``stage.json``): read from the cache even past ``--until``."""
+    return (run_dir / stage / "stage.json").is_file()
 # What a 2-core CPU affords on this 161M model (any key=value given wins over these): one calibration budget for
 # every method (64 captions; ECoFLaP's delta asks 128); UPop's search trains every weight for upop.steps steps
 # (configs/methods/upop.yaml's 200 would cost hours per ratio here): 20 steps, 4 gate updates; ECoFLaP's zeroth-order
@@ -300,22 +322,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for i, m in enumerate(result["methods"]):
             colour = f"C{i % 10}"
             for state, style in (("", "-"), ("_recovered", "--")):
-                ys = [dense] + [get(result["by_ratio"][str(r)][m], state) for r in result["ratios"]]
+                ys = [dense] + [get(result["by_ratio"][str(r)].get(m, {}), state) for r in result["ratios"]]
                 if all(y is None for y in ys[1:]):
                     continue
                 ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
                         label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
         for m in tc.get("methods", []):
             colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
-            ys = [dense] + [get(tc["by_ratio"][str(r)][m], "") for r in result["ratios"]]
+            ys = [dense] + [get(tc["by_ratio"][str(r)].get(m, {}), "") for r in result["ratios"]]
             ax.plot(ratios, [float("nan") if y is None else y for y in ys], ":", marker="x", color=colour,
                     label=f"{m} + text")
         ax.set_ylabel(label)
         ax.set_xlabel("pruning ratio (fraction of all parameters)")
     axes[-1].set_yscale("log")
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle("real weights (DINOv2-S + SmolLM2-135M BLIP-2): solid = pruned, dashed = recovered, "
-                 "dotted = calibrated on captions + text")
+    fig.suptitle(f"real weights ({result.get('title', VARIANTS['realparts']['title'])}): solid = pruned, "
+                 "dashed = recovered, dotted = calibrated on captions + text", fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -329,7 +351,7 @@ def fmt(v: float | None, digits: int = 2) -> str:
 
 def markdown(result: dict[str, Any]) -> str:
     d = result["dense"]
-    lines = ["# Quality with real weights: BLIP-2 = DINOv2 ViT-S/14 + Q-Former + SmolLM2-135M-Instruct", "",
+    lines = [f"# Quality with real weights: {result.get('title', VARIANTS['realparts']['title'])}", "",
              f"Dense: easy-VQA **{d['vqa']:.2f} %** (500 fixed test questions), held-out perplexity "
              f"**{d['ppl']:.3f}** ({result['ppl_tokens']}). Ratio = fraction of all {result['total_params']:,} "
              f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "
@@ -342,9 +364,9 @@ def markdown(result: dict[str, Any]) -> str:
     for m in result["methods"]:
         cells = []
         for r in result["ratios"]:
-            row = result["by_ratio"][str(r)][m]
-            cells += [fmt(row["vqa"]), fmt(row["ppl"], 3)]
-        last = result["by_ratio"][str(result["ratios"][-1])][m]
+            row = result["by_ratio"][str(r)].get(m, {})
+            cells += [fmt(row.get("vqa")), fmt(row.get("ppl"), 3)]
+        last = result["by_ratio"][str(result["ratios"][-1])].get(m, {})
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(last.get('score_seconds'), 1)} |")
     tc = result.get("text_calibration") or {}
     if tc.get("methods"):
@@ -355,9 +377,9 @@ def markdown(result: dict[str, Any]) -> str:
         for m in tc["methods"]:
             cells = []
             for r in result["ratios"]:
-                row, base_row = tc["by_ratio"][str(r)][m], result["by_ratio"][str(r)].get(m, {})
-                cells += [f"{fmt(row['vqa'])} ({fmt(base_row.get('vqa'))})",
-                          f"{fmt(row['ppl'], 3)} ({fmt(base_row.get('ppl'), 3)})"]
+                row, base_row = tc["by_ratio"][str(r)].get(m, {}), result["by_ratio"][str(r)].get(m, {})
+                cells += [f"{fmt(row.get('vqa'))} ({fmt(base_row.get('vqa'))})",
+                          f"{fmt(row.get('ppl'), 3)} ({fmt(base_row.get('ppl'), 3)})"]
             lines.append(f"| {m} + text | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("In brackets: the same method calibrated on the captions alone (the table above).")
@@ -376,9 +398,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", f"## Kept width per group kind at ratio {r} (fraction of units)", "",
                   "| method | achieved | " + " | ".join(kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
         for m in result["methods"]:
-            row = result["by_ratio"][str(r)][m]
+            row = result["by_ratio"][str(r)].get(m, {})
             kw = row.get("kept_width", {})
-            lines.append(f"| {m} | {row['achieved_ratio']:.4f} | " + " | ".join(fmt(kw.get(k), 3) for k in kinds) + " |")
+            lines.append(f"| {m} | {fmt(row.get('achieved_ratio'), 4)} | "
+                         + " | ".join(fmt(kw.get(k), 3) for k in kinds) + " |")
+    if result.get("not_started"):
+        lines += ["", f"Not started (past --until {result.get('until')}): {', '.join(result['not_started'])}."]
     for table, rows in result.get("ablations", {}).items():
         lines += ["", f"## Table {table} (UKMP, ratio {result['ablation_ratio']}, after pruning)", "",
                   "| variant | VQA | ppl | tokens back-propagated | achieved |", "|---|---:|---:|---:|---:|"]
@@ -390,29 +415,42 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: list[float],
-               methods: tuple[str, ...], where: dict[str, Path]) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+               methods: tuple[str, ...], where: dict[str, Path], until: str = "",
+               skipped: list[str] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(dense metrics, {ratio: {method: row}}) after pruning, each method a cached ``compare`` run under
     ``<prefix>_compare_<ratio>/<method>``. The ratio-free methods of ``ukmp.method_traits`` (and llm_pruner_local,
     which re-allocates LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the
-    others."""
+    others. ``until``: no method starts later (``skipped`` collects "method@ratio" of those; their rows are left
+    out), each method then a ``compare`` call of its own over the methods before it (cached: the same stages)."""
     by_ratio: dict[str, dict[str, Any]] = {}
+    skipped = [] if skipped is None else skipped
     dense: dict[str, Any] = {}
     scored: dict[str, tuple[Path, list[str], dict[str, Any]]] = {}  # method -> (scores, overrides, first facts)
     for r in ratios:
         croot = Path(f"{prefix}_compare_{r}")
         fresh = tuple(m for m in methods if m not in scored)
         found: dict[str, dict[str, Any]] = {}
-        if fresh:
+        if fresh and not until:
             res = compare(configs, overrides, r, fresh, recover=False, **where)
             found.update(res["methods"])
+        for i in range(len(fresh) if until else 0):  # one more method a call: the earlier ones are cached
+            if late(until) and not finished(croot / fresh[i], "eval_pruned"):
+                skipped += [f"{m}@{r}" for m in fresh[i:]]
+                break
+            res = compare(configs, overrides, r, fresh[: i + 1], recover=False, **where)
+            found.update(res["methods"])
         for m in (m for m in methods if m in scored):
+            if late(until) and not finished(croot / m, "eval_pruned"):
+                skipped.append(f"{m}@{r}")
+                continue
             src, extra, _ = scored[m]
             res = compare(configs, [*overrides, f"prune.scores_from={src}", *extra], r, (m,), recover=False,
                           **where)
             found.update(res["methods"])
-        dense = {"vqa": metric(res["dense"], VQA), "ppl": metric(res["dense"], PPL)}
+        if found:
+            dense = {"vqa": metric(res["dense"], VQA), "ppl": metric(res["dense"], PPL)}
         rows = {}
-        for m in methods:
+        for m in (m for m in methods if m in found):
             v = found[m]
             facts = prune_facts(croot / m)
             if m in scored:  # the seconds and tokens of the run that computed the scores
@@ -425,7 +463,7 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
                        if src else []}
         by_ratio[str(r)] = rows
         if not scored:
-            for m in methods:
+            for m in (m for m in methods if m in rows):
                 if method_traits(m).ratio_free:
                     scored[m] = (croot / m / "prune" / "scores.safetensors", [], rows[m])
                 elif (m in SCORE_SHARING and method_traits(SCORE_SHARING[m][0]).ratio_free
@@ -435,11 +473,13 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
     return dense, by_ratio
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="quality.py --testbed realparts", description=__doc__,
+def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
+    variant = VARIANTS[testbed]
+    p = argparse.ArgumentParser(prog=f"quality.py --testbed {testbed}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
-    p.add_argument("--config", default=str(HERE / "realparts.yaml"))
+    p.add_argument("--config", default=str(variant["config"]))
+    p.add_argument("--until", default="", help="HH:MM UTC: nothing starts later (finished stages are read)")
     p.add_argument("--ratios", default="0.2,0.3,0.5")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--recover-ratios", default="0.5", help="ratios with recovery runs ('' = none; default 0.5)")
@@ -467,10 +507,12 @@ def main(argv: list[str] | None = None) -> int:
     base = load_config(configs, args.overrides)
     model_dir = Path(base.model.source)
     if not model_dir.is_dir():
-        raise SystemExit(f"error: {model_dir}: no built model; run python benchmarks/realparts/build.py first")
+        raise SystemExit(f"error: {model_dir}: no built model; run python benchmarks/realparts/{variant['build']} "
+                         f"first")
     import assets  # noqa: PLC0415  (benchmarks/realparts on the path)
 
-    assets.write_eval_text_yaml(model_dir.parent)
+    if not (model_dir.parent / "configs" / "text_heldout_eval.yaml").is_file():  # never rewritten when present
+        assets.write_eval_text_yaml(model_dir.parent)
     root = Path(base.output_dir) / f"{base.name}_quality"
     if args.render_only:
         saved = root / "quality.json"
@@ -478,32 +520,40 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: {saved}: no saved result to render; run without --render-only first")
         result = json.loads(saved.read_text())
         add_breakdowns(result, root, vqa_truth(base.eval.datasets[VQA]), base.eval.vqa_scorer)
-        write_outputs(result, root, [], args.results)
+        write_outputs(result, root, [], args.results, variant["results"])
         return 0
     overrides = [*args.overrides, f"output_dir={root}"]
     ratios = [float(r) for r in args.ratios.split(",")]
     methods = tuple(args.methods.split(","))
     where = {"methods_dir": ROOT / "configs" / "methods", "dense_dir": root / "dense"}  # dense evaluated once
-    dense, by_ratio = prune_rows(configs, overrides, root / f"{base.name}", ratios, methods, where)
+    skipped: list[str] = []
+    dense, by_ratio = prune_rows(configs, overrides, root / f"{base.name}", ratios, methods, where, args.until,
+                                 skipped)
     text_methods = tuple(m for m in args.text_methods.split(",") if m.strip())
     text_rows: dict[str, dict[str, Any]] = {}
+    text_skipped: list[str] = []
     if text_methods:
         text_yaml = model_dir.parent / "configs" / "text_calibration.yaml"
         vroot = root / "text_calibration"
         _, text_rows = prune_rows(configs, [*overrides, f"output_dir={vroot}", f"data.calibration_text={text_yaml}",
                                             f"prune.num_text_samples={args.text_samples}"],
-                                  vroot / base.name, ratios, text_methods, where)
+                                  vroot / base.name, ratios, text_methods, where, args.until, text_skipped)
+        skipped += [f"{m} + text" for m in text_skipped]
     recover_ratios = [float(r) for r in args.recover_ratios.split(",") if r.strip()]
     for r in recover_ratios:
-        rows = by_ratio[str(r)]
+        rows = by_ratio.get(str(r), {})
         chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
         for m in chosen:  # one method a call, with the overrides its pruned row had: the same cached prune stage
+            if late(args.until) and not finished(root / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
+                skipped.append(f"recovery {m}@{r}")
+                continue
             v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
                         **where)["methods"][m]
             rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
             rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
     result: dict[str, Any] = {
-        "name": base.name, "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
+        "name": base.name, "title": variant["title"], "until": args.until, "not_started": skipped,
+        "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
         "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio, "overrides": args.overrides,
         "text_calibration": {"methods": list(text_methods), "by_ratio": text_rows,
                              "samples": args.text_samples or base.prune.num_samples, "window": 128},
@@ -514,11 +564,13 @@ def main(argv: list[str] | None = None) -> int:
                            f"lr {base.finetune.lr}",
         "machine": f"{os.cpu_count()} CPUs, torch {__import__('torch').__version__}",
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "command": "python benchmarks/quality.py --testbed realparts " + " ".join(argv or sys.argv[1:]),
+        "command": f"python benchmarks/quality.py --testbed {testbed} " + " ".join(argv or sys.argv[1:]),
     }
     first = root / f"{base.name}_compare_{ratios[0]}" / methods[0] / "prune" / "summary.json"
     result["total_params"] = json.loads(first.read_text())["parameters"]["total_before"]
-    if not args.no_ablations:
+    if not args.no_ablations and late(args.until):
+        skipped.append("ablations")
+    elif not args.no_ablations:
         result["ablations"] = run_ablations(configs, args.overrides, root / f"ablations_{args.ablation_ratio}",
                                             args.ablation_ratio)
     result["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
@@ -533,12 +585,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(root / "gallery.md", gallery_markdown(g))
         gallery_png(g, root / "gallery.png")
         extra += [root / "gallery.json", root / "gallery.md", root / "gallery.png"]
-    write_outputs(result, root, extra, args.results)
+    write_outputs(result, root, extra, args.results, variant["results"])
     return 0
 
 
-def write_outputs(result: dict[str, Any], root: Path, extra: list[Path], results: str) -> None:
-    """quality.{json,md,png} under ``root``; those and ``extra`` copied to ``results`` as realparts_vlm_*."""
+def write_outputs(result: dict[str, Any], root: Path, extra: list[Path], results: str,
+                  prefix: str = "realparts_vlm") -> None:
+    """quality.{json,md,png} under ``root``; those and ``extra`` copied to ``results`` as ``<prefix>_*``."""
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_json(root / "quality.json", result)
     atomic_write_text(root / "quality.md", markdown(result))
@@ -547,7 +600,7 @@ def write_outputs(result: dict[str, Any], root: Path, extra: list[Path], results
         dest = Path(results)
         dest.mkdir(parents=True, exist_ok=True)
         for f in [root / "quality.json", root / "quality.md", root / "quality.png", *extra]:
-            shutil.copyfile(f, dest / f"realparts_vlm_{f.name}")
+            shutil.copyfile(f, dest / f"{prefix}_{f.name}")
     print(markdown(result))
 
 

@@ -1,6 +1,7 @@
-"""LLaVA (``LlavaForConditionalGeneration``): a CLIP vision tower, a two-layer MLP projector and a Llama-family
-language model (transformers 5 nests ``model.vision_tower``, ``model.multi_modal_projector`` and
-``model.language_model``, a base model, under ``model``; ``lm_head`` sits at the top).
+"""LLaVA (``LlavaForConditionalGeneration``): a CLIP vision tower (or SigLIP's: CLIP's module names, no class
+token), a two-layer MLP projector and a Llama-family language model (transformers 5 nests ``model.vision_tower``,
+``model.multi_modal_projector`` and ``model.language_model``, a base model, under ``model``; ``lm_head`` sits at the
+top).
 
 Group ids::
 
@@ -26,15 +27,21 @@ from ukmp.models.vision_decoder import VisionDecoderAdapter
 from ukmp.plan import PlanError, PruningPlan
 
 
+def class_tokens(vision_config) -> int:
+    """1 for a tower that puts a class token before its patches (CLIP), 0 for one that does not (SigLIP)."""
+    return 0 if vision_config.model_type == "siglip_vision_model" else 1
+
+
 class LlavaAdapter(VisionDecoderAdapter):
     vision_prefix = "model.vision_tower"
     drops_layers = True
 
     def image_tokens(self) -> int:
-        """One token per patch, plus CLIP's CLS when the strategy is ``full`` (``default`` drops it)."""
+        """One token per patch, plus CLIP's CLS when the strategy is ``full``; ``default`` drops the first token (the
+        CLS of a CLIP tower, a patch of a tower without one, as the stock model does: a SigLIP tower reads ``full``)."""
         vc = self.config.vision_config
         patches = (int(vc.image_size) // int(vc.patch_size)) ** 2
-        return patches + (1 if self.config.vision_feature_select_strategy == "full" else 0)
+        return patches + class_tokens(vc) - (1 if self.config.vision_feature_select_strategy == "default" else 0)
 
     def build_processor(self, tokenizer, corpus=None):
         from ukmp.models.processors import build_llava_processor

@@ -89,6 +89,8 @@ def build_llava_processor(tokenizer, config):
     """A ``LlavaProcessor`` (CLIP mean/std, bicubic resize) whose ``<image>`` expands to the patch tokens."""
     from transformers import LlavaProcessor
 
+    from ukmp.models.llava import class_tokens
+
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     size = int(config.vision_config.image_size)
     image_processor = _ImageProcessor(
@@ -99,4 +101,4 @@ def build_llava_processor(tokenizer, config):
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
                           patch_size=int(config.vision_config.patch_size),
                           vision_feature_select_strategy=config.vision_feature_select_strategy,
-                          num_additional_image_tokens=1)  # CLIP's CLS ("default" then drops it)
+                          num_additional_image_tokens=class_tokens(config.vision_config))  # CLIP's CLS
