@@ -23,13 +23,9 @@ from torch import nn
 
 from ukmp.models.base import FeatureBlock, RemovedWeights
 from ukmp.models.parts.clip import ClipVisionPart
+from ukmp.models.processors import class_tokens
 from ukmp.models.vision_decoder import VisionDecoderAdapter
 from ukmp.plan import PlanError, PruningPlan
-
-
-def class_tokens(vision_config) -> int:
-    """1 for a tower that puts a class token before its patches (CLIP), 0 for one that does not (SigLIP)."""
-    return 0 if vision_config.model_type == "siglip_vision_model" else 1
 
 
 class LlavaAdapter(VisionDecoderAdapter):

@@ -85,11 +85,14 @@ def build_processor(tokenizer, num_query_tokens: int, image_size: int, qformer_t
     return Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
 
 
+def class_tokens(vision_config) -> int:
+    """1 for a tower that puts a class token before its patches (CLIP), 0 for one that does not (SigLIP)."""
+    return 0 if vision_config.model_type == "siglip_vision_model" else 1
+
+
 def build_llava_processor(tokenizer, config):
     """A ``LlavaProcessor`` (CLIP mean/std, bicubic resize) whose ``<image>`` expands to the patch tokens."""
     from transformers import LlavaProcessor
-
-    from ukmp.models.llava import class_tokens
 
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     size = int(config.vision_config.image_size)
