@@ -40,8 +40,10 @@ class VisionDecoderAdapter(ModelAdapter):
         self.parts = [self.vision, self.lm]
 
     def image_tokens(self) -> int:
-        """Image placeholder tokens of one image read at the tower's ``image_size`` (the subclass's count)."""
-        raise NotImplementedError
+        """Image placeholder tokens of one image read at the tower's ``image_size`` (the subclass's count). Not
+        abstract: a family whose token count varies per image (Qwen-VL) overrides ``batch_layout`` instead."""
+        raise NotImplementedError(f"{type(self).__name__}: a fixed-size family defines image_tokens(); a "
+                                  "native-resolution one overrides batch_layout()")
 
     def batch_layout(self) -> BatchLayout:
         """One image per sample, always read at the tower's size (another size would change the token count)."""
@@ -52,7 +54,7 @@ class VisionDecoderAdapter(ModelAdapter):
 
     def build_processor(self, tokenizer, corpus=None):
         """The family's processor around ``tokenizer`` (adds its image token); each subclass builds its own."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: no build_processor() for this family")
     def vision_part(self):
         """The vision tower's part (CLIP's module layout unless a subclass says otherwise)."""
         return ClipVisionPart(self.config.vision_config, self.vision_prefix)
