@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -53,9 +54,19 @@ VARIANTS = {
 }
 
 
+_DEADLINES: dict[str, float] = {}
+
+
 def late(until: str) -> bool:
-    """Whether the UTC clock is at or past ``until`` (HH:MM; '' never)."""
-    return bool(until) and time.strftime("%H:%M", time.gmtime()) >= until
+    """Whether the clock is past ``until`` (HH:MM UTC, its next occurrence after this process first asked; ''
+    never): a run started at 23:00 with --until 00:50 goes on past midnight."""
+    if not until:
+        return False
+    if until not in _DEADLINES:
+        from deadline import next_utc  # noqa: PLC0415  (benchmarks/realparts on the path)
+
+        _DEADLINES[until] = next_utc(until, "quality.py: --until")
+    return time.time() >= _DEADLINES[until]
 
 
 def finished(run_dir: Path, stage: str) -> bool:
@@ -93,10 +104,47 @@ def stage_minutes(root: Path) -> float:
     return round(sum(json.loads(p.read_text()).get("seconds", 0.0) for p in root.rglob("stage.json")) / 60, 1)
 
 
-def best_baselines(rows: dict[str, dict[str, Any]], k: int) -> list[str]:
-    """The ``k`` baselines with the highest VQA accuracy after pruning (ties: the lower perplexity)."""
-    cands = [(m, r) for m, r in rows.items() if m != "ukmp" and r["vqa"] is not None]
-    cands.sort(key=lambda t: (-t[1]["vqa"], t[1]["ppl"] if t[1]["ppl"] is not None else float("inf")))
+def parse_variants(spec: str) -> list[tuple[str, list[str]]]:
+    """``--variants "LABEL:key=value key=value; LABEL:..."`` as [(label, overrides)], with a one-line error naming
+    the flag for an item without a label or an override that is not key=value."""
+    out: list[tuple[str, list[str]]] = []
+    for item in (i.strip() for i in spec.split(";")):
+        if not item:
+            continue
+        label, sep, rest = item.partition(":")
+        over = rest.split()
+        if not sep or not label.strip() or not over or any("=" not in o or o.startswith("=") for o in over):
+            raise SystemExit(f"quality.py: --variants: {item!r} is not 'LABEL:key=value [key=value ...]'")
+        if variant_dir(label) in {variant_dir(lbl) for lbl, _ in out}:
+            raise SystemExit(f"quality.py: --variants: the label {label.strip()!r} repeats one before it (its "
+                             f"directory {variant_dir(label)!r})")
+        out.append((label.strip(), over))
+    return out
+
+
+def variant_dir(label: str) -> str:
+    """The directory (under ``<root>/variants``) of a ``--variants`` row."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") or "variant"
+
+
+def rescores(overrides: list[str]) -> bool:
+    """Whether the overrides make UKMP re-score as it prunes (``prune.iterations`` > 1): its scores then depend on
+    the ratio, so no ratio re-allocates another's."""
+    its = [o.split("=", 1)[1] for o in overrides if o.startswith("prune.iterations=")]
+    return bool(its) and int(its[-1]) > 1
+
+
+def best_baselines(rows: dict[str, dict[str, Any]], k: int, by: str = "vqa") -> list[str]:
+    """The ``k`` baselines with the highest accuracy after pruning: ``by`` "vqa" all 500 questions, "open" the open
+    ones (the image-knowledge column; ties: all questions); ties then go to the lower perplexity."""
+    def key(t: tuple[str, dict[str, Any]]) -> tuple[float, ...]:
+        r = t[1]
+        ppl = r["ppl"] if r["ppl"] is not None else float("inf")
+        return (-(open_accuracy(r) or 0.0), -r["vqa"], ppl) if by == "open" else (-r["vqa"], ppl)
+
+    if by not in ("vqa", "open"):
+        raise ValueError(f"--recover-by: {by!r} is not one of vqa, open")
+    cands = sorted(((m, r) for m, r in rows.items() if m != "ukmp" and r["vqa"] is not None), key=key)
     return [m for m, _ in cands[:k]]
 
 
@@ -162,7 +210,10 @@ def add_breakdowns(result: dict[str, Any], root: Path, truth: dict[Any, tuple[st
                                            / len(truth), 2) for a in ("yes", "no")}
     result["dense"]["vqa_by_kind"] = vqa_by_kind(root / "dense" / "eval_dense" / VQA / "predictions.json", truth, scorer)
     text_rows = (result.get("text_calibration") or {}).get("by_ratio") or {}
-    for sub, by_ratio in (("", result["by_ratio"]), ("text_calibration", text_rows)):
+    subs = [("", result["by_ratio"]), ("text_calibration", text_rows)]
+    subs += [(f"variants/{variant_dir(label)}", {r: {"ukmp": row} for r, row in v["by_ratio"].items()})
+             for label, v in (result.get("variants") or {}).items()]
+    for sub, by_ratio in subs:
         for r, rows in by_ratio.items():
             for m, row in rows.items():
                 run_dir = root / sub / f"{result['name']}_compare_{r}" / m
@@ -170,6 +221,9 @@ def add_breakdowns(result: dict[str, Any], root: Path, truth: dict[Any, tuple[st
                 rec = vqa_by_kind(run_dir / "eval_finetuned" / VQA / "predictions.json", truth, scorer)
                 if rec is not None:
                     row["vqa_by_kind_recovered"] = rec
+                    stage = run_dir / "finetune" / "stage.json"
+                    if stage.is_file():
+                        row["recovery_minutes"] = round(json.loads(stage.read_text())["seconds"] / 60, 1)
 
 
 def kind_markdown(result: dict[str, Any]) -> list[str]:
@@ -201,6 +255,8 @@ def kind_markdown(result: dict[str, Any]) -> list[str]:
             entries += [(m, row.get("vqa_by_kind")), (f"{m} (recovered)", row.get("vqa_by_kind_recovered"))]
         for m, row in (tc.get("by_ratio") or {}).get(str(r), {}).items():
             entries.append((f"{m} + text", row.get("vqa_by_kind")))
+        for label, row in variant_rows(result, r):
+            entries += [(label, row.get("vqa_by_kind")), (f"{label} (recovered)", row.get("vqa_by_kind_recovered"))]
         for label, k in entries:
             if k is None:
                 continue
@@ -349,6 +405,35 @@ def fmt(v: float | None, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def variant_rows(result: dict[str, Any], r: float) -> list[tuple[str, dict[str, Any]]]:
+    """[(label, UKMP row)] of the ``--variants`` rows at ratio ``r``."""
+    return [(label, v["by_ratio"][str(r)]) for label, v in (result.get("variants") or {}).items()
+            if str(r) in v["by_ratio"]]
+
+
+def recovered_markdown(result: dict[str, Any]) -> list[str]:
+    """The recovered rows first (what a user keeps): open-question accuracy (the image-knowledge column), all 500
+    questions and perplexity, each pruned → recovered, and the minutes the recovery took."""
+    rec_rows = [(r, m, row) for r in result["ratios"]
+                for m, row in [*result["by_ratio"][str(r)].items(), *variant_rows(result, r)]
+                if row.get("vqa_recovered") is not None]
+    if not rec_rows:
+        return []
+    by = {"open": "accuracy on the open questions", "vqa": "accuracy on all 500 questions"}[result.get("recover_by",
+                                                                                                    "vqa")]
+    lines = ["", "## After recovery (WR-LoRA + progressive distillation)", "",
+             f"Recovered at each ratio: UKMP, its `--variants` rows and the best other methods after pruning by "
+             f"{by}.", "",
+             "| ratio | method | open % pruned → recovered | VQA % pruned → recovered | ppl pruned → recovered "
+             "| recovery min |", "|---|---|---:|---:|---:|---:|"]
+    for r, m, row in sorted(rec_rows, key=lambda t: (t[0], -(open_accuracy(t[2], "_recovered") or -1.0),
+                                                       -t[2]["vqa_recovered"])):
+        lines.append(f"| {r} | {m} | {fmt(open_accuracy(row))} → {fmt(open_accuracy(row, '_recovered'))} | "
+                     f"{fmt(row['vqa'])} → {fmt(row['vqa_recovered'])} | "
+                     f"{fmt(row['ppl'], 3)} → {fmt(row['ppl_recovered'], 3)} | {fmt(row.get('recovery_minutes'), 1)} |")
+    return lines
+
+
 def markdown(result: dict[str, Any]) -> str:
     d = result["dense"]
     lines = [f"# Quality with real weights: {result.get('title', VARIANTS['realparts']['title'])}", "",
@@ -357,17 +442,23 @@ def markdown(result: dict[str, Any]) -> str:
              f"parameters removed. Recovery budget (every recovered row): {result['recovery_budget']}. "
              f"Machine: {result['machine']}; {result['date']}; this invocation {result['total_minutes']:.1f} min, every "
              f"stage behind the tables {result.get('stage_minutes', 0.0):.0f} min summed. "
-             f"Command: `{result.get('command', '')}`; overrides: `{' '.join(result.get('overrides', []))}`.", "",
-             "## After pruning (VQA % / perplexity)", "",
-             "| method | " + " | ".join(f"{r}: VQA | {r}: ppl" for r in result["ratios"]) + " | scoring s (0.5) |",
-             "|---|" + "---:|---:|" * len(result["ratios"]) + "---:|"]
+             f"Command: `{result.get('command', '')}`; overrides: `{' '.join(result.get('overrides', []))}`."]
+    lines += recovered_markdown(result)
+    lines += ["", "## After pruning (open-question % / VQA % on all 500 / perplexity)", "",
+              "| method | " + " | ".join(f"{r}: open | {r}: VQA | {r}: ppl" for r in result["ratios"])
+              + f" | scoring s ({result['ratios'][-1]}) |",
+              "|---|" + "---:|---:|---:|" * len(result["ratios"]) + "---:|"]
     for m in result["methods"]:
         cells = []
         for r in result["ratios"]:
             row = result["by_ratio"][str(r)].get(m, {})
-            cells += [fmt(row.get("vqa")), fmt(row.get("ppl"), 3)]
+            cells += [fmt(open_accuracy(row)), fmt(row.get("vqa")), fmt(row.get("ppl"), 3)]
         last = result["by_ratio"][str(result["ratios"][-1])].get(m, {})
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(last.get('score_seconds'), 1)} |")
+    for label, v in (result.get("variants") or {}).items():
+        rows = [v["by_ratio"].get(str(r), {}) for r in result["ratios"]]
+        cells = [c for row in rows for c in (fmt(open_accuracy(row)), fmt(row.get("vqa")), fmt(row.get("ppl"), 3))]
+        lines.append(f"| {label} (`{' '.join(v['overrides'])}`) | " + " | ".join(cells) + " | – |")
     tc = result.get("text_calibration") or {}
     if tc.get("methods"):
         lines += ["", f"## Variant: calibration on captions plus text ({tc['samples']} windows of {tc['window']} "
@@ -383,14 +474,6 @@ def markdown(result: dict[str, Any]) -> str:
             lines.append(f"| {m} + text | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append("In brackets: the same method calibrated on the captions alone (the table above).")
-    rec_rows = [(r, m, row) for r in result["ratios"] for m, row in result["by_ratio"][str(r)].items()
-                if row.get("vqa_recovered") is not None]
-    if rec_rows:
-        lines += ["", "## After recovery (WR-LoRA + progressive distillation)", "",
-                  "| ratio | method | VQA pruned → recovered | ppl pruned → recovered |", "|---|---|---:|---:|"]
-        for r, m, row in rec_rows:
-            lines.append(f"| {r} | {m} | {fmt(row['vqa'])} → {fmt(row['vqa_recovered'])} | "
-                         f"{fmt(row['ppl'], 3)} → {fmt(row['ppl_recovered'], 3)} |")
     lines += kind_markdown(result)
     kinds = sorted({k for r in result["ratios"] for row in result["by_ratio"][str(r)].values()
                     for k in row.get("kept_width", {})})
@@ -416,12 +499,14 @@ def markdown(result: dict[str, Any]) -> str:
 
 def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: list[float],
                methods: tuple[str, ...], where: dict[str, Path], until: str = "",
-               skipped: list[str] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+               skipped: list[str] | None = None,
+               rescore: bool = False) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(dense metrics, {ratio: {method: row}}) after pruning, each method a cached ``compare`` run under
     ``<prefix>_compare_<ratio>/<method>``. The ratio-free methods of ``ukmp.method_traits`` (and llm_pruner_local,
     which re-allocates LLM-Pruner's scores) score once, at the first ratio, and re-allocate those scores at the
     others. ``until``: no method starts later (``skipped`` collects "method@ratio" of those; their rows are left
-    out), each method then a ``compare`` call of its own over the methods before it (cached: the same stages)."""
+    out), each method then a ``compare`` call of its own over the methods before it (cached: the same stages).
+    ``rescore``: every ratio scores afresh (``rescores``)."""
     by_ratio: dict[str, dict[str, Any]] = {}
     skipped = [] if skipped is None else skipped
     dense: dict[str, Any] = {}
@@ -462,7 +547,7 @@ def prune_rows(configs: list[str], overrides: list[str], prefix: Path, ratios: l
                        "prune_overrides": [f"prune.scores_from={src}", *SCORE_SHARING.get(m, ("", []))[1]]
                        if src else []}
         by_ratio[str(r)] = rows
-        if not scored:
+        if not scored and not rescore:
             for m in (m for m in methods if m in rows):
                 if method_traits(m).ratio_free:
                     scored[m] = (croot / m / "prune" / "scores.safetensors", [], rows[m])
@@ -484,6 +569,13 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     p.add_argument("--recover-ratios", default="0.5", help="ratios with recovery runs ('' = none; default 0.5)")
     p.add_argument("--recover-top", type=int, default=2, help="baselines recovered next to UKMP (best after pruning)")
+    p.add_argument("--recover-by", choices=("vqa", "open"), default="vqa",
+                   help="what 'best after pruning' ranks by: accuracy on all 500 questions (default) or on the open "
+                        "ones, which a model cannot answer from the question's wording alone")
+    p.add_argument("--variants", default="",
+                   help="UKMP with options, rows of their own at every ratio and recovered wherever UKMP is: "
+                        "'LABEL:key=value [key=value ...]; LABEL:...', e.g. 'ukmp k=4:prune.iterations=4' "
+                        "(each under <output>/variants/<label>)")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-ratio", type=float, default=0.5)
     p.add_argument("--gallery", type=int, default=6, help="gallery questions (0: none)")
@@ -500,6 +592,8 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
                    help="run nothing: re-read the saved quality.json, add what is derived from the finished stages "
                         "(the per-kind VQA accuracy) and rewrite the JSON, Markdown and PNG")
     args = p.parse_args(argv)
+    variants = parse_variants(args.variants)
+    late(args.until)  # a bad --until fails here, in one line; a good one counts from now
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.monotonic()
     configs = [args.config]
@@ -539,10 +633,25 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
                                             f"prune.num_text_samples={args.text_samples}"],
                                   vroot / base.name, ratios, text_methods, where, args.until, text_skipped)
         skipped += [f"{m} + text" for m in text_skipped]
+    variant_results: dict[str, dict[str, Any]] = {}
+    for label, vover in variants:  # UKMP only; iterative rows score at every ratio
+        vroot = root / "variants" / variant_dir(label)
+        vskipped: list[str] = []
+        _, vrows = prune_rows(configs, [*overrides, f"output_dir={vroot}", *vover], vroot / base.name, ratios,
+                              ("ukmp",), where, args.until, vskipped, rescore=rescores(vover))
+        skipped += [f"{label}@{s.split('@', 1)[1]}" for s in vskipped]
+        variant_results[label] = {"overrides": vover, "by_ratio": {r: rows["ukmp"] for r, rows in vrows.items()
+                                                                   if "ukmp" in rows}}
     recover_ratios = [float(r) for r in args.recover_ratios.split(",") if r.strip()]
+    truth: dict[Any, tuple[str, list[str]]] = {}
     for r in recover_ratios:
         rows = by_ratio.get(str(r), {})
-        chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top)
+        if args.recover_by == "open":  # the per-kind accuracy of every pruned row, from its saved predictions
+            truth = truth or vqa_truth(base.eval.datasets[VQA])
+            for m, row in rows.items():
+                row["vqa_by_kind"] = vqa_by_kind(root / f"{base.name}_compare_{r}" / m / "eval_pruned" / VQA
+                                                 / "predictions.json", truth, base.eval.vqa_scorer)
+        chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top, args.recover_by)
         for m in chosen:  # one method a call, with the overrides its pruned row had: the same cached prune stage
             if late(args.until) and not finished(root / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
                 skipped.append(f"recovery {m}@{r}")
@@ -551,10 +660,24 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
                         **where)["methods"][m]
             rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
             rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
+        for label, vover in variants:
+            row = variant_results[label]["by_ratio"].get(str(r))
+            vroot = root / "variants" / variant_dir(label)
+            if row is None:
+                continue
+            if late(args.until) and not finished(vroot / f"{base.name}_compare_{r}" / "ukmp", "eval_finetuned"):
+                skipped.append(f"recovery {label}@{r}")
+                continue
+            v = compare(configs, [*overrides, f"output_dir={vroot}", *vover, *row["prune_overrides"]], r, ("ukmp",),
+                        recover=True, **where)["methods"]["ukmp"]
+            row["vqa_recovered"] = metric(v.get("recovered"), VQA)
+            row["ppl_recovered"] = metric(v.get("recovered"), PPL)
     result: dict[str, Any] = {
         "name": base.name, "title": variant["title"], "until": args.until, "not_started": skipped,
         "dense": dense, "ratios": ratios, "methods": list(methods), "by_ratio": by_ratio,
-        "recover_ratios": recover_ratios, "ablation_ratio": args.ablation_ratio, "overrides": args.overrides,
+        "recover_ratios": recover_ratios, "recover_by": args.recover_by, "ablation_ratio": args.ablation_ratio,
+        "overrides": args.overrides,
+        "variants": variant_results,
         "text_calibration": {"methods": list(text_methods), "by_ratio": text_rows,
                              "samples": args.text_samples or base.prune.num_samples, "window": 128},
         "ppl_tokens": "first 8 x 512 tokens of the held-out pydoc_data text",

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import language_recover as lr
+from deadline import next_utc
 
 log = logging.getLogger("realparts.language")
 LORA_METHODS = ("llm_pruner_global", "llm_pruner_local")
@@ -217,15 +218,8 @@ def run_track(L, args, configs: list[str], over: list[str], root: Path, ratios: 
 
 
 def until(hhmm: str, now: float | None = None) -> float:
-    """``--recover-until HH:MM`` (UTC) as a time stamp: its next occurrence after ``now`` (a run started at 23:00
-    with 00:50 stops starting recoveries the next day at 00:50, not at once). A one-line error for a bad value."""
-    m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", hhmm.strip())
-    if not m:
-        raise SystemExit(f"language.py: --recover-until: {hhmm!r} is not HH:MM (UTC, 00:00-23:59)")
-    now = time.time() if now is None else now
-    day = now - now % 86400
-    t = day + int(m.group(1)) * 3600 + int(m.group(2)) * 60
-    return t if t > now else t + 86400
+    """``--recover-until HH:MM`` (UTC) as a time stamp (``deadline.next_utc``)."""
+    return next_utc(hhmm, "language.py: --recover-until", now)
 
 
 def plan_seconds(overrides: list[str]) -> float | None:

@@ -223,13 +223,90 @@ def fake_result():
 
 
 @pytest.mark.unit
+def test_until_counts_past_midnight(monkeypatch):
+    """--until HH:MM is its next occurrence after the first ask (a string compare stopped a run begun at 23:00 with
+    00:50 at once); '' never stops; a bad value is a one-line error naming the flag."""
+    q = importlib.import_module("quality_vlm")
+    start = 1_796_684_400.0  # 2026-12-07 23:00:00 UTC
+    monkeypatch.setattr(q, "_DEADLINES", {})
+    monkeypatch.setattr(q.time, "time", lambda: start)
+    assert not q.late("") and not q.late("00:50")
+    monkeypatch.setattr(q.time, "time", lambda: start + 110 * 60 - 1)
+    assert not q.late("00:50")
+    monkeypatch.setattr(q.time, "time", lambda: start + 110 * 60)
+    assert q.late("00:50")
+    with pytest.raises(SystemExit, match="--until: '7:5' is not HH:MM"):
+        q.late("7:5")
+
+
+@pytest.mark.unit
+def test_variants_parse_and_rescore(tmp_path, monkeypatch):
+    """--variants: 'LABEL:key=value ...' items; a bad item or a label whose directory repeats is a one-line error.
+    A threshold-only UKMP variant re-allocates the first ratio's scores at the others (UKMP is ratio-free), an
+    iterative one (prune.iterations > 1) scores afresh at every ratio: checked on the calls ``prune_rows`` makes."""
+    q = importlib.import_module("quality_vlm")
+    assert q.parse_variants(" ukmp k=4:prune.iterations=4 ; T=0.6:prune.threshold=0.6 prune.iterations=1;") == [
+        ("ukmp k=4", ["prune.iterations=4"]), ("T=0.6", ["prune.threshold=0.6", "prune.iterations=1"])]
+    assert q.variant_dir("ukmp k=4 T=0.6") == "ukmp_k_4_t_0_6"
+    for bad in ("no colon", ":prune.iterations=4", "x:prune.iterations", "x:", "a b:k=1; a-b:k=2"):
+        with pytest.raises(SystemExit, match="--variants"):
+            q.parse_variants(bad)
+    assert q.rescores(["prune.iterations=4"]) and not q.rescores(["prune.iterations=1", "prune.threshold=0.6"])
+    assert not q.rescores(["prune.iterations=4", "prune.iterations=1"])  # the last one wins, as in the config
+
+    calls = []
+
+    def fake_compare(configs, overrides, ratio, methods, recover, **where):
+        calls.append((ratio, [o for o in overrides if o.startswith("prune.scores_from=")]))
+        run = tmp_path / f"v_compare_{ratio}" / "ukmp" / "prune"
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "summary.json").write_text(json.dumps({"parameters": {"by_group_kind": {}}, "seconds": {}}))
+        src = calls[-1][1][0].split("=", 1)[1] if calls[-1][1] else None
+        return {"dense": {}, "methods": {"ukmp": {"pruned": {}, "achieved_ratio": ratio, "prune_seconds": 1.0,
+                                                  "scores_from": src}}}
+
+    monkeypatch.setattr(q, "compare", fake_compare)
+    for rescore, shared in ((False, 1), (True, 0)):
+        calls.clear()
+        _, rows = q.prune_rows([], [], tmp_path / "v", [0.1, 0.2], ("ukmp",), {}, rescore=rescore)
+        assert [r for r, _ in calls] == [0.1, 0.2] and sum(bool(c) for _, c in calls) == shared
+        assert bool(rows["0.2"]["ukmp"]["prune_overrides"]) == bool(shared)  # the recovery prunes the same way
+
+
+@pytest.mark.unit
+def test_best_baselines_by_open_questions():
+    """``--recover-by open`` ranks by the open-question accuracy: a baseline that wins the total by answering "no"
+    to everything is passed over for one that sees the image; ties on open go to the total, then perplexity."""
+    q = importlib.import_module("quality_vlm")
+
+    def row(vqa, open_, ppl=20.0):
+        return {"vqa": vqa, "ppl": ppl, "vqa_by_kind": {"by_type": {"open": open_}}}
+
+    rows = {"ukmp": row(70.0, 80.0), "wording": row(66.6, 25.0), "sees": row(56.8, 77.1), "tie_a": row(60.0, 50.0),
+            "tie_b": row(61.0, 50.0), "dead": {"vqa": None, "ppl": None}}
+    assert q.best_baselines(rows, 2) == ["wording", "tie_b"]
+    assert q.best_baselines(rows, 3, "open") == ["sees", "tie_b", "tie_a"]
+    assert q.open_accuracy(rows["sees"]) == 77.1 and q.open_accuracy({"vqa": 1.0}) is None
+    with pytest.raises(ValueError, match="--recover-by"):
+        q.best_baselines(rows, 1, "total")
+
+
+@pytest.mark.unit
 def test_report_tables_and_plot(tmp_path):
     q = importlib.import_module("quality_vlm")
     res = fake_result()
     assert q.best_baselines(res["by_ratio"]["0.5"], 2) == ["flap", "random"]  # tie on VQA: lower perplexity first
     md = q.markdown(res)
-    assert "| ukmp | 60.00 | 30.000 | 2.0 |" in md
-    assert "| 0.5 | ukmp | 60.00 → 80.00 | 30.000 → 20.000 |" in md
+    assert "| ukmp | – | 60.00 | 30.000 | 2.0 |" in md
+    assert "| 0.5 | ukmp | – → – | 60.00 → 80.00 | 30.000 → 20.000 | – |" in md
+    assert md.index("## After recovery") < md.index("## After pruning")  # the recovered table first
+    res["variants"] = {"ukmp k=4": {"overrides": ["prune.iterations=4"], "by_ratio": {"0.5": {
+        "vqa": 62.0, "ppl": 29.0, "vqa_recovered": 81.0, "ppl_recovered": 19.5,
+        "vqa_by_kind": {"by_type": {"open": 70.0}}, "vqa_by_kind_recovered": {"by_type": {"open": 90.0}},
+        "recovery_minutes": 9.5}}}}
+    md = q.markdown(res)
+    assert "| ukmp k=4 (`prune.iterations=4`) | 70.00 | 62.00 | 29.000 | – |" in md
+    assert "| 0.5 | ukmp k=4 | 70.00 → 90.00 | 62.00 → 81.00 | 29.000 → 19.500 | 9.5 |" in md
     assert "| T = 0.4 (UKMP) | 60.00 | 30.000 | 10 / 40 | 0.5000 |" in md
     assert "| ukmp + text | 65.00 (60.00) | 28.000 (30.000) |" in md  # the variant next to captions alone
     for i, sec in enumerate((90.0, 30.0)):  # the cost of every stage behind the tables, summed
