@@ -13,7 +13,8 @@ disjoint calibration part of the pydoc_data text (``data.calibration_text``), wh
 Everything lands under ``outputs/<config name>_quality/`` (each run a cached, resumable pipeline stage) and is copied
 to ``benchmarks/results/realparts_vlm*.{json,md,png}``. ``--until HH:MM`` (UTC) starts no method, variant,
 recovery or ablation after that time: what finished is reported, the rest listed as not started, and a later
-invocation resumes from the cached stages.
+invocation resumes from the cached stages. Two invocations of the same command share its recoveries: one finding a
+recovery under way in the other (its stage locked) moves on to the next.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from ukmp.config import load_config  # noqa: E402
 from ukmp.io import atomic_write_json, atomic_write_text  # noqa: E402
 from ukmp.method_traits import method_traits  # noqa: E402
 from ukmp.pipeline import run  # noqa: E402
+from ukmp.stages import StageBusyError  # noqa: E402
 
 log = logging.getLogger("quality.realparts")
 VQA, PPL = "okvqa", "perplexity"
@@ -656,8 +658,13 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
             if late(args.until) and not finished(root / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
                 skipped.append(f"recovery {m}@{r}")
                 continue
-            v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
-                        **where)["methods"][m]
+            try:
+                v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
+                            **where)["methods"][m]
+            except StageBusyError as e:  # a second invocation recovers it now: this one goes on to the next
+                log.info("recovery %s@%s: %s", m, r, e)
+                skipped.append(f"recovery {m}@{r} (busy)")
+                continue
             rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
             rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
         for label, vover in variants:
@@ -668,8 +675,13 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
             if late(args.until) and not finished(vroot / f"{base.name}_compare_{r}" / "ukmp", "eval_finetuned"):
                 skipped.append(f"recovery {label}@{r}")
                 continue
-            v = compare(configs, [*overrides, f"output_dir={vroot}", *vover, *row["prune_overrides"]], r, ("ukmp",),
-                        recover=True, **where)["methods"]["ukmp"]
+            try:
+                v = compare(configs, [*overrides, f"output_dir={vroot}", *vover, *row["prune_overrides"]], r,
+                            ("ukmp",), recover=True, **where)["methods"]["ukmp"]
+            except StageBusyError as e:
+                log.info("recovery %s@%s: %s", label, r, e)
+                skipped.append(f"recovery {label}@{r} (busy)")
+                continue
             row["vqa_recovered"] = metric(v.get("recovered"), VQA)
             row["ppl_recovered"] = metric(v.get("recovered"), PPL)
     result: dict[str, Any] = {
