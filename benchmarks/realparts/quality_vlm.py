@@ -385,6 +385,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     continue
                 ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
                         label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
+        for j, (vlabel, v) in enumerate((result.get("variants") or {}).items()):
+            for state, style in (("", "-"), ("_recovered", "--")):
+                ys = [dense] + [get(v["by_ratio"].get(str(r), {}), state) for r in result["ratios"]]
+                if any(y is not None for y in ys[1:]):
+                    ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="s",
+                            color=("black", "dimgray", "silver")[j % 3], label=vlabel if not state else None, lw=1.2)
         for m in tc.get("methods", []):
             colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
             ys = [dense] + [get(tc["by_ratio"][str(r)].get(m, {}), "") for r in result["ratios"]]
