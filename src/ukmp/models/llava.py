@@ -24,11 +24,11 @@ from torch import nn
 from ukmp.models.base import FeatureBlock, RemovedWeights
 from ukmp.models.parts.clip import ClipVisionPart
 from ukmp.models.processors import class_tokens
-from ukmp.models.vision_decoder import VisionDecoderAdapter
+from ukmp.models.vision_decoder import FixedSizeVisionDecoder
 from ukmp.plan import PlanError, PruningPlan
 
 
-class LlavaAdapter(VisionDecoderAdapter):
+class LlavaAdapter(FixedSizeVisionDecoder):
     vision_prefix = "model.vision_tower"
     drops_layers = True
 

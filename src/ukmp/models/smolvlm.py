@@ -32,13 +32,13 @@ from dataclasses import replace
 from functools import lru_cache
 
 from ukmp.models.base import BatchLayout
-from ukmp.models.vision_decoder import VisionDecoderAdapter, one_image_per_sample
+from ukmp.models.vision_decoder import FixedSizeVisionDecoder, one_image_per_sample
 
 FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN = "<fake_token_around_image>", "<global-img>"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # SmolVLM's and Idefics3's image processors
 
 
-class SmolVLMAdapter(VisionDecoderAdapter):
+class SmolVLMAdapter(FixedSizeVisionDecoder):
     vision_prefix = "model.vision_model"
 
     def image_tokens(self) -> int:

@@ -2,11 +2,12 @@
 (:class:`ClipVisionPart`) feeding a decoder-only language model through a connector that is never pruned, with
 ``lm_head`` on the whole model.
 
-A subclass says where the tower sits (``vision_prefix``), which model class to build, how many image tokens
-one image at the tower's size becomes (:meth:`VisionDecoderAdapter.image_tokens`) and which processor a
-random-weights build gets (:meth:`VisionDecoderAdapter.build_processor`); everything else -- the parts, the
-adapter's name, the batch layout, which parameters are language, the token masks of the streaming histograms,
-the language model the perplexity task reads -- is the same for all of them.
+A subclass says where the tower sits (``vision_prefix``), which model class to build, which processor a
+random-weights build gets (:meth:`VisionDecoderAdapter.build_processor`) and its batch layout: a family whose
+image always becomes the same number of tokens derives from :class:`FixedSizeVisionDecoder` and says how many
+(:meth:`FixedSizeVisionDecoder.image_tokens`). Everything else -- the parts, the adapter's name, which parameters
+are language, the token masks of the streaming histograms, the language model the perplexity task reads -- is the
+same for all of them.
 
 :func:`one_image_per_sample` makes the class a model type runs as when ukmp's batches (one image per sample,
 ``pixel_values [B, 3, H, W]``) are not what the stock model reads: a subclass of the stock class whose base model
@@ -16,6 +17,7 @@ turns such pixels into the stock input before encoding them, and changes nothing
 from __future__ import annotations
 
 import inspect
+from abc import abstractmethod
 from functools import wraps
 from typing import Callable, Mapping
 
@@ -39,22 +41,10 @@ class VisionDecoderAdapter(ModelAdapter):
         self.lm = lm_part
         self.parts = [self.vision, self.lm]
 
-    def image_tokens(self) -> int:
-        """Image placeholder tokens of one image read at the tower's ``image_size`` (the subclass's count). Not
-        abstract: a family whose token count varies per image (Qwen-VL) overrides ``batch_layout`` instead."""
-        raise NotImplementedError(f"{type(self).__name__}: a fixed-size family defines image_tokens(); a "
-                                  "native-resolution one overrides batch_layout()")
-
-    def batch_layout(self) -> BatchLayout:
-        """One image per sample, always read at the tower's size (another size would change the token count)."""
-        vc = self.config.vision_config
-        return BatchLayout(decoder_only=True, image_tokens=self.image_tokens(),
-                           image_token_id=getattr(self.config, "image_token_id", None),
-                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
-
+    @abstractmethod
     def build_processor(self, tokenizer, corpus=None):
         """The family's processor around ``tokenizer`` (adds its image token); each subclass builds its own."""
-        raise NotImplementedError(f"{type(self).__name__}: no build_processor() for this family")
+
     def vision_part(self):
         """The vision tower's part (CLIP's module layout unless a subclass says otherwise)."""
         return ClipVisionPart(self.config.vision_config, self.vision_prefix)
@@ -71,6 +61,23 @@ class VisionDecoderAdapter(ModelAdapter):
         """The whole model: the nested language model is a base model without ``lm_head``, and the whole model gives
         the same logits for text alone (no ``pixel_values``)."""
         return model
+
+
+class FixedSizeVisionDecoder(VisionDecoderAdapter):
+    """A family whose image always becomes the same number of tokens (LLaVA, SmolVLM untiled): one image per
+    sample, read at the tower's size. A native-resolution family (Qwen2.5-VL) derives from
+    :class:`VisionDecoderAdapter` and writes its own ``batch_layout``."""
+
+    @abstractmethod
+    def image_tokens(self) -> int:
+        """Image placeholder tokens of one image read at the tower's ``image_size``."""
+
+    def batch_layout(self) -> BatchLayout:
+        """One image per sample, always read at the tower's size (another size would change the token count)."""
+        vc = self.config.vision_config
+        return BatchLayout(decoder_only=True, image_tokens=self.image_tokens(),
+                           image_token_id=getattr(self.config, "image_token_id", None),
+                           image_size=int(vc.image_size), patch_size=int(vc.patch_size), fixed_image_size=True)
 
 
 def one_image_per_sample(outer: type, inner: type, lift: Callable[[object, dict], None]) -> type:
