@@ -29,6 +29,7 @@ tokens/s in llama.cpp.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -372,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(argv if argv is not None else sys.argv[1:])
     if not eng.have_llama_cpp():
         raise SystemExit("bench_export.py: llama_cpp: not installed; pip install 'ukmp[export]' (see pyproject)")
+    missing = [] if args.no_onnx else [m for m in ("onnxscript", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:  # before any export: the ONNX rows would fail after minutes of work
+        raise SystemExit(f"bench_export.py: {', '.join(missing)}: not installed; pip install 'ukmp[export]' "
+                         f"(see pyproject), or pass --no-onnx")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     log.setLevel(logging.INFO)  # the ONNX exporter's optimiser logs every initialiser at INFO
     result = run(args)
