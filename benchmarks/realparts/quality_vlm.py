@@ -218,14 +218,19 @@ def add_breakdowns(result: dict[str, Any], root: Path, truth: dict[Any, tuple[st
     for sub, by_ratio in subs:
         for r, rows in by_ratio.items():
             for m, row in rows.items():
-                run_dir = root / sub / f"{result['name']}_compare_{r}" / m
-                row["vqa_by_kind"] = vqa_by_kind(run_dir / "eval_pruned" / VQA / "predictions.json", truth, scorer)
-                rec = vqa_by_kind(run_dir / "eval_finetuned" / VQA / "predictions.json", truth, scorer)
-                if rec is not None:
-                    row["vqa_by_kind_recovered"] = rec
-                    stage = run_dir / "finetune" / "stage.json"
-                    if stage.is_file():
-                        row["recovery_minutes"] = round(json.loads(stage.read_text())["seconds"] / 60, 1)
+                row_breakdown(row, root / sub / f"{result['name']}_compare_{r}" / m, truth, scorer)
+
+
+def row_breakdown(row: dict[str, Any], run_dir: Path, truth: dict[Any, tuple[str, list[str]]], scorer: str) -> None:
+    """``row``'s per-kind VQA accuracy after pruning and, where ``run_dir`` was recovered, after recovery with the
+    recovery's minutes, from the run's saved predictions."""
+    row["vqa_by_kind"] = vqa_by_kind(run_dir / "eval_pruned" / VQA / "predictions.json", truth, scorer)
+    rec = vqa_by_kind(run_dir / "eval_finetuned" / VQA / "predictions.json", truth, scorer)
+    if rec is not None:
+        row["vqa_by_kind_recovered"] = rec
+        stage = run_dir / "finetune" / "stage.json"
+        if stage.is_file():
+            row["recovery_minutes"] = round(json.loads(stage.read_text())["seconds"] / 60, 1)
 
 
 def kind_markdown(result: dict[str, Any]) -> list[str]:
@@ -375,22 +380,19 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.6))
     ratios = [0.0] + result["ratios"]
     tc = result.get("text_calibration") or {}
+    series = [(m, [result["by_ratio"][str(r)].get(m, {}) for r in result["ratios"]], f"C{i % 10}", "o")
+              for i, m in enumerate(result["methods"])]  # (label, row per ratio, colour, marker)
+    series += [(name, [v["by_ratio"].get(str(r), {}) for r in result["ratios"]], ("black", "dimgray", "silver")[j % 3],
+                "s") for j, (name, v) in enumerate((result.get("variants") or {}).items())]
     for ax, (label, get) in zip(axes, panels):
         dense = get(result["dense"], "")
-        for i, m in enumerate(result["methods"]):
-            colour = f"C{i % 10}"
+        for name, rows, colour, marker in series:
             for state, style in (("", "-"), ("_recovered", "--")):
-                ys = [dense] + [get(result["by_ratio"][str(r)].get(m, {}), state) for r in result["ratios"]]
+                ys = [dense] + [get(row, state) for row in rows]
                 if all(y is None for y in ys[1:]):
                     continue
-                ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="o", color=colour,
-                        label=m if not state else None, lw=2.4 if m == "ukmp" else 1.2)
-        for j, (vlabel, v) in enumerate((result.get("variants") or {}).items()):
-            for state, style in (("", "-"), ("_recovered", "--")):
-                ys = [dense] + [get(v["by_ratio"].get(str(r), {}), state) for r in result["ratios"]]
-                if any(y is not None for y in ys[1:]):
-                    ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker="s",
-                            color=("black", "dimgray", "silver")[j % 3], label=vlabel if not state else None, lw=1.2)
+                ax.plot(ratios, [float("nan") if y is None else y for y in ys], style, marker=marker, color=colour,
+                        label=name if not state else None, lw=2.4 if name == "ukmp" else 1.2)
         for m in tc.get("methods", []):
             colour = f"C{result['methods'].index(m) % 10}" if m in result["methods"] else "black"
             ys = [dense] + [get(tc["by_ratio"][str(r)].get(m, {}), "") for r in result["ratios"]]
@@ -456,17 +458,16 @@ def markdown(result: dict[str, Any]) -> str:
               "| method | " + " | ".join(f"{r}: open | {r}: VQA | {r}: ppl" for r in result["ratios"])
               + f" | scoring s ({result['ratios'][-1]}) |",
               "|---|" + "---:|---:|---:|" * len(result["ratios"]) + "---:|"]
-    for m in result["methods"]:
-        cells = []
-        for r in result["ratios"]:
-            row = result["by_ratio"][str(r)].get(m, {})
-            cells += [fmt(open_accuracy(row)), fmt(row.get("vqa")), fmt(row.get("ppl"), 3)]
-        last = result["by_ratio"][str(result["ratios"][-1])].get(m, {})
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {fmt(last.get('score_seconds'), 1)} |")
-    for label, v in (result.get("variants") or {}).items():
-        rows = [v["by_ratio"].get(str(r), {}) for r in result["ratios"]]
+    def pruned_line(label: str, rows: list[dict[str, Any]], seconds: str) -> str:
         cells = [c for row in rows for c in (fmt(open_accuracy(row)), fmt(row.get("vqa")), fmt(row.get("ppl"), 3))]
-        lines.append(f"| {label} (`{' '.join(v['overrides'])}`) | " + " | ".join(cells) + " | – |")
+        return f"| {label} | " + " | ".join(cells) + f" | {seconds} |"
+
+    for m in result["methods"]:
+        rows = [result["by_ratio"][str(r)].get(m, {}) for r in result["ratios"]]
+        lines.append(pruned_line(m, rows, fmt(rows[-1].get("score_seconds"), 1)))
+    for label, v in (result.get("variants") or {}).items():
+        lines.append(pruned_line(f"{label} (`{' '.join(v['overrides'])}`)",
+                                 [v["by_ratio"].get(str(r), {}) for r in result["ratios"]], "–"))
     tc = result.get("text_calibration") or {}
     if tc.get("methods"):
         lines += ["", f"## Variant: calibration on captions plus text ({tc['samples']} windows of {tc['window']} "
@@ -657,34 +658,19 @@ def main(argv: list[str] | None = None, testbed: str = "realparts") -> int:
         if args.recover_by == "open":  # the per-kind accuracy of every pruned row, from its saved predictions
             truth = truth or vqa_truth(base.eval.datasets[VQA])
             for m, row in rows.items():
-                row["vqa_by_kind"] = vqa_by_kind(root / f"{base.name}_compare_{r}" / m / "eval_pruned" / VQA
-                                                 / "predictions.json", truth, base.eval.vqa_scorer)
+                row_breakdown(row, root / f"{base.name}_compare_{r}" / m, truth, base.eval.vqa_scorer)
         chosen = (["ukmp"] if "ukmp" in rows else []) + best_baselines(rows, args.recover_top, args.recover_by)
-        for m in chosen:  # one method a call, with the overrides its pruned row had: the same cached prune stage
-            if late(args.until) and not finished(root / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
-                skipped.append(f"recovery {m}@{r}")
-                continue
-            try:
-                v = compare(configs, [*overrides, *rows[m]["prune_overrides"]], r, (m,), recover=True,
-                            **where)["methods"][m]
-            except StageBusyError as e:  # a second invocation recovers it now: this one goes on to the next
-                log.info("recovery %s@%s: %s", m, r, e)
-                skipped.append(f"recovery {m}@{r} (busy)")
-                continue
-            rows[m]["vqa_recovered"] = metric(v.get("recovered"), VQA)
-            rows[m]["ppl_recovered"] = metric(v.get("recovered"), PPL)
-        for label, vover in variants:
-            row = variant_results[label]["by_ratio"].get(str(r))
-            vroot = root / "variants" / variant_dir(label)
-            if row is None:
-                continue
-            if late(args.until) and not finished(vroot / f"{base.name}_compare_{r}" / "ukmp", "eval_finetuned"):
+        jobs = [(m, root, m, [], rows[m]) for m in chosen]  # (label, output root, method, overrides, pruned row)
+        jobs += [(label, root / "variants" / variant_dir(label), "ukmp", vover, variant_results[label]["by_ratio"]
+                  [str(r)]) for label, vover in variants if str(r) in variant_results[label]["by_ratio"]]
+        for label, out, m, extra, row in jobs:  # one run a call, with its pruned row's overrides: the same stages
+            if late(args.until) and not finished(out / f"{base.name}_compare_{r}" / m, "eval_finetuned"):
                 skipped.append(f"recovery {label}@{r}")
                 continue
             try:
-                v = compare(configs, [*overrides, f"output_dir={vroot}", *vover, *row["prune_overrides"]], r,
-                            ("ukmp",), recover=True, **where)["methods"]["ukmp"]
-            except StageBusyError as e:
+                v = compare(configs, [*overrides, f"output_dir={out}", *extra, *row["prune_overrides"]], r, (m,),
+                            recover=True, **where)["methods"][m]
+            except StageBusyError as e:  # a second invocation recovers it now: this one goes on to the next
                 log.info("recovery %s@%s: %s", label, r, e)
                 skipped.append(f"recovery {label}@{r} (busy)")
                 continue
